@@ -1,0 +1,38 @@
+"""wshub: a WebSocket fan-out hub that serializes and frames each event once.
+
+Embed it in an asyncio service::
+
+    import asyncio
+    import wshub
+
+    async def main():
+        hub = wshub.Hub(wshub.HubConfig(max_clients=10_000))
+        async with wshub.serve(hub, "127.0.0.1", 8080):
+            hub.notify_run_progress("run-42", "eth_call", 0.5, elapsed_s=30.0,
+                                    requests_done=15_000, current_rps=500.0, error_rate=0.0)
+            await asyncio.Future()
+
+    asyncio.run(main())
+"""
+
+from ._version import __version__
+from .config import HubConfig
+from .connection import serve, server_options
+from .events import HistoricRun, Regression
+from .fanout import IMPLEMENTATION
+from .hub import BroadcastBufferFull, Hub
+from .protocol import MessageType, ProtocolError
+
+__all__ = [
+    "IMPLEMENTATION",
+    "BroadcastBufferFull",
+    "HistoricRun",
+    "Hub",
+    "HubConfig",
+    "MessageType",
+    "ProtocolError",
+    "Regression",
+    "__version__",
+    "serve",
+    "server_options",
+]

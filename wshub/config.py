@@ -1,0 +1,120 @@
+"""Hub configuration: every tunable in one validated dataclass.
+
+The defaults here are the only place the hub's defaults live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["SLOW_CLIENT_POLICIES", "HubConfig"]
+
+SLOW_CLIENT_POLICIES = ("disconnect", "drop_oldest")
+MAX_TOPIC_LENGTH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class HubConfig:
+    """Settings of one :class:`~wshub.Hub`, checked when the object is built.
+
+    Durations are seconds. A bad value raises :class:`ValueError` whose message starts with
+    the field's name.
+
+    Attributes:
+        max_clients: Most concurrent clients; further handshakes get HTTP 503.
+        write_timeout: How long a client's transport may stay full without draining before
+            the client is closed as a slow consumer, and how long ``stop()`` waits for buffered
+            frames and closing handshakes.
+        read_timeout: Deadline for a client's opening handshake; with ``enable_ping_pong`` off,
+            also the longest a client may stay silent before it is closed (1011).
+        ping_interval: Seconds between protocol pings to each client.
+        pong_timeout: A client that has not answered a ping within this is closed (1011).
+        max_message_size: Largest frame a client may send, in bytes; larger closes with 1009.
+        client_buffer_size: Most messages queued in the hub for one client.
+        broadcast_buffer_size: Most messages waiting from ``publish_threadsafe`` at once.
+        enable_ping_pong: Send protocol pings and enforce ``pong_timeout``.
+        disconnect_on_error: Close a client when writing to it fails.
+        log_connection_events: Log connects and disconnects at INFO.
+        max_buffered_bytes: Most bytes queued in the hub for one client.
+        slow_client_policy: ``"disconnect"`` closes a client whose buffer would overflow with
+            4008; ``"drop_oldest"`` drops its oldest messages and counts them.
+        default_topics: Topics of a client that names none in its URL.
+        max_subscriptions: Most topics one client may hold.
+        allowed_origins: Browser origins allowed to connect; None allows any.
+        flush_interval: 0 writes queued frames at the end of the current event-loop iteration;
+            more than 0 coalesces writes for up to that many seconds.
+    """
+
+    max_clients: int = 100
+    write_timeout: float = 10.0
+    read_timeout: float = 60.0
+    ping_interval: float = 54.0
+    pong_timeout: float = 60.0
+    max_message_size: int = 524288
+    client_buffer_size: int = 256
+    broadcast_buffer_size: int = 1000
+    enable_ping_pong: bool = True
+    disconnect_on_error: bool = True
+    log_connection_events: bool = True
+    max_buffered_bytes: int = 1024 * 1024
+    slow_client_policy: str = "disconnect"
+    default_topics: tuple[str, ...] = ("*",)
+    max_subscriptions: int = 100
+    allowed_origins: tuple[str, ...] | None = None
+    flush_interval: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_clients", "max_message_size", "client_buffer_size",
+                     "broadcast_buffer_size", "max_buffered_bytes", "max_subscriptions"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("write_timeout", "read_timeout", "ping_interval", "pong_timeout"):
+            _check_number(name, getattr(self, name), allow_zero=False)
+        _check_number("flush_interval", self.flush_interval, allow_zero=True)
+        for name in ("enable_ping_pong", "disconnect_on_error", "log_connection_events"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.slow_client_policy not in SLOW_CLIENT_POLICIES:
+            raise ValueError(
+                f"slow_client_policy must be one of {', '.join(SLOW_CLIENT_POLICIES)}, "
+                f"got {self.slow_client_policy!r}"
+            )
+        topics = _as_string_tuple("default_topics", self.default_topics)
+        for topic in topics:
+            if not topic or len(topic) > MAX_TOPIC_LENGTH:
+                raise ValueError(
+                    f"default_topics entries must be 1 to {MAX_TOPIC_LENGTH} characters, "
+                    f"got {topic!r}"
+                )
+        if len(set(topics)) > self.max_subscriptions:
+            raise ValueError(
+                f"default_topics has {len(set(topics))} topics, more than max_subscriptions "
+                f"({self.max_subscriptions})"
+            )
+        object.__setattr__(self, "default_topics", topics)
+        if self.allowed_origins is not None:
+            origins = _as_string_tuple("allowed_origins", self.allowed_origins)
+            object.__setattr__(self, "allowed_origins", origins)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+
+
+def _as_string_tuple(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list of strings, got {value!r}")
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must be a list of strings, got {value!r}")
+    return tuple(value)

@@ -1,0 +1,643 @@
+"""The hub: lifecycle, clients, subscriptions, publishing and the runner's notifications.
+
+Publishing is synchronous and never awaits: it serializes and frames the message once and
+hands the frame to the fan-out core, which queues it for every recipient and writes each
+client's queue in one transport write at the end of the event-loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from . import events
+from .config import HubConfig
+from .events import HistoricRun, Regression
+from .fanout import Implementation, core_module
+from .protocol import (
+    MessageClock,
+    MessageType,
+    ProtocolError,
+    parse_client_message,
+    parse_topics,
+    rfc3339,
+)
+
+__all__ = ["BroadcastBufferFull", "Hub"]
+
+SLOW_CONSUMER_CLOSE_CODE = 4008
+_TRY_AGAIN_LATER = 1013
+
+
+class BroadcastBufferFull(RuntimeError):
+    """``publish_threadsafe`` found ``broadcast_buffer_size`` messages already waiting."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Session:
+    """What the hub knows of a client beside its place in the fan-out core."""
+
+    client: Any  # the core's Client
+    connection: Any
+    remote_addr: str
+    user_agent: str | None
+    connected_at: float
+    last_ping: float | None = None
+
+
+class Hub:
+    """A WebSocket fan-out hub.
+
+    Args:
+        config: Settings; :class:`HubConfig` defaults when None.
+        logger: Where the hub logs; the ``"wshub"`` logger when None.
+        implementation: ``"cython"`` or ``"python"`` to pick a fan-out core; None takes
+            :data:`wshub.IMPLEMENTATION`.
+
+    Raises:
+        ImportError: ``implementation="cython"`` and the extension is not built.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        implementation: Implementation | None = None,
+    ) -> None:
+        self.config = config if config is not None else HubConfig()
+        if not isinstance(self.config, HubConfig):
+            raise TypeError(f"config must be a HubConfig, got {self.config!r}")
+        self.logger = logger if logger is not None else logging.getLogger("wshub")
+        self._core = core_module(implementation)
+        self.implementation: Implementation = (
+            "python" if self._core.__name__.endswith("_py") else "cython"
+        )
+        self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fanout: Any = None
+        self._clock = MessageClock()
+        self._sessions: dict[str, _Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drain_tasks: dict[str, asyncio.Task[None]] = {}
+        self._threadsafe_lock = threading.Lock()
+        self._threadsafe_waiting = 0
+        self._published = 0
+        self._slow_consumer_disconnects = 0
+        self._protocol_errors = 0
+        self._rejected = 0
+
+    # Lifecycle
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`: the hub accepts clients and messages."""
+        return self._state == "running"
+
+    async def start(self) -> None:
+        """Start the hub on the running event loop. Starting a running hub does nothing.
+
+        Raises:
+            RuntimeError: The hub was stopped; a stopped hub cannot be restarted.
+        """
+        if self._state == "running":
+            return
+        if self._state != "new":
+            raise RuntimeError("a stopped hub cannot be started again; create a new Hub")
+        self._loop = asyncio.get_running_loop()
+        config = self.config
+        self._fanout = self._core.Fanout(
+            self._loop,
+            client_buffer_size=config.client_buffer_size,
+            max_buffered_bytes=config.max_buffered_bytes,
+            drop_oldest=config.slow_client_policy == "drop_oldest",
+            flush_interval=config.flush_interval,
+            on_overflow=self._on_overflow,
+            on_blocked=self._on_blocked,
+        )
+        self._state = "running"
+        self.logger.debug("hub started with the %s fan-out core", self.implementation)
+
+    async def stop(self) -> None:
+        """Flush, say goodbye and close every client with 1001. Safe to call at any time.
+
+        Frames already queued are written first, then every client gets a ``disconnection``
+        message; waiting for slow clients and for closing handshakes is bounded by
+        ``write_timeout``, after which their transports are aborted.
+        """
+        if self._state != "running":
+            self._state = "stopped"
+            return
+        self._state = "stopping"
+        fanout = self._fanout
+        timeout = self.config.write_timeout
+        goodbye = self._frame(MessageType.DISCONNECTION, {"reason": "server shutdown"})
+        fanout.publish_all(goodbye)
+        fanout.flush()
+        if self._drain_tasks:
+            await asyncio.wait(list(self._drain_tasks.values()), timeout=timeout)
+        sessions = list(self._sessions.values())
+        await asyncio.gather(
+            *(
+                self._close(session.connection, CloseCode.GOING_AWAY, "server shutdown")
+                for session in sessions
+            )
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        fanout.close()
+        self._state = "stopped"
+        self.logger.debug("hub stopped")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # Clients
+
+    @property
+    def client_count(self) -> int:
+        """How many clients are connected."""
+        return len(self._sessions)
+
+    async def register(self, connection: Any) -> None:
+        """Serve an accepted websockets connection as a hub client until it closes.
+
+        This is the connection handler: pass :attr:`handler` to
+        ``websockets.asyncio.server.serve``, or await this from your own handler after
+        routing. The client starts with the topics of the URL's ``?topics=a,b`` or
+        ``default_topics``, receives a ``connection`` message and is then served.
+        """
+        if self._state != "running":
+            await self._close(connection, CloseCode.GOING_AWAY, "server shutdown")
+            return
+        if len(self._sessions) >= self.config.max_clients:
+            # wshub.serve refuses these with HTTP 503 before the handshake; this catches
+            # handshakes that completed while the hub was filling up, and other servers.
+            self._rejected += 1
+            await self._close(connection, _TRY_AGAIN_LATER, "too many clients")
+            return
+        session, topics_error = self._attach(connection)
+        try:
+            if topics_error is not None:
+                self._send_error(session, topics_error)
+            await self._serve(session)
+        finally:
+            self._detach(session)
+
+    handler = register
+    """The connection handler for ``websockets.asyncio.server.serve``."""
+
+    def client_info(self) -> list[dict[str, Any]]:
+        """A snapshot of every connected client, as JSON-ready dictionaries."""
+        return [self._describe(session) for session in self._sessions.values()]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: clients, messages and bytes, drops and errors."""
+        fanout = self._fanout
+        return {
+            "implementation": self.implementation,
+            "clients": len(self._sessions),
+            "messages_published": self._published,
+            "deliveries": fanout.deliveries if fanout is not None else 0,
+            "drops": fanout.drops if fanout is not None else 0,
+            "bytes_sent": fanout.bytes_sent if fanout is not None else 0,
+            "slow_consumer_disconnects": self._slow_consumer_disconnects,
+            "protocol_errors": self._protocol_errors,
+            "rejected_connections": self._rejected,
+        }
+
+    # Publishing
+
+    def broadcast_to_all(self, message_type: str, data: Any = None) -> int:
+        """Queue a message for every connected client, whatever it subscribed to.
+
+        Returns:
+            How many clients it was queued for; 0 when the hub is not running.
+
+        Raises:
+            TypeError: ``data`` cannot be serialized, or ``message_type`` is not a string.
+        """
+        if self._state != "running":
+            return 0
+        frame = self._frame_published(message_type, data)
+        return int(self._fanout.publish_all(frame))
+
+    def broadcast_to_subscribers(
+        self, message_type: str, data: Any, topics: Iterable[str] | str
+    ) -> int:
+        """Queue a message for every client subscribed to one of ``topics`` or to ``"*"``.
+
+        A client matching several topics receives the message once.
+
+        Returns:
+            How many clients it was queued for; 0 when the hub is not running.
+
+        Raises:
+            TypeError: ``data`` cannot be serialized, or a topic is not a string.
+        """
+        if self._state != "running":
+            return 0
+        topic_list = _topic_list(topics)
+        frame = self._frame_published(message_type, data)
+        return int(self._fanout.publish_topics(frame, topic_list))
+
+    def publish_threadsafe(
+        self,
+        message_type: str,
+        data: Any = None,
+        topics: Iterable[str] | str | None = None,
+    ) -> concurrent.futures.Future[int]:
+        """Publish from another thread: to ``topics``, or to every client when None.
+
+        Returns:
+            A future with the number of clients the message was queued for (0 when the hub
+            is not running).
+
+        Raises:
+            BroadcastBufferFull: ``broadcast_buffer_size`` messages are already waiting for
+                the hub's loop.
+        """
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        loop = self._loop
+        if self._state != "running" or loop is None:
+            future.set_result(0)
+            return future
+        with self._threadsafe_lock:
+            if self._threadsafe_waiting >= self.config.broadcast_buffer_size:
+                raise BroadcastBufferFull(
+                    f"{self._threadsafe_waiting} messages are waiting for the hub's loop "
+                    f"(broadcast_buffer_size={self.config.broadcast_buffer_size})"
+                )
+            self._threadsafe_waiting += 1
+        try:
+            loop.call_soon_threadsafe(
+                self._publish_from_thread, message_type, data, topics, future
+            )
+        except RuntimeError:  # the loop is closed
+            with self._threadsafe_lock:
+                self._threadsafe_waiting -= 1
+            future.set_result(0)
+        return future
+
+    def _publish_from_thread(
+        self,
+        message_type: str,
+        data: Any,
+        topics: Iterable[str] | str | None,
+        future: concurrent.futures.Future[int],
+    ) -> None:
+        with self._threadsafe_lock:
+            self._threadsafe_waiting -= 1
+        try:
+            if topics is None:
+                count = self.broadcast_to_all(message_type, data)
+            else:
+                count = self.broadcast_to_subscribers(message_type, data, topics)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(count)
+
+    # The runner's notifications
+
+    def _notify(self, message_type: MessageType, event: events.Event) -> int:
+        data, topics = event
+        return self.broadcast_to_subscribers(message_type, data, topics)
+
+    def notify_new_run(self, run: HistoricRun | Mapping[str, Any]) -> int:
+        """Announce a finished, stored run (``new_run``). Returns the recipient count."""
+        return self._notify(MessageType.NEW_RUN, events.new_run_event(run))
+
+    def notify_regression(
+        self, regression: Regression | Mapping[str, Any], run: HistoricRun | Mapping[str, Any]
+    ) -> int:
+        """Announce a regression found in ``run`` (``regression_detected``)."""
+        return self._notify(
+            MessageType.REGRESSION_DETECTED, events.regression_event(regression, run)
+        )
+
+    def notify_baseline_updated(self, baseline_name: str, run_id: str, test_name: str) -> int:
+        """Announce that ``run_id`` is now the baseline ``baseline_name``."""
+        return self._notify(
+            MessageType.BASELINE_UPDATED,
+            events.baseline_updated_event(baseline_name, run_id, test_name),
+        )
+
+    def notify_analysis_complete(
+        self, run_id: str, test_name: str, analysis_results: Any
+    ) -> int:
+        """Announce the results of a run's analysis (``analysis_complete``)."""
+        return self._notify(
+            MessageType.ANALYSIS_COMPLETE,
+            events.analysis_complete_event(run_id, test_name, analysis_results),
+        )
+
+    def notify_run_started(self, run_id: str, test_name: str, **details: Any) -> int:
+        """Announce a run that began (``run_started``); see :func:`events.run_started_event`."""
+        return self._notify(
+            MessageType.RUN_STARTED, events.run_started_event(run_id, test_name, **details)
+        )
+
+    def notify_run_progress(
+        self, run_id: str, test_name: str, progress: float, **details: Any
+    ) -> int:
+        """Announce a running benchmark's progress, 0 to 1 (``run_progress``)."""
+        return self._notify(
+            MessageType.RUN_PROGRESS,
+            events.run_progress_event(run_id, test_name, progress, **details),
+        )
+
+    def notify_run_complete(self, run_id: str, test_name: str, **details: Any) -> int:
+        """Announce that a run finished (``run_complete``)."""
+        return self._notify(
+            MessageType.RUN_COMPLETE, events.run_complete_event(run_id, test_name, **details)
+        )
+
+    def notify_run_failed(self, run_id: str, test_name: str, error: str, **details: Any) -> int:
+        """Announce that a run failed with ``error`` (``run_failed``)."""
+        return self._notify(
+            MessageType.RUN_FAILED,
+            events.run_failed_event(run_id, test_name, error, **details),
+        )
+
+    # Framing
+
+    def _frame(
+        self,
+        message_type: str,
+        data: Any = None,
+        *,
+        message_id: str | None = None,
+        timestamp: str | None = None,
+        client_id: str | None = None,
+        error: Any = None,
+    ) -> bytes:
+        core = self._core
+        payload = core.encode_envelope(
+            message_type,
+            data,
+            timestamp if timestamp is not None else MessageClock.now(),
+            message_id,
+            client_id,
+            error,
+        )
+        frame: bytes = core.build_frame(payload)
+        return frame
+
+    def _frame_published(self, message_type: str, data: Any) -> bytes:
+        if not isinstance(message_type, str) or not message_type:
+            raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
+        message_id, timestamp = self._clock.next()
+        core = self._core
+        frame: bytes = core.build_frame(
+            core.encode_envelope(str(message_type), data, timestamp, message_id)
+        )
+        self._published += 1
+        return frame
+
+    def _send(self, session: _Session, message_type: str, data: Any = None, **extra: Any) -> None:
+        frame = self._frame(message_type, data, client_id=session.client.client_id, **extra)
+        self._fanout.send(session.client, frame)
+
+    def _send_error(self, session: _Session, error: ProtocolError) -> None:
+        self._protocol_errors += 1
+        self._send(session, MessageType.ERROR, error=error.to_error())
+
+    # One client's life
+
+    def _attach(self, connection: Any) -> tuple[_Session, ProtocolError | None]:
+        client_id = secrets.token_hex(8)
+        topics, topics_error = self._initial_topics(connection)
+        client = self._core.Client(client_id, connection)
+        request = connection.request
+        user_agent = request.headers.get("User-Agent") if request is not None else None
+        session = _Session(
+            client=client,
+            connection=connection,
+            remote_addr=_format_address(connection.remote_address),
+            user_agent=user_agent,
+            connected_at=time.time(),
+        )
+        self._sessions[client_id] = session
+        self._fanout.add_client(client)
+        self._fanout.subscribe(client, topics)
+        self._send(
+            session,
+            MessageType.CONNECTION,
+            {"client_id": client_id, "status": "connected", "topics": sorted(client.topics)},
+        )
+        if self.config.log_connection_events:
+            self.logger.info(
+                "client %s connected from %s (%d clients)",
+                client_id,
+                session.remote_addr,
+                len(self._sessions),
+            )
+        return session, topics_error
+
+    def _initial_topics(self, connection: Any) -> tuple[tuple[str, ...], ProtocolError | None]:
+        """The URL's ``?topics=`` when present and valid, else ``default_topics``."""
+        request = connection.request
+        path = request.path if request is not None else ""
+        query = urllib.parse.parse_qs(
+            urllib.parse.urlsplit(path).query, keep_blank_values=True
+        )
+        if "topics" not in query:
+            return self.config.default_topics, None
+        names = [name.strip() for value in query["topics"] for name in value.split(",")]
+        try:
+            topics = parse_topics([name for name in names if name])
+            self._check_subscription_limit(0, len(topics))
+        except ProtocolError as exc:
+            exc.message = f"?topics= rejected, subscribed to default_topics: {exc.message}"
+            return self.config.default_topics, exc
+        return topics, None
+
+    def _detach(self, session: _Session) -> None:
+        client = session.client
+        self._fanout.remove_client(client)
+        self._sessions.pop(client.client_id, None)
+        drain = self._drain_tasks.pop(client.client_id, None)
+        if drain is not None:
+            drain.cancel()
+        if self.config.log_connection_events:
+            connection = session.connection
+            self.logger.info(
+                "client %s disconnected (code %s %s; %d clients)",
+                client.client_id,
+                connection.close_code,
+                connection.close_reason or "",
+                len(self._sessions),
+            )
+
+    async def _serve(self, session: _Session) -> None:
+        connection = session.connection
+        # With protocol pings the keepalive judges liveness; without them, silence does.
+        idle_limit = None if self.config.enable_ping_pong else self.config.read_timeout
+        while True:
+            try:
+                async with asyncio.timeout(idle_limit):
+                    message = await connection.recv()
+            except TimeoutError:
+                await self._close(connection, CloseCode.INTERNAL_ERROR, "read timeout")
+                return
+            except ConnectionClosed:
+                return
+            try:
+                self._handle(session, message)
+            except Exception:
+                self.logger.exception(
+                    "error handling a message from client %s", session.client.client_id
+                )
+                if self.config.disconnect_on_error:
+                    await self._close(connection, CloseCode.INTERNAL_ERROR, "internal error")
+                    return
+                self._send(
+                    session,
+                    MessageType.ERROR,
+                    error={"code": 500, "message": "internal error"},
+                )
+
+    def _handle(self, session: _Session, message: str | bytes) -> None:
+        try:
+            request = parse_client_message(message)
+            if request.type is MessageType.SUBSCRIBE:
+                self._subscribe(session, request.topics)
+            elif request.type is MessageType.UNSUBSCRIBE:
+                self._unsubscribe(session, request.topics)
+            elif request.type is MessageType.PING:
+                session.last_ping = time.time()
+                self._send(session, MessageType.PONG)
+            else:
+                session.last_ping = time.time()
+        except ProtocolError as exc:
+            self._send_error(session, exc)
+
+    def _subscribe(self, session: _Session, topics: tuple[str, ...]) -> None:
+        client = session.client
+        new = [topic for topic in topics if topic not in client.topics]
+        self._check_subscription_limit(len(client.topics), len(new))
+        self._fanout.subscribe(client, new)
+        self._send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
+
+    def _unsubscribe(self, session: _Session, topics: tuple[str, ...]) -> None:
+        client = session.client
+        self._fanout.unsubscribe(client, topics)
+        self._send(session, MessageType.UNSUBSCRIBED, {"topics": sorted(client.topics)})
+
+    def _check_subscription_limit(self, current: int, adding: int) -> None:
+        limit = self.config.max_subscriptions
+        if current + adding > limit:
+            raise ProtocolError(
+                f"too many subscriptions: at most {limit} topics per client",
+                {"limit": limit, "subscribed": current, "requested": adding},
+            )
+
+    # Slow consumers
+
+    def _on_overflow(self, client: Any) -> None:
+        """The core found ``client``'s buffer full under the "disconnect" policy."""
+        self._disconnect_slow(client, "its buffer overflowed")
+
+    def _disconnect_slow(self, client: Any, why: str) -> None:
+        self._slow_consumer_disconnects += 1
+        self._fanout.remove_client(client)
+        self.logger.warning("closing slow client %s: %s", client.client_id, why)
+        self._spawn(self._close(client.connection, SLOW_CONSUMER_CLOSE_CODE, "slow consumer"))
+
+    def _on_blocked(self, client: Any) -> None:
+        """The core holds frames for ``client`` until its transport drains."""
+        task = self._spawn(self._wait_writable(client))
+        self._drain_tasks[client.client_id] = task
+
+    async def _wait_writable(self, client: Any) -> None:
+        connection = client.connection
+        try:
+            async with asyncio.timeout(self.config.write_timeout):
+                while connection.send_in_progress is not None:
+                    await asyncio.shield(connection.send_in_progress)
+                await connection.drain()
+        except TimeoutError:
+            self._drain_tasks.pop(client.client_id, None)
+            if not client.closed:
+                self._disconnect_slow(
+                    client, f"its transport did not drain in {self.config.write_timeout}s"
+                )
+            return
+        except Exception:  # the connection was lost; its handler cleans up
+            self._drain_tasks.pop(client.client_id, None)
+            return
+        self._drain_tasks.pop(client.client_id, None)
+        self._fanout.unblock(client)
+
+    async def _close(self, connection: Any, code: int, reason: str) -> None:
+        """Close with ``code``; abort the transport if the peer has not answered in time."""
+        try:
+            async with asyncio.timeout(self.config.write_timeout):
+                await connection.close(code, reason)
+        except TimeoutError:
+            connection.transport.abort()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _describe(self, session: _Session) -> dict[str, Any]:
+        client = session.client
+        transport = session.connection.transport
+        in_transport = transport.get_write_buffer_size() if not transport.is_closing() else 0
+        return {
+            "id": client.client_id,
+            "remote_addr": session.remote_addr,
+            "user_agent": session.user_agent,
+            "connected_at": rfc3339(int(session.connected_at * 1e9)),
+            "last_ping": (
+                rfc3339(int(session.last_ping * 1e9)) if session.last_ping is not None else None
+            ),
+            "subscriptions": sorted(client.topics),
+            "messages_sent": client.messages_sent,
+            "messages_dropped": client.messages_dropped,
+            "buffered_bytes": client.buffered_bytes + in_transport,
+        }
+
+
+def _topic_list(topics: Iterable[str] | str) -> list[str]:
+    if isinstance(topics, str):
+        return [topics]
+    topic_list = list(topics)
+    for topic in topic_list:
+        if not isinstance(topic, str):
+            raise TypeError(f"topics must be strings, got {topic!r}")
+    return topic_list
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)

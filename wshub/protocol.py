@@ -1,0 +1,182 @@
+"""The wire protocol: message types, message ids and timestamps, and client-message parsing.
+
+Every server message is one JSON text frame holding the envelope
+``{"type", "data"?, "timestamp", "id"?, "client_id"?, "error"?}``; docs/protocol.md describes
+it in full. Clients send ``subscribe``, ``unsubscribe``, ``ping`` and ``pong``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+import orjson
+
+from .config import MAX_TOPIC_LENGTH
+
+__all__ = [
+    "ClientRequest",
+    "MessageClock",
+    "MessageType",
+    "ProtocolError",
+    "parse_client_message",
+    "parse_topics",
+    "rfc3339",
+]
+
+
+class MessageType(enum.StrEnum):
+    """Every ``type`` the hub sends or understands."""
+
+    NEW_RUN = "new_run"
+    REGRESSION_DETECTED = "regression_detected"
+    BASELINE_UPDATED = "baseline_updated"
+    ANALYSIS_COMPLETE = "analysis_complete"
+    RUN_STARTED = "run_started"
+    RUN_PROGRESS = "run_progress"
+    RUN_COMPLETE = "run_complete"
+    RUN_FAILED = "run_failed"
+    CONNECTION = "connection"
+    DISCONNECTION = "disconnection"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+CLIENT_MESSAGE_TYPES = frozenset(
+    {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.PING, MessageType.PONG}
+)
+
+
+class ProtocolError(ValueError):
+    """A client message the hub cannot act on; answered with an ``error`` envelope.
+
+    Attributes:
+        message: What was wrong, for people.
+        details: Machine-readable context (the offending value, the limit), or None.
+        code: The error code of the envelope (400: the client's fault).
+    """
+
+    def __init__(self, message: str, details: Any = None, code: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.code = code
+
+    def to_error(self) -> dict[str, Any]:
+        """The ``error`` object of the envelope."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return error
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """One parsed client message: its type and, for (un)subscribe, the topics it names."""
+
+    type: MessageType
+    topics: tuple[str, ...] = ()
+
+
+def parse_client_message(raw: str | bytes) -> ClientRequest:
+    """Parse and validate one message from a client.
+
+    Raises:
+        ProtocolError: The message is not JSON, not an object, has a missing or unknown
+            ``type``, or names invalid topics.
+    """
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("message is not valid JSON", {"reason": str(exc)}) from None
+    if not isinstance(message, dict):
+        raise ProtocolError(
+            "message must be a JSON object", {"received": type(message).__name__}
+        )
+    kind = message.get("type")
+    if kind is None:
+        raise ProtocolError('message has no "type"')
+    if not isinstance(kind, str) or kind not in CLIENT_MESSAGE_TYPES:
+        raise ProtocolError(
+            "unknown message type",
+            {"type": kind, "expected": sorted(CLIENT_MESSAGE_TYPES)},
+        )
+    request_type = MessageType(kind)
+    if request_type not in (MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE):
+        return ClientRequest(request_type)
+    data = message.get("data")
+    if not isinstance(data, dict) or "topics" not in data:
+        raise ProtocolError(f'{kind} needs "data": {{"topics": [...]}}')
+    return ClientRequest(request_type, parse_topics(data["topics"]))
+
+
+def parse_topics(topics: Any) -> tuple[str, ...]:
+    """Validate a list of topic names, keeping the first of any repeats.
+
+    Raises:
+        ProtocolError: ``topics`` is not a list, or one entry is not a string of 1 to 256
+            characters.
+    """
+    if not isinstance(topics, list):
+        raise ProtocolError("topics must be a list of strings", {"topics": topics})
+    for topic in topics:
+        if not isinstance(topic, str):
+            raise ProtocolError("topic must be a string", {"topic": topic})
+        if not topic:
+            raise ProtocolError("topic must not be empty", {"topic": topic})
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ProtocolError(
+                f"topic is longer than {MAX_TOPIC_LENGTH} characters",
+                {"topic": topic[:64] + "...", "length": len(topic)},
+            )
+    return tuple(dict.fromkeys(topics))
+
+
+def rfc3339(epoch_ns: int) -> str:
+    """Format nanoseconds since the epoch as RFC 3339 UTC with milliseconds and a ``Z``."""
+    seconds, remainder = divmod(epoch_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + (
+        f".{remainder // 1_000_000:03d}Z"
+    )
+
+
+class MessageClock:
+    """Hands out the ``id`` and ``timestamp`` of each published message.
+
+    An id is ``"<milliseconds>-<sequence>"``, like a Redis stream entry id: the time of the
+    publish in milliseconds since the epoch and a counter within that millisecond. Ids compare
+    as integer pairs and increase strictly in publish order, even when the wall clock steps
+    back, and a restarted hub does not reuse the ids of an earlier one unless the clock went
+    back further than its last id.
+    """
+
+    __slots__ = ("_last_ms", "_sequence", "_timestamp")
+
+    def __init__(self) -> None:
+        self._last_ms = 0
+        self._sequence = 0
+        self._timestamp = ""
+
+    def next(self) -> tuple[str, str]:
+        """Return ``(id, timestamp)`` for the next published message."""
+        now_ns = time.time_ns()
+        now_ms = now_ns // 1_000_000
+        if now_ms > self._last_ms:
+            self._last_ms = now_ms
+            self._sequence = 0
+            self._timestamp = rfc3339(now_ns)
+        else:
+            self._sequence += 1
+        return f"{self._last_ms}-{self._sequence}", self._timestamp
+
+    @staticmethod
+    def now() -> str:
+        """The current time for messages that carry no id."""
+        return rfc3339(time.time_ns())
