@@ -39,9 +39,10 @@ cdef class Fanout:
     cdef public Py_ssize_t deliveries
     cdef public Py_ssize_t drops
     cdef public Py_ssize_t bytes_sent
+    cdef public Py_ssize_t writes
 
     @cython.final
-    cdef bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1
+    cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1
     @cython.final
     cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1
     @cython.final

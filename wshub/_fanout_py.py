@@ -178,6 +178,7 @@ class Fanout:
         self.deliveries: int = 0
         self.drops: int = 0
         self.bytes_sent: int = 0
+        self.writes: int = 0
 
     # Membership and subscriptions
 
@@ -353,6 +354,7 @@ class Fanout:
             return
         client.messages_sent += len(frames)
         self.bytes_sent += len(data)
+        self.writes += 1
         client.frames = []
         client.buffered_bytes = 0
 

@@ -224,6 +224,7 @@ class Hub:
             "deliveries": fanout.deliveries if fanout is not None else 0,
             "drops": fanout.drops if fanout is not None else 0,
             "bytes_sent": fanout.bytes_sent if fanout is not None else 0,
+            "writes": fanout.writes if fanout is not None else 0,
             "slow_consumer_disconnects": self._slow_consumer_disconnects,
             "protocol_errors": self._protocol_errors,
             "rejected_connections": self._rejected,

@@ -1,0 +1,478 @@
+"""The compiled fan-out core.
+
+``_fanout_py.py`` is the readable specification: this module mirrors its public names,
+signatures, counters and behaviour, and produces the same bytes. State and the private helpers
+(``_enqueue``, ``_write``, ...) are declared in ``_fanout.pxd``; the helpers are C-level only.
+"""
+
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_Check,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next
+from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from libc.string cimport memcpy
+
+cimport cython
+
+import orjson
+from websockets.protocol import State
+
+
+cdef extern from "Python.h":
+    # Borrowed-pointer forms of the bytes macros, for items read with PyList_GET_ITEM.
+    bint _bytes_check "PyBytes_Check"(PyObject* o)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject* o)
+    char* _bytes_data "PyBytes_AS_STRING"(PyObject* o)
+    # PyList_SetSlice with a NULL item list deletes list[low:high].
+    int _list_del_slice "PyList_SetSlice"(
+        object lst, Py_ssize_t low, Py_ssize_t high, PyObject* itemlist
+    ) except -1
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+
+__all__ = ["Client", "Fanout", "build_frame", "encode_envelope"]
+
+# Naive datetimes in runner payloads are UTC; RFC 3339 wants the "Z".
+cdef object _JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+cdef object _dumps = orjson.dumps
+cdef object _OPEN = State.OPEN
+
+cdef enum:
+    _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
+
+
+def encode_envelope(
+    message_type,
+    data,
+    timestamp,
+    message_id=None,
+    client_id=None,
+    error=None,
+):
+    """Serialize one wire envelope to JSON bytes.
+
+    Keys appear in a fixed order (type, data, timestamp, id, client_id, error) and are absent
+    when their value is ``None``. Raises TypeError when orjson cannot serialize ``data``.
+    """
+    cdef dict envelope = {"type": message_type}
+    if data is not None:
+        envelope["data"] = data
+    envelope["timestamp"] = timestamp
+    if message_id is not None:
+        envelope["id"] = message_id
+    if client_id is not None:
+        envelope["client_id"] = client_id
+    if error is not None:
+        envelope["error"] = error
+    return _dumps(envelope, option=_JSON_OPTIONS)
+
+
+def build_frame(payload):
+    """Wrap ``payload`` in one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2)."""
+    cdef unsigned char header[10]
+    cdef Py_ssize_t header_size
+    cdef Py_ssize_t length
+    cdef unsigned long long wide
+    cdef int shift
+    cdef bytes frame
+    cdef char* out
+
+    if PyBytes_Check(payload):
+        length = PyBytes_GET_SIZE(payload)
+    else:
+        length = len(payload)  # other buffers: same result as the spec's header + payload
+    header[0] = _TEXT_FIN
+    if length < 126:
+        header[1] = <unsigned char>length
+        header_size = 2
+    elif length < 65536:
+        header[1] = 126
+        header[2] = <unsigned char>((length >> 8) & 0xFF)
+        header[3] = <unsigned char>(length & 0xFF)
+        header_size = 4
+    else:
+        header[1] = 127
+        wide = <unsigned long long>length
+        for shift in range(8):
+            header[2 + shift] = <unsigned char>((wide >> (56 - 8 * shift)) & 0xFF)
+        header_size = 10
+    if not PyBytes_Check(payload):
+        return PyBytes_FromStringAndSize(<char*>header, header_size) + payload
+    frame = PyBytes_FromStringAndSize(NULL, header_size + length)
+    out = PyBytes_AS_STRING(frame)
+    memcpy(out, header, header_size)
+    memcpy(out + header_size, PyBytes_AS_STRING(payload), length)
+    return frame
+
+
+cdef bytes _join_frames(list frames):
+    """``b"".join(frames)`` for a list of bytes, into one preallocated object."""
+    cdef Py_ssize_t count = PyList_GET_SIZE(frames)
+    cdef Py_ssize_t total = 0
+    cdef Py_ssize_t size
+    cdef Py_ssize_t i
+    cdef PyObject* item
+    cdef bytes data
+    cdef char* out
+
+    for i in range(count):
+        item = PyList_GET_ITEM(frames, i)
+        if not _bytes_check(item):
+            return b"".join(frames)
+        size = _bytes_size(item)
+        if size > PY_SSIZE_T_MAX - total:
+            return b"".join(frames)  # raises the same OverflowError
+        total += size
+    data = PyBytes_FromStringAndSize(NULL, total)
+    out = PyBytes_AS_STRING(data)
+    for i in range(count):
+        item = PyList_GET_ITEM(frames, i)
+        size = _bytes_size(item)
+        memcpy(out, _bytes_data(item), size)
+        out += size
+    return data
+
+
+cdef class Client:
+    """One connection's place in the fan-out: its subscriptions and its bounded frame buffer.
+
+    ``connection`` is a websockets asyncio connection (or anything with the same ``protocol``,
+    ``transport``, ``paused`` and ``send_in_progress`` attributes). Hashable by identity.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        # The hot paths treat these as never None, even before __init__ has run.
+        self.topics = set()
+        self.frames = []
+
+    def __init__(self, client_id, connection):
+        self.client_id = client_id
+        self.connection = connection
+        self.protocol = connection.protocol
+        self.transport = connection.transport
+        self.topics = set()
+        self.frames = []
+        self.buffered_bytes = 0
+        self.messages_sent = 0
+        self.messages_dropped = 0
+        # Number of the last publish queued for this client: de-duplicates a message whose
+        # topics match several of the client's subscriptions, in O(1) per match.
+        self.stamp = 0
+        self.pending = False  # in Fanout.dirty, waiting for the next flush
+        self.blocked = False  # waiting for the transport to drain
+        self.closed = False  # overflowed or removed: accepts no more frames
+
+
+cdef class Fanout:
+    """Topic index, per-client bounded buffers and the coalescing flush.
+
+    Keyword-only arguments as in ``_fanout_py.Fanout``: ``client_buffer_size``,
+    ``max_buffered_bytes``, ``drop_oldest``, ``flush_interval``, ``on_overflow``, ``on_blocked``.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        # The hot paths treat these as never None, even before __init__ has run.
+        self.clients = {}
+        self.index = {}
+        self.dirty = []
+        self.overflowed = []
+
+    def __init__(
+        self,
+        loop,
+        *,
+        Py_ssize_t client_buffer_size,
+        Py_ssize_t max_buffered_bytes,
+        bint drop_oldest,
+        double flush_interval,
+        on_overflow,
+        on_blocked,
+    ):
+        self.loop = loop
+        self.client_buffer_size = client_buffer_size
+        self.max_buffered_bytes = max_buffered_bytes
+        self.drop_oldest = drop_oldest
+        self.flush_interval = flush_interval
+        self.on_overflow = on_overflow
+        self.on_blocked = on_blocked
+        self.clients = {}
+        self.index = {}
+        self.dirty = []
+        self.overflowed = []
+        self.flush_handle = None
+        self.publish_stamp = 0
+        self.deliveries = 0
+        self.drops = 0
+        self.bytes_sent = 0
+        self.writes = 0
+
+    # Membership and subscriptions
+
+    def add_client(self, Client client not None):
+        """Start delivering to ``client``."""
+        self.clients[client.client_id] = client
+
+    def remove_client(self, Client client not None):
+        """Stop delivering to ``client`` and forget its subscriptions and buffered frames."""
+        self.unsubscribe(client, list(client.topics))
+        self.clients.pop(client.client_id, None)
+        client.closed = True
+        client.frames = []
+        client.buffered_bytes = 0
+
+    def subscribe(self, Client client not None, topics):
+        """Add ``topics`` to the client's subscriptions; topics it already has are kept once."""
+        cdef dict subscribers
+        for topic in topics:
+            if topic not in client.topics:
+                client.topics.add(topic)
+                subscribers = self.index.get(topic)
+                if subscribers is None:
+                    subscribers = {}
+                    self.index[topic] = subscribers
+                subscribers[client] = None
+
+    def unsubscribe(self, Client client not None, topics):
+        """Remove ``topics`` from the client's subscriptions; unknown topics are ignored."""
+        cdef dict subscribers
+        for topic in topics:
+            if topic in client.topics:
+                client.topics.discard(topic)
+                subscribers = self.index[topic]
+                del subscribers[client]
+                if not subscribers:
+                    del self.index[topic]
+
+    # Publishing
+
+    def publish_all(self, bytes frame not None):
+        """Queue ``frame`` for every client. Returns how many clients it was queued for."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t count = 0
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef dict clients = self.clients
+        # _enqueue runs no Python code and never touches the dict: PyDict_Next is safe.
+        while PyDict_Next(clients, &pos, &key, &value):
+            if self._enqueue(<Client>value, frame, size):
+                count += 1
+        self._after_publish(count)
+        return count
+
+    def publish_topics(self, bytes frame not None, topics):
+        """Queue ``frame`` once for every client subscribed to one of ``topics`` or to ``"*"``.
+
+        Returns how many clients it was queued for.
+        """
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t count = 0
+        cdef Py_ssize_t stamp
+        cdef Py_ssize_t pos
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef PyObject* found
+        cdef dict subscribers
+        cdef Client client
+
+        self.publish_stamp += 1
+        stamp = self.publish_stamp
+        found = PyDict_GetItemWithError(self.index, "*")
+        if found is not NULL:
+            subscribers = <dict>found
+            pos = 0
+            while PyDict_Next(subscribers, &pos, &key, &value):
+                client = <Client>key
+                client.stamp = stamp
+                if self._enqueue(client, frame, size):
+                    count += 1
+        for topic in topics:
+            found = PyDict_GetItemWithError(self.index, topic)
+            if found is NULL:
+                continue
+            subscribers = <dict>found
+            pos = 0
+            while PyDict_Next(subscribers, &pos, &key, &value):
+                client = <Client>key
+                if client.stamp != stamp:
+                    client.stamp = stamp
+                    if self._enqueue(client, frame, size):
+                        count += 1
+        self._after_publish(count)
+        return count
+
+    def send(self, Client client not None, bytes frame not None):
+        """Queue ``frame`` for one client, behind what is already queued for it.
+
+        Returns False when the client no longer accepts frames.
+        """
+        cdef bint queued = self._enqueue(client, frame, PyBytes_GET_SIZE(frame))
+        self._after_publish(1 if queued else 0)
+        return queued
+
+    @cython.final
+    cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1:
+        cdef list frames
+        cdef Py_ssize_t queued
+        if client.closed:
+            return False
+        frames = client.frames
+        queued = PyList_GET_SIZE(frames)
+        if queued and (
+            queued >= self.client_buffer_size
+            or client.buffered_bytes + size > self.max_buffered_bytes
+        ):
+            if not self.drop_oldest:
+                self._overflow(client)
+                return False
+            self._drop_oldest(client, size)
+        PyList_Append(frames, frame)
+        client.buffered_bytes += size
+        self.deliveries += 1
+        if not client.pending:
+            client.pending = True
+            PyList_Append(self.dirty, client)
+        return True
+
+    @cython.final
+    cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1:
+        # Counts the frames to drop, then deletes them with one slice deletion: the same end
+        # state as the spec's repeated frames.pop(0).
+        cdef list frames = client.frames
+        cdef Py_ssize_t queued = PyList_GET_SIZE(frames)
+        cdef Py_ssize_t buffered = client.buffered_bytes
+        cdef Py_ssize_t dropped = 0
+        cdef PyObject* head
+        while dropped < queued and (
+            queued - dropped >= self.client_buffer_size
+            or buffered + incoming > self.max_buffered_bytes
+        ):
+            head = PyList_GET_ITEM(frames, dropped)
+            if not _bytes_check(head):
+                # Something other than bytes was put into the buffer from Python: take the
+                # spec's literal path, which calls len() on it.
+                if dropped:
+                    _list_del_slice(frames, 0, dropped, NULL)
+                    client.buffered_bytes = buffered
+                    client.messages_dropped += dropped
+                    self.drops += dropped
+                while frames and (
+                    len(frames) >= self.client_buffer_size
+                    or client.buffered_bytes + incoming > self.max_buffered_bytes
+                ):
+                    client.buffered_bytes -= len(frames.pop(0))
+                    client.messages_dropped += 1
+                    self.drops += 1
+                return 0
+            buffered -= _bytes_size(head)
+            dropped += 1
+        if dropped:
+            _list_del_slice(frames, 0, dropped, NULL)
+            client.buffered_bytes = buffered
+            client.messages_dropped += dropped
+            self.drops += dropped
+        return 0
+
+    @cython.final
+    cdef int _overflow(self, Client client) except -1:
+        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames) + 1
+        client.messages_dropped += dropped
+        self.drops += dropped
+        client.closed = True
+        client.frames = []
+        client.buffered_bytes = 0
+        PyList_Append(self.overflowed, client)
+        return 0
+
+    @cython.final
+    cdef int _after_publish(self, Py_ssize_t count) except -1:
+        cdef list overflowed
+        if count and self.flush_handle is None:
+            if self.flush_interval > 0:
+                self.flush_handle = self.loop.call_later(self.flush_interval, self.flush)
+            else:
+                self.flush_handle = self.loop.call_soon(self.flush)
+        if PyList_GET_SIZE(self.overflowed):
+            # Reported after the loops over the topic index, which the callee may change.
+            overflowed = self.overflowed
+            self.overflowed = []
+            for client in overflowed:
+                self.on_overflow(client)
+        return 0
+
+    # Flushing
+
+    def flush(self):
+        """Write each client's queued frames to its transport in one write."""
+        cdef list dirty
+        cdef Client client
+        cdef Py_ssize_t i = 0
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        dirty = self.dirty
+        self.dirty = []
+        # Re-reads the size each step, like list iteration: on_blocked runs Python code.
+        while i < PyList_GET_SIZE(dirty):
+            client = <Client>PyList_GET_ITEM(dirty, i)
+            i += 1
+            client.pending = False
+            self._write(client)
+
+    def unblock(self, Client client not None):
+        """Write what ``client`` queued while its transport was blocked, if it can take it."""
+        client.blocked = False
+        self._write(client)
+
+    @cython.final
+    cdef int _write(self, Client client) except -1:
+        cdef list frames = client.frames
+        cdef object connection
+        cdef object data
+        if client.closed or not PyList_GET_SIZE(frames):
+            return 0
+        if client.protocol.state is not _OPEN:
+            # The closing handshake has begun: websockets owns the transport now.
+            self._discard(client)
+            return 0
+        connection = client.connection
+        if connection.paused or connection.send_in_progress is not None:
+            if not client.blocked:
+                client.blocked = True
+                self.on_blocked(client)
+            return 0
+        if PyList_GET_SIZE(frames) == 1:
+            data = <object>PyList_GET_ITEM(frames, 0)
+        else:
+            data = _join_frames(frames)
+        try:
+            client.transport.write(data)
+        except Exception:
+            # A transport torn down under us; the connection's handler cleans up.
+            self._discard(client)
+            return 0
+        client.messages_sent += PyList_GET_SIZE(frames)
+        self.bytes_sent += PyBytes_GET_SIZE(data) if PyBytes_Check(data) else len(data)
+        self.writes += 1
+        client.frames = []
+        client.buffered_bytes = 0
+        return 0
+
+    @cython.final
+    cdef int _discard(self, Client client) except -1:
+        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames)
+        client.messages_dropped += dropped
+        self.drops += dropped
+        client.frames = []
+        client.buffered_bytes = 0
+        return 0
+
+    def close(self):
+        """Cancel a scheduled flush; queued frames stay where they are."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
