@@ -74,7 +74,9 @@ def core(implementation: str) -> Any:
 
 
 @pytest.fixture
-def hub_server(implementation: str) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
+def hub_server(
+    implementation: str,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
     """Start a hub with the given config fields, served on a free port of 127.0.0.1."""
 
     @contextlib.asynccontextmanager

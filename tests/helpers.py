@@ -37,7 +37,9 @@ async def send_json(ws: ClientConnection, message: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def client(url: str, **options: Any) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
+async def client(
+    url: str, **options: Any
+) -> AsyncIterator[tuple[ClientConnection, dict[str, Any]]]:
     """Connect and read the ``connection`` greeting; yields the socket and the greeting."""
     async with connect(url, **options) as ws:
         hello = await recv_json(ws)

@@ -65,21 +65,24 @@ async def test_compression_is_off(hub_server: Any) -> None:
 
 
 async def test_unanswered_pings_close_with_1011(hub_server: Any) -> None:
-    async with hub_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served:
-        async with client(served.url) as (ws, _):
-            [connection] = served.server.connections
-            ws.transport.pause_reading()  # the client stops answering pings
-            await wait_until(lambda: connection.state is not State.OPEN)
-            ws.transport.resume_reading()
-            with pytest.raises(ConnectionClosedError) as closed:
-                await recv_json(ws)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    async with (
+        hub_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
+        client(served.url) as (ws, _),
+    ):
+        [connection] = served.server.connections
+        ws.transport.pause_reading()  # the client stops answering pings
+        await wait_until(lambda: connection.state is not State.OPEN)
+        ws.transport.resume_reading()
+        with pytest.raises(ConnectionClosedError) as closed:
+            await recv_json(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
 async def test_heartbeat_off_sends_no_pings(hub_server: Any) -> None:
-    async with hub_server(
-        enable_ping_pong=False, ping_interval=0.05, pong_timeout=0.05
-    ) as served, client(served.url, ping_interval=None) as (ws, _):
+    async with (
+        hub_server(enable_ping_pong=False, ping_interval=0.05, pong_timeout=0.05) as served,
+        client(served.url, ping_interval=None) as (ws, _),
+    ):
         ws.transport.pause_reading()
         await asyncio.sleep(0.3)  # six ping intervals: with pings on this would close
         ws.transport.resume_reading()
@@ -91,9 +94,10 @@ async def test_heartbeat_off_sends_no_pings(hub_server: Any) -> None:
 async def test_silent_client_closes_after_read_timeout_without_heartbeat(
     hub_server: Any,
 ) -> None:
-    async with hub_server(enable_ping_pong=False, read_timeout=0.2) as served, client(
-        served.url, ping_interval=None
-    ) as (ws, _):
+    async with (
+        hub_server(enable_ping_pong=False, read_timeout=0.2) as served,
+        client(served.url, ping_interval=None) as (ws, _),
+    ):
         with pytest.raises(ConnectionClosedError) as closed:
             await recv_json(ws)
         assert closed.value.rcvd is not None

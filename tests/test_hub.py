@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 import wshub
 
-from .helpers import client, recv_json, send_json, subscribe, wait_until
+from .helpers import client, recv_json, send_json, subscribe
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -24,7 +24,7 @@ def message_id(message: dict[str, Any]) -> tuple[int, int]:
 
 
 async def test_greeting_names_client_and_default_topics(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url) as (ws, hello):
+    async with hub_server() as served, client(served.url) as (_, hello):
         client_id = hello["data"]["client_id"]
         assert re.fullmatch(r"[0-9a-f]{16}", client_id)
         assert hello["client_id"] == client_id
@@ -35,9 +35,12 @@ async def test_greeting_names_client_and_default_topics(hub_server: Any) -> None
 
 
 async def test_url_topics_replace_default_topics(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url + "?topics=run:1,test:eth_call") as (
-        ws,
-        hello,
+    async with (
+        hub_server() as served,
+        client(served.url + "?topics=run:1,test:eth_call") as (
+            ws,
+            hello,
+        ),
     ):
         assert hello["data"]["topics"] == ["run:1", "test:eth_call"]
         assert served.hub.broadcast_to_subscribers("x", 1, ["other"]) == 0
@@ -47,9 +50,12 @@ async def test_url_topics_replace_default_topics(hub_server: Any) -> None:
 
 async def test_bad_url_topics_get_an_error_and_default_topics(hub_server: Any) -> None:
     long_topic = "t" * 257
-    async with hub_server() as served, client(served.url + f"?topics={long_topic}") as (
-        ws,
-        hello,
+    async with (
+        hub_server() as served,
+        client(served.url + f"?topics={long_topic}") as (
+            ws,
+            hello,
+        ),
     ):
         assert hello["data"]["topics"] == ["*"]
         error = await recv_json(ws)
@@ -88,9 +94,11 @@ async def test_ping_gets_pong_and_pong_updates_last_ping(hub_server: Any) -> Non
 
 
 async def test_broadcast_to_all_reaches_clients_without_subscriptions(hub_server: Any) -> None:
-    async with hub_server(default_topics=()) as served, client(served.url) as (a, _), client(
-        served.url
-    ) as (b, _):
+    async with (
+        hub_server(default_topics=()) as served,
+        client(served.url) as (a, _),
+        client(served.url) as (b, _),
+    ):
         assert served.hub.broadcast_to_all("announcement", {"text": "hello"}) == 2
         for ws in (a, b):
             message = await recv_json(ws)
@@ -103,10 +111,14 @@ async def test_broadcast_to_all_reaches_clients_without_subscriptions(hub_server
 async def test_topic_message_reaches_each_matching_client_exactly_once(hub_server: Any) -> None:
     async with hub_server(default_topics=()) as served:
         hub = served.hub
-        async with client(served.url) as (both, _), client(served.url) as (
-            wildcard,
-            _,
-        ), client(served.url) as (other, _):
+        async with (
+            client(served.url) as (both, _),
+            client(served.url) as (
+                wildcard,
+                _,
+            ),
+            client(served.url) as (other, _),
+        ):
             await subscribe(both, "run:1", "test:eth_call")
             await subscribe(wildcard, "*", "run:1")
             await subscribe(other, "run:2")
@@ -129,9 +141,13 @@ async def _until_sentinel(ws: Any) -> list[dict[str, Any]]:
 async def test_each_client_sees_messages_in_publish_order_with_increasing_ids(
     hub_server: Any,
 ) -> None:
-    async with hub_server() as served, client(served.url) as (a, _), client(served.url) as (
-        b,
-        _,
+    async with (
+        hub_server() as served,
+        client(served.url) as (a, _),
+        client(served.url) as (
+            b,
+            _,
+        ),
     ):
         hub = served.hub
         for batch in range(5):
@@ -149,9 +165,13 @@ async def test_each_client_sees_messages_in_publish_order_with_increasing_ids(
 
 
 async def test_burst_leaves_in_one_write_per_client(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url) as (a, _), client(served.url) as (
-        b,
-        _,
+    async with (
+        hub_server() as served,
+        client(served.url) as (a, _),
+        client(served.url) as (
+            b,
+            _,
+        ),
     ):
         hub = served.hub
         writes = hub.stats()["writes"]
@@ -205,9 +225,12 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
         "p_value": 0.01,
         "detected_at": "2026-11-25T10:01:00Z",
     }
-    async with hub_server(default_topics=("test:eth_call",)) as served, client(served.url) as (
-        ws,
-        _,
+    async with (
+        hub_server(default_topics=("test:eth_call",)) as served,
+        client(served.url) as (
+            ws,
+            _,
+        ),
     ):
         hub = served.hub
         assert hub.notify_new_run(run) == 1
@@ -215,10 +238,18 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
         assert hub.notify_baseline_updated("main", "run-7", "eth_call") == 1
         assert hub.notify_analysis_complete("run-7", "eth_call", {"trend": "flat"}) == 1
         assert hub.notify_run_started("run-8", "eth_call", git_commit="def") == 1
-        assert hub.notify_run_progress(
-            "run-8", "eth_call", 0.25, elapsed_s=5.0, requests_done=250, current_rps=50.0,
-            error_rate=0.0,
-        ) == 1
+        assert (
+            hub.notify_run_progress(
+                "run-8",
+                "eth_call",
+                0.25,
+                elapsed_s=5.0,
+                requests_done=250,
+                current_rps=50.0,
+                error_rate=0.0,
+            )
+            == 1
+        )
         assert hub.notify_run_complete("run-8", "eth_call", duration_s=20.0) == 1
         assert hub.notify_run_failed("run-9", "eth_call", "node crashed") == 1
         assert hub.notify_run_failed("run-9", "other_test", "node crashed") == 0
@@ -254,7 +285,9 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
         baseline = await recv_json(ws)
         assert baseline["type"] == "baseline_updated"
         assert {k: baseline["data"][k] for k in ("baseline_name", "run_id", "test_name")} == {
-            "baseline_name": "main", "run_id": "run-7", "test_name": "eth_call"
+            "baseline_name": "main",
+            "run_id": "run-7",
+            "test_name": "eth_call",
         }
         assert RFC3339_UTC.match(baseline["data"]["updated_at"])
         analysis = await recv_json(ws)
@@ -263,8 +296,13 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
         assert started["type"] == "run_started" and started["data"]["git_commit"] == "def"
         progress = await recv_json(ws)
         assert progress["data"] == {
-            "run_id": "run-8", "test_name": "eth_call", "progress": 0.25, "elapsed_s": 5.0,
-            "requests_done": 250, "current_rps": 50.0, "error_rate": 0.0,
+            "run_id": "run-8",
+            "test_name": "eth_call",
+            "progress": 0.25,
+            "elapsed_s": 5.0,
+            "requests_done": 250,
+            "current_rps": 50.0,
+            "error_rate": 0.0,
         }
         complete = await recv_json(ws)
         assert complete["type"] == "run_complete" and complete["data"]["duration_s"] == 20.0
@@ -275,9 +313,11 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
 async def test_notifications_publish_to_type_run_and_test_topics(hub_server: Any) -> None:
     async with hub_server(default_topics=()) as served:
         hub = served.hub
-        async with client(served.url + "?topics=run_progress") as (by_type, _), client(
-            served.url + "?topics=run:r1"
-        ) as (by_run, _), client(served.url + "?topics=test:t1") as (by_test, _):
+        async with (
+            client(served.url + "?topics=run_progress") as (by_type, _),
+            client(served.url + "?topics=run:r1") as (by_run, _),
+            client(served.url + "?topics=test:t1") as (by_test, _),
+        ):
             count = hub.notify_run_progress(
                 "r1", "t1", 1.0, elapsed_s=1.0, requests_done=1, current_rps=1.0, error_rate=0.0
             )

@@ -55,9 +55,10 @@ async def test_binary_json_is_understood(hub_server: Any) -> None:
 
 
 async def test_too_many_subscriptions_is_refused_whole(hub_server: Any) -> None:
-    async with hub_server(max_subscriptions=3, default_topics=("a",)) as served, client(
-        served.url
-    ) as (ws, _):
+    async with (
+        hub_server(max_subscriptions=3, default_topics=("a",)) as served,
+        client(served.url) as (ws, _),
+    ):
         await send_json(ws, {"type": "subscribe", "data": {"topics": ["b", "c", "d"]}})
         error = await recv_json(ws)
         assert error["type"] == "error" and "too many subscriptions" in error["error"]["message"]
@@ -66,9 +67,13 @@ async def test_too_many_subscriptions_is_refused_whole(hub_server: Any) -> None:
 
 
 async def test_bad_input_does_not_hurt_other_clients(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url) as (bad, _), client(served.url) as (
-        good,
-        _,
+    async with (
+        hub_server() as served,
+        client(served.url) as (bad, _),
+        client(served.url) as (
+            good,
+            _,
+        ),
     ):
         for _ in range(20):
             await bad.send("garbage")

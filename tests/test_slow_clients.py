@@ -50,9 +50,12 @@ async def test_overflowing_client_is_closed_with_4008_and_others_get_everything(
     async with hub_server(client_buffer_size=8, write_timeout=5.0) as served:
         hub = served.hub
         # max_queue=None: the fast client reads everything the socket brings, at once.
-        async with client(served.url, max_queue=None) as (fast, _), client(served.url) as (
-            slow,
-            _,
+        async with (
+            client(served.url, max_queue=None) as (fast, _),
+            client(served.url) as (
+                slow,
+                _,
+            ),
         ):
             slow.transport.pause_reading()
             published = await flood(
@@ -79,7 +82,7 @@ async def test_drop_oldest_keeps_the_client_and_its_newest_messages(hub_server: 
         write_timeout=5.0,
     ) as served:
         hub = served.hub
-        async with client(served.url) as (slow, hello):
+        async with client(served.url) as (slow, _):
             slow.transport.pause_reading()
             peak = 0
 

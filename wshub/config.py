@@ -67,8 +67,14 @@ class HubConfig:
     flush_interval: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("max_clients", "max_message_size", "client_buffer_size",
-                     "broadcast_buffer_size", "max_buffered_bytes", "max_subscriptions"):
+        for name in (
+            "max_clients",
+            "max_message_size",
+            "client_buffer_size",
+            "broadcast_buffer_size",
+            "max_buffered_bytes",
+            "max_subscriptions",
+        ):
             _check_positive_int(name, getattr(self, name))
         for name in ("write_timeout", "read_timeout", "ping_interval", "pong_timeout"):
             _check_number(name, getattr(self, name), allow_zero=False)

@@ -18,7 +18,7 @@ from .hub import Hub
 __all__ = ["serve", "server_options"]
 
 ProcessRequest = Callable[
-    [ServerConnection, Request], Response | None | Awaitable[Response | None]
+    [ServerConnection, Request], Response | Awaitable[Response | None] | None
 ]
 
 

@@ -132,9 +132,10 @@ def regression_event(
     """``regression_detected``: ``regression`` was found in ``run``."""
     regression = _coerce(Regression, regression, "regression")
     run = _coerce(HistoricRun, run, "run")
+    run_id = regression.run_id or run.id
     data = {
         "regression_id": regression.id,
-        "run_id": regression.run_id or run.id,
+        "run_id": run_id,
         "baseline_run_id": regression.baseline_run_id,
         "client": regression.client,
         "metric": regression.metric,
@@ -153,7 +154,7 @@ def regression_event(
             "timestamp": run.timestamp,
         },
     }
-    return data, _topics(MessageType.REGRESSION_DETECTED, data["run_id"], run.test_name)
+    return data, _topics(MessageType.REGRESSION_DETECTED, run_id, run.test_name)
 
 
 def baseline_updated_event(baseline_name: str, run_id: str, test_name: str) -> Event:
@@ -213,8 +214,10 @@ def run_progress_event(
     error_rate: float,
 ) -> Event:
     """``run_progress``: how far a running benchmark has come; ``progress`` is 0 to 1."""
-    if isinstance(progress, bool) or not isinstance(progress, int | float) or not (
-        math.isfinite(progress) and 0.0 <= progress <= 1.0
+    if (
+        isinstance(progress, bool)
+        or not isinstance(progress, int | float)
+        or not (math.isfinite(progress) and 0.0 <= progress <= 1.0)
     ):
         raise ValueError(f"progress must be a number from 0 to 1, got {progress!r}")
     data = {

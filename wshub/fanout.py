@@ -7,6 +7,7 @@ twin, which is the specification the compiled module mirrors.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from types import ModuleType
@@ -45,7 +46,6 @@ def core_module(implementation: Implementation | None = None) -> ModuleType:
     if implementation == "cython":
         if _compiled is not None:
             return _compiled
-        from . import _fanout  # raises ImportError with the reason
-
-        return _fanout
+        # Import again to raise the ImportError that says why the extension is missing.
+        return importlib.import_module("wshub._fanout")
     raise ValueError(f"implementation must be 'cython' or 'python', got {implementation!r}")

@@ -347,9 +347,7 @@ class Hub:
             events.baseline_updated_event(baseline_name, run_id, test_name),
         )
 
-    def notify_analysis_complete(
-        self, run_id: str, test_name: str, analysis_results: Any
-    ) -> int:
+    def notify_analysis_complete(self, run_id: str, test_name: str, analysis_results: Any) -> int:
         """Announce the results of a run's analysis (``analysis_complete``)."""
         return self._notify(
             MessageType.ANALYSIS_COMPLETE,
@@ -463,9 +461,7 @@ class Hub:
         """The URL's ``?topics=`` when present and valid, else ``default_topics``."""
         request = connection.request
         path = request.path if request is not None else ""
-        query = urllib.parse.parse_qs(
-            urllib.parse.urlsplit(path).query, keep_blank_values=True
-        )
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
         if "topics" not in query:
             return self.config.default_topics, None
         names = [name.strip() for value in query["topics"] for name in value.split(",")]

@@ -97,9 +97,7 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
     except orjson.JSONDecodeError as exc:
         raise ProtocolError("message is not valid JSON", {"reason": str(exc)}) from None
     if not isinstance(message, dict):
-        raise ProtocolError(
-            "message must be a JSON object", {"received": type(message).__name__}
-        )
+        raise ProtocolError("message must be a JSON object", {"received": type(message).__name__})
     kind = message.get("type")
     if kind is None:
         raise ProtocolError('message has no "type"')

@@ -1,0 +1,76 @@
+"""HubConfig: the seed defaults, and a clear error naming the field for every bad value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from wshub import HubConfig
+
+
+def test_defaults_are_the_seed_defaults() -> None:
+    config = HubConfig()
+    assert (
+        config.max_clients,
+        config.write_timeout,
+        config.read_timeout,
+        config.ping_interval,
+        config.pong_timeout,
+        config.max_message_size,
+        config.client_buffer_size,
+        config.broadcast_buffer_size,
+        config.enable_ping_pong,
+        config.disconnect_on_error,
+        config.log_connection_events,
+    ) == (100, 10.0, 60.0, 54.0, 60.0, 524288, 256, 1000, True, True, True)
+    assert config.slow_client_policy == "disconnect"
+    assert config.default_topics == ("*",)
+    assert config.max_subscriptions == 100
+    assert config.allowed_origins is None
+    assert config.flush_interval == 0.0
+
+
+BAD_VALUES: list[tuple[str, Any]] = [
+    ("max_clients", 0),
+    ("max_clients", 1.5),
+    ("max_clients", True),
+    ("write_timeout", 0),
+    ("read_timeout", -1),
+    ("ping_interval", float("nan")),
+    ("pong_timeout", "60"),
+    ("max_message_size", -5),
+    ("client_buffer_size", 0),
+    ("broadcast_buffer_size", None),
+    ("max_buffered_bytes", 0),
+    ("max_subscriptions", 0),
+    ("flush_interval", -0.1),
+    ("flush_interval", float("inf")),
+    ("enable_ping_pong", "yes"),
+    ("disconnect_on_error", 1),
+    ("log_connection_events", None),
+    ("slow_client_policy", "ignore"),
+    ("default_topics", "*"),
+    ("default_topics", [""]),
+    ("default_topics", [7]),
+    ("default_topics", ["t" * 257]),
+    ("allowed_origins", "https://a.example"),
+    ("allowed_origins", [None]),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+def test_bad_value_names_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{field} "):
+        HubConfig(**{field: value})
+
+
+def test_default_topics_must_fit_max_subscriptions() -> None:
+    with pytest.raises(ValueError, match=r"^default_topics .*max_subscriptions"):
+        HubConfig(default_topics=("a", "b"), max_subscriptions=1)
+
+
+def test_lists_become_tuples() -> None:
+    config = HubConfig(default_topics=["a", "b"], allowed_origins=["https://a.example"])
+    assert config.default_topics == ("a", "b")
+    assert config.allowed_origins == ("https://a.example",)
