@@ -189,7 +189,8 @@ class Fanout:
     def remove_client(self, client: Client) -> None:
         """Stop delivering to ``client`` and forget its subscriptions and buffered frames."""
         self.unsubscribe(client, list(client.topics))
-        self.clients.pop(client.client_id, None)
+        if self.clients.get(client.client_id) is client:
+            del self.clients[client.client_id]
         client.closed = True
         client.frames = []
         client.buffered_bytes = 0
@@ -285,13 +286,20 @@ class Fanout:
 
     def _drop_oldest(self, client: Client, incoming: int) -> None:
         frames = client.frames
-        while frames and (
-            len(frames) >= self.client_buffer_size
-            or client.buffered_bytes + incoming > self.max_buffered_bytes
+        queued = len(frames)
+        buffered = client.buffered_bytes
+        dropped = 0
+        while dropped < queued and (
+            queued - dropped >= self.client_buffer_size
+            or buffered + incoming > self.max_buffered_bytes
         ):
-            client.buffered_bytes -= len(frames.pop(0))
-            client.messages_dropped += 1
-            self.drops += 1
+            buffered -= len(frames[dropped])
+            dropped += 1
+        if dropped:
+            del frames[:dropped]
+            client.buffered_bytes = buffered
+            client.messages_dropped += dropped
+            self.drops += dropped
 
     def _overflow(self, client: Client) -> None:
         dropped = len(client.frames) + 1
