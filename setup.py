@@ -19,13 +19,13 @@ if not SKIP and platform.python_implementation() == "CPython":
         Extension(
             "wshub._fanout",
             ["wshub/_fanout.pyx"],
-            optional=not BUILD_REQUIRED,
         )
     )
 
 if extensions:
     from Cython.Build import cythonize
 
+    optional = not BUILD_REQUIRED
     extensions = cythonize(
         extensions,
         language_level=3,
@@ -36,5 +36,7 @@ if extensions:
             "embedsignature": True,
         },
     )
+    for extension in extensions:  # cythonize does not carry the flag over
+        extension.optional = optional
 
 setup(ext_modules=extensions)
