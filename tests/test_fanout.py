@@ -22,6 +22,8 @@ from websockets.protocol import State
 import wshub
 from wshub import _fanout_py
 
+from .memory import MemoryConnection
+
 compiled_only = pytest.mark.parametrize("implementation", ["cython"], indirect=True)
 
 
@@ -50,29 +52,6 @@ def test_frames_match_the_websockets_serializer(core: ModuleType, length: int) -
     payload = b"a" * length
     expected = Frame(Opcode.TEXT, payload).serialize(mask=False)
     assert core.build_frame(payload) == expected
-
-
-class MemoryTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(bytes(data))
-
-
-class MemoryProtocol:
-    def __init__(self) -> None:
-        self.state = State.OPEN
-
-
-class MemoryConnection:
-    """The attributes the core reads from a websockets connection, in memory."""
-
-    def __init__(self) -> None:
-        self.protocol = MemoryProtocol()
-        self.transport = MemoryTransport()
-        self.paused = False
-        self.send_in_progress: Any = None
 
 
 json_values = st.recursive(
