@@ -23,7 +23,8 @@ def hub_server(
     async def start(**config: Any) -> AsyncIterator[HubServer]:
         config.setdefault("log_connection_events", False)
         serve_options = config.pop("serve_options", {})
-        hub = wshub.Hub(wshub.HubConfig(**config), implementation=implementation)
+        hub_class = config.pop("hub_class", wshub.Hub)
+        hub = hub_class(wshub.HubConfig(**config), implementation=implementation)
         async with wshub.serve(hub, "127.0.0.1", 0, **serve_options) as server:
             port = server.sockets[0].getsockname()[1]
             yield HubServer(hub, server, f"ws://127.0.0.1:{port}/api/ws")

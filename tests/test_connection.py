@@ -125,6 +125,22 @@ async def test_register_serves_connections_from_an_own_handler(implementation: s
             assert (await recv_json(ws))["data"] == 1
 
 
+async def test_register_closes_with_1013_past_max_clients(implementation: str) -> None:
+    """Without wshub.serve's 503 before the handshake, the handler itself refuses."""
+    hub = wshub.Hub(
+        wshub.HubConfig(max_clients=1, log_connection_events=False),
+        implementation=implementation,  # type: ignore[arg-type]
+    )
+    async with hub, websockets_serve(hub.handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        async with client(url), connect(url) as refused:
+            with pytest.raises(ConnectionClosedError) as closed:
+                await refused.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, "too many clients")
+        assert hub.stats()["rejected_connections"] == 1
+
+
 async def test_server_options_follow_the_config() -> None:
     hub = wshub.Hub(
         wshub.HubConfig(

@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 import wshub
 
@@ -435,3 +435,36 @@ async def test_start_logs_the_core_at_debug(
         async with wshub.Hub(implementation=implementation) as hub:  # type: ignore[arg-type]
             assert hub.implementation == implementation
     assert f"hub started with the {implementation} fan-out core" in caplog.text
+
+
+class FaultyHub(wshub.Hub):
+    """A hub with a bug in its subscribe handling, to exercise disconnect_on_error."""
+
+    def _subscribe(self, session: Any, topics: tuple[str, ...]) -> None:
+        raise RuntimeError("bug")
+
+
+async def test_internal_error_closes_the_client_with_1011_by_default(
+    hub_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with hub_server(hub_class=FaultyHub) as served, client(served.url) as (ws, _):
+        await send_json(ws, {"type": "subscribe", "data": {"topics": ["a"]}})
+        with pytest.raises(ConnectionClosedError) as closed:
+            await recv_json(ws)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1011, "internal error")
+    assert "error handling a message" in caplog.text
+
+
+async def test_internal_error_answers_500_when_disconnect_on_error_is_off(
+    hub_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        hub_server(hub_class=FaultyHub, disconnect_on_error=False) as served,
+        client(served.url) as (ws, _),
+    ):
+        await send_json(ws, {"type": "subscribe", "data": {"topics": ["a"]}})
+        error = await recv_json(ws)
+        assert error["type"] == "error" and error["error"]["code"] == 500
+        await send_json(ws, {"type": "ping"})
+        assert (await recv_json(ws))["type"] == "pong"
