@@ -332,7 +332,7 @@ async def test_bad_publish_arguments_raise_and_publish_nothing(hub_server: Any) 
         with pytest.raises(TypeError):
             hub.broadcast_to_all("x", {"not json": object()})
         with pytest.raises(TypeError):
-            hub.broadcast_to_subscribers("x", 1, [1, 2])  # type: ignore[list-item]
+            hub.broadcast_to_subscribers("x", 1, [1, 2])
         with pytest.raises(ValueError, match="progress"):
             hub.notify_run_progress(
                 "r", "t", 1.5, elapsed_s=0, requests_done=0, current_rps=0, error_rate=0

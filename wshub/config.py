@@ -61,9 +61,9 @@ class HubConfig:
     log_connection_events: bool = True
     max_buffered_bytes: int = 1024 * 1024
     slow_client_policy: str = "disconnect"
-    default_topics: tuple[str, ...] = ("*",)
+    default_topics: Sequence[str] = ("*",)
     max_subscriptions: int = 100
-    allowed_origins: tuple[str, ...] | None = None
+    allowed_origins: Sequence[str] | None = None
     flush_interval: float = 0.0
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -457,7 +457,7 @@ class Hub:
             )
         return session, topics_error
 
-    def _initial_topics(self, connection: Any) -> tuple[tuple[str, ...], ProtocolError | None]:
+    def _initial_topics(self, connection: Any) -> tuple[Sequence[str], ProtocolError | None]:
         """The URL's ``?topics=`` when present and valid, else ``default_topics``."""
         request = connection.request
         path = request.path if request is not None else ""
