@@ -405,6 +405,14 @@ async def test_stop_flushes_queued_messages_then_says_goodbye_with_1001(
         assert hub.broadcast_to_all("late") == 0
 
 
+async def test_concurrent_stops_both_wait_for_the_shutdown(hub_server: Any) -> None:
+    async with hub_server() as served, client(served.url) as (ws, _):
+        hub = served.hub
+        await asyncio.gather(hub.stop(), hub.stop())
+        assert hub.client_count == 0 and not hub.running
+        assert (await recv_json(ws))["type"] == "disconnection"
+
+
 async def test_stats_and_client_info_count_traffic(hub_server: Any) -> None:
     async with hub_server() as served, client(served.url) as (ws, hello):
         hub = served.hub

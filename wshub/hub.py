@@ -91,6 +91,7 @@ class Hub:
         self._clock = MessageClock()
         self._sessions: dict[str, _Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
         self._drain_tasks: dict[str, asyncio.Task[None]] = {}
         self._threadsafe_lock = threading.Lock()
         self._threadsafe_waiting = 0
@@ -137,10 +138,21 @@ class Hub:
         message; waiting for slow clients and for closing handshakes is bounded by
         ``write_timeout``, after which their transports are aborted.
         """
+        if self._state == "stopping":
+            await self._stopped.wait()
+            return
         if self._state != "running":
             self._state = "stopped"
             return
         self._state = "stopping"
+        try:
+            await self._shut_down()
+        finally:
+            self._state = "stopped"
+            self._stopped.set()
+        self.logger.debug("hub stopped")
+
+    async def _shut_down(self) -> None:
         fanout = self._fanout
         timeout = self.config.write_timeout
         goodbye = self._frame(MessageType.DISCONNECTION, {"reason": "server shutdown"})
@@ -155,13 +167,13 @@ class Hub:
                 for session in sessions
             )
         )
+        for session in sessions:  # their handlers may not have run since
+            self._detach(session)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
         fanout.close()
-        self._state = "stopped"
-        self.logger.debug("hub stopped")
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -474,9 +486,11 @@ class Hub:
         return topics, None
 
     def _detach(self, session: _Session) -> None:
+        """Forget a client; the second call (stop, then the handler) does nothing."""
         client = session.client
+        if self._sessions.pop(client.client_id, None) is None:
+            return
         self._fanout.remove_client(client)
-        self._sessions.pop(client.client_id, None)
         drain = self._drain_tasks.pop(client.client_id, None)
         if drain is not None:
             drain.cancel()
