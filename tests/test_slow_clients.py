@@ -125,3 +125,19 @@ async def test_transport_that_does_not_drain_within_write_timeout_is_closed(
             slow.transport.resume_reading()
             received, _ = await read_all(slow)
             assert received == list(range(len(received)))
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+async def test_a_burst_larger_than_the_buffer_reaches_a_healthy_client_whole(
+    hub_server: Any, policy: str
+) -> None:
+    async with hub_server(
+        slow_client_policy=policy, client_buffer_size=16, max_buffered_bytes=4096
+    ) as served:
+        hub = served.hub
+        async with client(served.url) as (ws, _):
+            for number in range(500):  # one loop iteration, 30 times the buffer
+                hub.broadcast_to_all("n", {"n": number})
+            assert [(await recv_json(ws))["data"]["n"] for _ in range(500)] == list(range(500))
+            stats = hub.stats()
+            assert (stats["drops"], stats["slow_consumer_disconnects"]) == (0, 0)

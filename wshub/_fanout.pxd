@@ -44,6 +44,8 @@ cdef class Fanout:
     @cython.final
     cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1
     @cython.final
+    cdef inline bint _is_full(self, Client client, Py_ssize_t incoming)
+    @cython.final
     cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1
     @cython.final
     cdef int _overflow(self, Client client) except -1
