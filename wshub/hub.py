@@ -517,20 +517,28 @@ class Hub:
                 return
             except ConnectionClosed:
                 return
-            try:
-                self._handle(session, message)
-            except Exception:
-                self.logger.exception(
-                    "error handling a message from client %s", session.client.client_id
-                )
-                if self.config.disconnect_on_error:
-                    await self._close(connection, CloseCode.INTERNAL_ERROR, "internal error")
-                    return
-                self._send(
-                    session,
-                    MessageType.ERROR,
-                    error={"code": 500, "message": "internal error"},
-                )
+            if not self._receive(session, message):
+                await self._close(connection, CloseCode.INTERNAL_ERROR, "internal error")
+                return
+
+    def _receive(self, session: _Session, message: str | bytes) -> bool:
+        """Act on one client message; False when the client must be closed (1011).
+
+        Bad input is answered with an ``error`` envelope by :meth:`_handle`; only a failure
+        inside the hub gets here, and ``disconnect_on_error`` decides what it costs the client.
+        """
+        try:
+            self._handle(session, message)
+        except Exception:
+            self.logger.exception(
+                "error handling a message from client %s", session.client.client_id
+            )
+            if self.config.disconnect_on_error:
+                return False
+            self._send(
+                session, MessageType.ERROR, error={"code": 500, "message": "internal error"}
+            )
+        return True
 
     def _handle(self, session: _Session, message: str | bytes) -> None:
         try:
