@@ -1,0 +1,184 @@
+"""The command line of ``python -m wshub.bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .report import summarize, table, write_json, write_plot
+from .runner import Plan, Runner
+from .servers import VARIANTS
+
+__all__ = ["main", "parse_plan"]
+
+DELIVERIES_PER_ROUND = 100_000
+
+
+def _csv(kind: type, allowed: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[object, ...]:
+        items = tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+        if not items:
+            raise argparse.ArgumentTypeError("give at least one value")
+        if allowed is not None:
+            unknown = [item for item in items if item not in allowed]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(map(str, unknown))}; choose from {', '.join(allowed)}"
+                )
+        return items
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wshub.bench",
+        description=(
+            "Broadcast throughput of wshub and its peers over real sockets on this machine. "
+            "Clients run in worker processes and only count frames; the servers run here, "
+            "one at a time, rounds interleaved. Quote the ratios: absolute figures move "
+            "with the machine."
+        ),
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 15 s")
+    parser.add_argument(
+        "--variants",
+        type=_csv(str, VARIANTS),
+        default=VARIANTS,
+        help=f"servers to measure (default: {','.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--clients", type=_csv(int), default=None, help="client counts (default: 100,1000)"
+    )
+    parser.add_argument(
+        "--workload",
+        type=_csv(str, ("burst", "stream")),
+        default=("burst", "stream"),
+        help="burst: K messages per loop iteration; stream: one per iteration (default: both)",
+    )
+    parser.add_argument("--burst", type=int, default=100, help="K, messages per burst (100)")
+    parser.add_argument(
+        "--bursts", type=int, default=0, help="bursts per round (default: ~100k deliveries)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=0,
+        help="messages per stream round (default: ~100k deliveries)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="stream at this many messages/s (0: flat out)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds of a fixed-rate stream (5)"
+    )
+    parser.add_argument("--size", type=int, default=300, help="bytes of event JSON (300)")
+    parser.add_argument(
+        "--topics",
+        type=int,
+        default=0,
+        help="0: every message to every client; T: client i follows topic i %% T",
+    )
+    parser.add_argument(
+        "--slow", type=float, default=0.0, help="fraction of clients that stop reading (0)"
+    )
+    parser.add_argument("--repetitions", type=int, default=None, help="rounds per variant (3)")
+    parser.add_argument("--workers", type=int, default=2, help="client processes (2)")
+    parser.add_argument(
+        "--sources", type=int, default=4, help="127.0.0.x source addresses for clients (4)"
+    )
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="longest wait for one round (60 s)"
+    )
+    parser.add_argument("--json", type=Path, help="write every round and the summary here")
+    parser.add_argument("--plot", type=Path, help="PNG: msg/s against clients (matplotlib)")
+    return parser
+
+
+def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
+    """Read the command line into a :class:`Plan`; exits with a message on bad values."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    clients = args.clients or ((200,) if args.quick else (100, 1000))
+    repetitions = args.repetitions or (1 if args.quick else 3)
+    for name in ("burst", "workers", "sources", "size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not 0 <= args.slow < 1:
+        parser.error("--slow must be a fraction from 0 to below 1")
+    if args.rate < 0 or args.duration <= 0 or args.timeout <= 0 or args.topics < 0:
+        parser.error("--rate, --duration, --timeout and --topics must not be negative")
+    if args.sources > 250:
+        parser.error("--sources must be at most 250")
+    deliveries = DELIVERIES_PER_ROUND // (4 if args.quick else 1)
+    smallest = min(clients)
+    plan = Plan(
+        variants=tuple(args.variants),
+        clients=tuple(clients),
+        workloads=tuple(args.workload),
+        burst=args.burst,
+        bursts=args.bursts or max(1, deliveries // (args.burst * smallest)),
+        stream_messages=args.messages or max(10, deliveries // smallest),
+        rate=args.rate,
+        duration=args.duration,
+        size=args.size,
+        topics=args.topics,
+        slow=args.slow,
+        repetitions=repetitions,
+        workers=args.workers,
+        sources=args.sources,
+        host="127.0.0.1",
+        loop=args.loop,
+        timeout=args.timeout,
+    )
+    return plan, args
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{text}")
+    else:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+async def _run(plan: Plan) -> list:  # type: ignore[type-arg]
+    async with Runner(plan, _progress) as runner:
+        return await runner.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit code."""
+    plan, args = parse_plan(argv)
+    if plan.loop == "uvloop":
+        import uvloop
+
+        rounds = uvloop.run(_run(plan))
+    else:
+        rounds = asyncio.run(_run(plan))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    rows = summarize(rounds)
+    print(table(rows))
+    print(
+        "\nmsg/s: deliveries per second to reading clients; x bcast: paired ratio to "
+        "websockets.broadcast (medians over repetitions); CPU us/msg: server CPU per "
+        "delivered message; latency: publish to receipt of the oldest message in each chunk "
+        "a client reads; KiB/conn: server RSS growth per connected client; lost: messages "
+        "reading clients did not receive; 4008s: slow-consumer disconnects."
+    )
+    if args.json:
+        write_json(args.json, plan, rows, rounds)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            write_plot(args.plot, rows)
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'wshub[plot]'", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
+    return 0

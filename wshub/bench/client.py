@@ -1,0 +1,293 @@
+"""The benchmark's client side: worker processes full of lean WebSocket readers.
+
+A reader is a bare ``asyncio.Protocol``: it sends the opening handshake itself, then walks
+frame headers and skips payloads, counting text frames. Only the first frame of each chunk the
+kernel hands over is looked into, for its ``sent_at`` (publish-to-receive latency, the oldest
+message of the chunk being the one that waited longest). No JSON decoding, no per-message
+objects: the client must cost far less per message than any server it measures, or it would be
+what is measured.
+
+The parent drives each worker over a pipe with tuples: ``("connect", host, port, path,
+topics_by_client, source_addresses, slow)``, ``("arm", expected)``, ``("disarm",)``,
+``("close",)``, ``("exit",)``; the worker answers ``("connected", opened, failed)``,
+``("armed",)``, ``("done", last_arrival, received, latencies_ms)`` and ``("closed",)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import resource
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = ["raise_open_files_limit", "worker_main"]
+
+SENT_AT = b'"sent_at":'
+CONNECT_CONCURRENCY = 128  # handshakes in flight per worker
+OPCODE_TEXT = 0x1
+OPCODE_CLOSE = 0x8
+OPCODE_PING = 0x9
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Tally:
+    """One worker's counters, shared by its readers."""
+
+    __slots__ = ("armed", "expected", "last_arrival", "latencies", "on_done", "received")
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.expected = 0
+        self.received = 0
+        self.last_arrival = 0.0
+        self.latencies: list[float] = []
+        self.on_done: Any = None
+
+    def arm(self, expected: int, on_done: Any) -> None:
+        self.armed = True
+        self.expected = expected
+        self.received = 0
+        self.last_arrival = 0.0
+        self.latencies = []
+        self.on_done = on_done
+        if expected == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        self.armed = False
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done()
+
+
+class Reader(asyncio.Protocol):
+    """One lean WebSocket client connection that counts the frames it receives."""
+
+    __slots__ = ("buffer", "closed", "handshake", "opened", "request", "tally", "transport")
+
+    def __init__(self, request: bytes, tally: Tally, opened: asyncio.Future[bool]) -> None:
+        self.request = request
+        self.tally = tally
+        self.opened = opened
+        self.buffer = bytearray()
+        self.handshake = True
+        self.closed = False
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_result(False)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if self.handshake:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            accepted = buffer.startswith(b"HTTP/1.1 101")
+            del buffer[: end + 4]
+            self.handshake = False
+            if not self.opened.done():
+                self.opened.set_result(accepted)
+            if not accepted:
+                self.transport.close()
+                return
+        self.read_frames()
+
+    def read_frames(self) -> None:
+        buffer = self.buffer
+        tally = self.tally
+        if tally.armed:
+            self.sample_latency()
+        size = len(buffer)
+        position = 0
+        frames = 0
+        while size - position >= 2:
+            opcode = buffer[position] & 0x0F
+            length = buffer[position + 1] & 0x7F
+            header = 2
+            if length == 126:
+                if size - position < 4:
+                    break
+                length = (buffer[position + 2] << 8) | buffer[position + 3]
+                header = 4
+            elif length == 127:
+                if size - position < 10:
+                    break
+                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+                header = 10
+            end = position + header + length
+            if end > size:
+                break
+            if opcode == OPCODE_TEXT:
+                frames += 1
+            elif opcode == OPCODE_PING:
+                self.pong(bytes(buffer[position + header : end]))
+            elif opcode == OPCODE_CLOSE:
+                self.transport.close()
+            position = end
+        if position:
+            del buffer[:position]
+        if frames and tally.armed:
+            tally.received += frames
+            tally.last_arrival = time.time()
+            if tally.received >= tally.expected:
+                tally.finish()
+
+    def sample_latency(self) -> None:
+        """Publish-to-receive time of the oldest message waiting in this chunk.
+
+        Once per chunk, not per frame: the buffer starts at a frame boundary, so the first
+        ``sent_at`` in it belongs to the message that waited longest.
+        """
+        buffer = self.buffer
+        start = buffer.find(SENT_AT)
+        if start < 0:
+            return
+        start += len(SENT_AT)
+        end = start
+        while end < len(buffer) and buffer[end] in b"0123456789.e-+":
+            end += 1
+        try:
+            sent_at = float(buffer[start:end])
+        except ValueError:
+            return
+        self.tally.latencies.append((time.time() - sent_at) * 1000.0)
+
+    def pong(self, payload: bytes) -> None:
+        # Client frames are masked (RFC 6455 5.3); a zero mask leaves the payload as it is.
+        self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+
+
+def handshake_request(host: str, port: int, path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "User-Agent: wshub-bench\r\n\r\n"
+    ).encode()
+
+
+class Worker:
+    """The readers of one worker process and the commands that drive them."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+        self.tally = Tally()
+        self.readers: list[Reader] = []
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        topics: list[str | None],
+        sources: list[str],
+        slow: list[bool],
+    ) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def open_one(index: int) -> Reader | None:
+            query = f"?topics={topics[index]}" if topics[index] is not None else ""
+            request = handshake_request(host, port, path + query)
+            opened: asyncio.Future[bool] = loop.create_future()
+            source = sources[index % len(sources)]
+            async with limit:
+                try:
+                    _, reader = await loop.create_connection(
+                        lambda: Reader(request, self.tally, opened),
+                        host,
+                        port,
+                        local_addr=(source, 0),
+                    )
+                    accepted = await asyncio.wait_for(opened, 60)
+                except (OSError, TimeoutError):
+                    return None
+            if not accepted:
+                return None
+            if slow[index]:
+                reader.transport.pause_reading()
+            return reader
+
+        results = await asyncio.gather(*(open_one(index) for index in range(len(topics))))
+        self.readers = [reader for reader in results if reader is not None]
+        return len(self.readers), len(results) - len(self.readers)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            if not reader.closed:
+                reader.transport.abort()
+        self.readers = []
+
+
+async def _serve_commands(pipe: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(pipe)
+    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def on_readable() -> None:
+        try:
+            commands.put_nowait(pipe.recv())
+        except EOFError:
+            loop.remove_reader(pipe.fileno())
+            commands.put_nowait(("exit",))
+
+    loop.add_reader(pipe.fileno(), on_readable)
+    while True:
+        command = await commands.get()
+        kind = command[0]
+        if kind == "connect":
+            opened, failed = await worker.connect(*command[1:])
+            pipe.send(("connected", opened, failed))
+        elif kind == "arm":
+            tally = worker.tally
+
+            def report(tally: Tally = tally) -> None:
+                pipe.send(("done", tally.last_arrival, tally.received, tally.latencies))
+
+            pipe.send(("armed",))  # before any counted frame can be reported
+            tally.arm(command[1], report)
+        elif kind == "disarm":
+            # The parent gave up waiting: report what arrived.
+            tally = worker.tally
+            pipe.send(("done", tally.last_arrival, tally.received, tally.latencies))
+            tally.armed = False
+            tally.on_done = None
+        elif kind == "close":
+            worker.close()
+            pipe.send(("closed",))
+        elif kind == "exit":
+            worker.close()
+            return
+
+
+def worker_main(pipe: Connection, loop_name: str) -> None:
+    """Entry point of a worker process."""
+    raise_open_files_limit()
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(_serve_commands(pipe))
+    else:
+        asyncio.run(_serve_commands(pipe))

@@ -1,0 +1,214 @@
+"""The servers the benchmark compares, behind one small interface.
+
+Every variant sends the same envelope bytes for the same event, so clients cannot tell them
+apart; what differs is how the server gets those bytes to N sockets:
+
+``wshub-cython`` / ``wshub-python``
+    A :class:`wshub.Hub` with that core behind :func:`wshub.serve`: serialize once, frame once,
+    one write per client per loop iteration.
+``websockets.broadcast``
+    websockets' own server and ``broadcast()``, the envelope serialized once with orjson:
+    what a careful websockets user writes.
+``naive``
+    ``await ws.send(json.dumps(envelope))`` for each client in turn: what a first version
+    looks like.
+``raw-write``
+    A prebuilt frame handed to ``transport.write`` once per client per message: the ceiling
+    for one write per message, with no framing or bookkeeping cost at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, broadcast
+from websockets.asyncio.server import serve as websockets_serve
+
+import wshub
+from wshub import _fanout_py
+from wshub.protocol import MessageClock
+
+__all__ = ["VARIANTS", "Variant", "make_variant"]
+
+VARIANTS = ("wshub-cython", "wshub-python", "websockets.broadcast", "naive", "raw-write")
+BASELINE = "websockets.broadcast"
+MESSAGE_TYPE = "run_progress"
+KEEPALIVE_OFF = 3600.0  # no ping lands inside a measured round
+
+
+class Variant:
+    """One server under test. ``publish`` queues a batch of events in the current loop
+    iteration (``naive`` cannot, and awaits its sends instead)."""
+
+    name = ""
+
+    def __init__(self, clients: int, batch_capacity: int) -> None:
+        self.clients = clients
+        self.batch_capacity = batch_capacity
+        self.port = 0
+
+    async def start(self, host: str) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
+        """Publish ``(data, topic)`` pairs; a None topic means every client."""
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> int:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        """Drops and slow-consumer disconnects, where the variant keeps such counts."""
+        return {"drops": 0, "slow_consumer_disconnects": 0}
+
+
+class HubVariant(Variant):
+    def __init__(self, clients: int, batch_capacity: int, implementation: str) -> None:
+        super().__init__(clients, batch_capacity)
+        self.name = f"wshub-{implementation}"
+        config = wshub.HubConfig(
+            max_clients=clients + 100,
+            # Room for a whole round, so that a publisher outpacing the clients is measured
+            # rather than turned into disconnects; clients that stop reading still overflow.
+            client_buffer_size=max(256, batch_capacity),
+            max_buffered_bytes=2**30,
+            ping_interval=KEEPALIVE_OFF,
+            pong_timeout=KEEPALIVE_OFF,
+            log_connection_events=False,
+            default_topics=(),
+        )
+        self.hub = wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
+        self._serving: contextlib.AbstractAsyncContextManager[Any] | None = None
+
+    async def start(self, host: str) -> None:
+        self._serving = wshub.serve(self.hub, host, 0)
+        server = await self._serving.__aenter__()
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._serving is not None:
+            await self._serving.__aexit__(None, None, None)
+
+    async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
+        hub = self.hub
+        for data, topic in events:
+            if topic is None:
+                hub.broadcast_to_all(MESSAGE_TYPE, data)
+            else:
+                hub.broadcast_to_subscribers(MESSAGE_TYPE, data, (topic,))
+
+    @property
+    def connected(self) -> int:
+        return self.hub.client_count
+
+    def counters(self) -> dict[str, int]:
+        stats = self.hub.stats()
+        return {
+            "drops": stats["drops"],
+            "slow_consumer_disconnects": stats["slow_consumer_disconnects"],
+        }
+
+
+class WebsocketsVariant(Variant):
+    """The three peers share websockets' server; they differ in how they send."""
+
+    def __init__(self, clients: int, batch_capacity: int, name: str) -> None:
+        super().__init__(clients, batch_capacity)
+        self.name = name
+        self.everyone: dict[ServerConnection, None] = {}
+        self.by_topic: dict[str, dict[ServerConnection, None]] = {}
+        self.server: Server | None = None
+        self.clock = MessageClock()
+
+    async def handler(self, connection: ServerConnection) -> None:
+        assert connection.request is not None
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
+        topics = [name for value in query.get("topics", []) for name in value.split(",")]
+        self.everyone[connection] = None
+        for topic in topics:
+            self.by_topic.setdefault(topic, {})[connection] = None
+        try:
+            await connection.wait_closed()
+        finally:
+            del self.everyone[connection]
+            for topic in topics:
+                self.by_topic[topic].pop(connection, None)
+
+    async def start(self, host: str) -> None:
+        self.server = await websockets_serve(
+            self.handler,
+            host,
+            0,
+            compression=None,
+            ping_interval=None,
+            max_queue=None,
+            write_limit=2**30,  # like the hub's buffers: room for a whole round
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def envelope(self, data: dict[str, Any]) -> dict[str, Any]:
+        message_id, timestamp = self.clock.next()
+        return {"type": MESSAGE_TYPE, "data": data, "timestamp": timestamp, "id": message_id}
+
+    def recipients(self, topic: str | None) -> dict[ServerConnection, None]:
+        return self.everyone if topic is None else self.by_topic.get(topic, {})
+
+    async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
+        for data, topic in events:
+            envelope = self.envelope(data)
+            recipients = self.recipients(topic)
+            if self.name == "websockets.broadcast":
+                broadcast(recipients, orjson.dumps(envelope), text=True)
+            elif self.name == "raw-write":
+                frame = _fanout_py.build_frame(orjson.dumps(envelope))
+                for connection in recipients:
+                    connection.transport.write(frame)
+            else:
+                for connection in list(recipients):
+                    await connection.send(json.dumps(envelope, separators=(",", ":")))
+
+    @property
+    def connected(self) -> int:
+        return len(self.everyone)
+
+
+def make_variant(name: str, clients: int, batch_capacity: int) -> Variant:
+    """The server for ``name``, sized for ``clients`` and a round of ``batch_capacity``."""
+    if name.startswith("wshub-"):
+        return HubVariant(clients, batch_capacity, name.removeprefix("wshub-"))
+    if name in VARIANTS:
+        return WebsocketsVariant(clients, batch_capacity, name)
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+def event_data(index: int, size: int) -> dict[str, Any]:
+    """A ``run_progress`` event of about ``size`` bytes of JSON, stamped with its send time."""
+    data: dict[str, Any] = {
+        "sent_at": time.time(),
+        "run_id": "run-20261125-0042",
+        "test_name": "eth_getLogs",
+        "progress": round(index % 1000 / 1000, 3),
+        "elapsed_s": 12.5,
+        "requests_done": 15000 + index,
+        "current_rps": 1234.5,
+        "error_rate": 0.0012,
+    }
+    padding = size - len(orjson.dumps(data)) - len(',"note":""')
+    if padding > 0:
+        data["note"] = "x" * padding
+    return data
