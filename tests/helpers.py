@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server
 
 import wshub
 
@@ -20,7 +19,7 @@ TIMEOUT = 5.0
 @dataclasses.dataclass
 class HubServer:
     hub: wshub.Hub
-    server: Server
+    server: asyncio.Server
     url: str
 
 

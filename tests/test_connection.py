@@ -69,7 +69,8 @@ async def test_unanswered_pings_close_with_1011(hub_server: Any) -> None:
         hub_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
         client(served.url) as (ws, _),
     ):
-        [connection] = served.server.connections
+        [session] = served.hub._sessions.values()
+        connection = session.connection  # the server side of the client's connection
         ws.transport.pause_reading()  # the client stops answering pings
         await wait_until(lambda: connection.state is not State.OPEN)
         ws.transport.resume_reading()

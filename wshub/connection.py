@@ -1,7 +1,13 @@
-"""The websockets side: the server options a hub needs, and the checks before a handshake."""
+"""Serving a hub: :func:`serve` on the lean server, and the options for a websockets server.
+
+:func:`serve` runs :mod:`wshub.server`, which drives websockets' sans-I/O protocol without a
+task per connection. :func:`server_options` and ``hub.handler`` remain for applications that
+embed the hub in a websockets server of their own.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import urllib.parse
@@ -9,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.asyncio.server import serve as websockets_serve
+from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from .hub import Hub
+from .server import _start, allowed_origins
 
 __all__ = ["serve", "server_options"]
 
@@ -31,10 +37,6 @@ def server_options(hub: Hub, *, path: str = "/api/ws") -> dict[str, Any]:
     """
     config = hub.config
     heartbeat = config.enable_ping_pong
-    origins: list[str | None] | None = None
-    if config.allowed_origins is not None:
-        # Browsers always send Origin; other clients may omit it and are let through.
-        origins = [*config.allowed_origins, None]
     return {
         "compression": None,
         "max_size": config.max_message_size,
@@ -42,7 +44,7 @@ def server_options(hub: Hub, *, path: str = "/api/ws") -> dict[str, Any]:
         "ping_timeout": config.pong_timeout if heartbeat else None,
         "open_timeout": config.read_timeout,
         "close_timeout": config.write_timeout,
-        "origins": origins,
+        "origins": allowed_origins(config),
         "process_request": _hub_process_request(hub, path),
     }
 
@@ -68,6 +70,13 @@ def _hub_process_request(
     return process_request
 
 
+# loop.create_server options that make sense here; websockets' own options (compression,
+# ping_interval, process_request, ...) have no meaning on the lean server.
+SERVE_OPTIONS = frozenset(
+    {"backlog", "family", "reuse_port", "ssl_handshake_timeout", "ssl_shutdown_timeout"}
+)
+
+
 @contextlib.asynccontextmanager
 async def serve(
     hub: Hub,
@@ -77,11 +86,15 @@ async def serve(
     path: str = "/api/ws",
     ssl: Any = None,
     **kwargs: Any,
-) -> AsyncIterator[Server]:
+) -> AsyncIterator[asyncio.Server]:
     """Serve ``hub`` on ``host:port`` at ``path`` for the duration of an ``async with`` block.
 
-    Starts the hub when it is not running. Leaving the block stops listening and then stops
-    the hub, so every client gets the ``disconnection`` message and a 1001 close.
+    Starts the hub when it is not running. Leaving the block stops listening, stops the hub
+    (every client gets the ``disconnection`` message and a 1001 close), aborts handshakes
+    still pending and waits until every connection has ended.
+
+    The server is :mod:`wshub.server`: websockets' sans-I/O protocol under a lean asyncio
+    protocol, with no task per connection. Every setting comes from ``hub.config``.
 
     Args:
         hub: The hub whose clients connect here.
@@ -89,23 +102,34 @@ async def serve(
         port: TCP port; 0 picks a free one (read it from ``server.sockets``).
         path: The WebSocket endpoint; other paths get HTTP 404.
         ssl: An ``ssl.SSLContext`` for ``wss://``.
-        **kwargs: More options for ``websockets.asyncio.server.serve``; they override
-            :func:`server_options`, except that a ``process_request`` runs after the hub's
-            own checks.
+        **kwargs: ``backlog`` (default 4096), ``family``, ``reuse_port``,
+            ``ssl_handshake_timeout`` and ``ssl_shutdown_timeout``, passed to
+            ``loop.create_server``.
 
     Yields:
-        The websockets server.
+        The listening ``asyncio.Server``.
+
+    Raises:
+        TypeError: Another keyword argument, such as an option of websockets' ``serve``:
+            to use those, serve ``hub.handler`` with ``websockets.asyncio.server.serve`` and
+            :func:`server_options`.
     """
+    unknown = sorted(set(kwargs) - SERVE_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"serve() got unsupported keyword arguments: {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(SERVE_OPTIONS))}. For websockets' own server options, serve "
+            "hub.handler with websockets.asyncio.server.serve(**wshub.server_options(hub))."
+        )
+    kwargs.setdefault("backlog", 4096)
     await hub.start()
-    options = server_options(hub, path=path)
-    user_process_request = kwargs.pop("process_request", None)
-    if user_process_request is not None:
-        options["process_request"] = _hub_process_request(hub, path, user_process_request)
-    options.update(kwargs)
-    server = await websockets_serve(hub.handler, host, port, ssl=ssl, **options)
+    server, endpoint = await _start(hub, host, port, path=path, ssl=ssl, **kwargs)
     try:
         yield server
     finally:
-        server.close(close_connections=False)
-        await hub.stop()
-        await server.wait_closed()
+        server.close()
+        try:
+            await hub.stop()
+        finally:
+            await endpoint.aclose()
+            await server.wait_closed()

@@ -1,0 +1,583 @@
+"""A lean WebSocket server for the hub: websockets' sans-I/O protocol under an asyncio.Protocol.
+
+websockets' asyncio server gives every connection a ``ServerConnection``, a handler task
+parked in ``recv()``, a keepalive task and a message assembler. A hub client needs none of
+that: the hub answers each message synchronously and the fan-out core writes whole frames to
+the transport itself. Here a connection is one :class:`HubConnection` with ``__slots__`` and
+the websockets :class:`~websockets.server.ServerProtocol` that does the protocol work
+(handshake validation, framing, unmasking, answering pings, the closing handshake, UTF-8 and
+size checks). There is no task per connection: incoming data is handled in
+``data_received``, deadlines are timer handles, and one timer per server runs the heartbeat
+for every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import ssl as ssl_module
+import urllib.parse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import SERVER, Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Origin
+
+from .config import HubConfig
+
+if TYPE_CHECKING:
+    from .hub import Hub, _Session
+
+__all__ = ["KEPT_HEADERS", "HubConnection", "HubEndpoint", "allowed_origins", "start_server"]
+
+# The same write buffer high-water mark as websockets' connections (its ``write_limit``
+# default), so a slow client is detected at the same point as before.
+WRITE_LIMIT = 2**15
+
+# The request headers kept once a client is attached. All of them (websockets' ``Headers``
+# holds each header twice, in a list and in a dict of lists) cost about 2 KiB, a third of
+# an idle client's memory, and the hub has read what it needs by then.
+KEPT_HEADERS = frozenset({"user-agent", "origin", "x-forwarded-for", "x-real-ip", "forwarded"})
+
+_CONNECTING = State.CONNECTING
+_OPEN = State.OPEN
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONT = Opcode.CONT
+_PONG = Opcode.PONG
+
+# Close codes (RFC 6455 7.4.1), with the reasons websockets uses for the same events.
+_GOING_AWAY = 1001
+_INVALID_DATA = 1007
+_MESSAGE_TOO_BIG = 1009
+_INTERNAL_ERROR = 1011
+
+
+def allowed_origins(config: HubConfig) -> list[Origin | None] | None:
+    """The ``origins`` argument of a websockets server for ``config.allowed_origins``.
+
+    Browsers always send ``Origin``; other clients may omit it and are let through, hence the
+    ``None`` in the list. None (any origin) when the config allows every origin.
+    """
+    if config.allowed_origins is None:
+        return None
+    return [*(Origin(origin) for origin in config.allowed_origins), None]
+
+
+def _drop_headers(request: Request) -> None:
+    """Keep only the headers in :data:`KEPT_HEADERS` of an attached client's request.
+
+    In place: websockets' parser keeps a reference to the request for the life of the
+    connection, so a slimmer copy would not free the original.
+    """
+    request.headers = Headers(
+        [
+            (name, value)
+            for name, value in request.headers.raw_items()
+            if name.lower() in KEPT_HEADERS
+        ]
+    )
+
+
+class HubEndpoint:
+    """One listening endpoint: the protocol factory, its connections and the heartbeat timer.
+
+    Pass it to ``loop.create_server`` as the protocol factory (:func:`start_server` does).
+    It keeps every connection from ``connection_made`` to ``connection_lost``, and one timer
+    for all of them: protocol pings and the pong deadline with ``enable_ping_pong``, the
+    silence deadline (``read_timeout``) without.
+
+    Args:
+        hub: The hub whose clients connect here; it must be running to accept them.
+        path: The WebSocket endpoint; other paths get HTTP 404.
+    """
+
+    def __init__(self, hub: Hub, *, path: str = "/api/ws") -> None:
+        self.hub = hub
+        self.path = path
+        self.config: HubConfig = hub.config
+        self.loop = asyncio.get_running_loop()
+        self.origins = allowed_origins(self.config)
+        # Pending handshakes and open connections alike, so that aclose() reaches both.
+        self.connections: dict[HubConnection, None] = {}
+        self._heartbeat: asyncio.TimerHandle | None = None
+        # Pong deadlines of the ping rounds in flight, by the round's loop time (more than
+        # one when pong_timeout is longer than ping_interval).
+        self._pong_checks: dict[float, asyncio.TimerHandle] = {}
+        self._closed = False
+
+    def __call__(self) -> HubConnection:
+        """Make the protocol object for one new TCP connection."""
+        return HubConnection(self)
+
+    # Heartbeat: one timer for every connection of the endpoint.
+
+    def _opened(self) -> None:
+        """A connection completed its handshake: make sure the heartbeat runs."""
+        if self._heartbeat is None and not self._closed:
+            if self.config.enable_ping_pong:
+                self._heartbeat = self.loop.call_later(self.config.ping_interval, self._ping)
+            else:
+                self._heartbeat = self.loop.call_later(
+                    self.config.read_timeout, self._check_silence
+                )
+
+    def _open_connections(self) -> list[HubConnection]:
+        return [
+            connection
+            for connection in self.connections
+            if connection.session is not None and connection.protocol.state is _OPEN
+        ]
+
+    def _ping(self) -> None:
+        """Ping every open connection without a ping in flight; check the pongs later."""
+        self._heartbeat = None
+        now = self.loop.time()
+        open_connections = self._open_connections()
+        pinged = False
+        for connection in open_connections:
+            if connection.ping_sent is None:
+                connection._send_ping(now)
+                pinged = True
+        if pinged:
+            self._pong_checks[now] = self.loop.call_at(
+                now + self.config.pong_timeout, self._check_pongs, now
+            )
+        if open_connections and not self._closed:
+            self._heartbeat = self.loop.call_later(self.config.ping_interval, self._ping)
+
+    def _check_pongs(self, round_sent: float) -> None:
+        """Fail the connections that have not answered the ping round sent at ``round_sent``."""
+        self._pong_checks.pop(round_sent, None)
+        for connection in self._open_connections():
+            sent = connection.ping_sent
+            if sent is not None and sent <= round_sent:
+                connection._fail(_INTERNAL_ERROR, "keepalive ping timeout")
+
+    def _check_silence(self) -> None:
+        """Close connections from which nothing arrived for ``read_timeout``."""
+        self._heartbeat = None
+        limit = self.config.read_timeout
+        now = self.loop.time()
+        earliest: float | None = None
+        for connection in self._open_connections():
+            deadline = connection.last_received + limit
+            if deadline <= now:
+                connection._start_close(_INTERNAL_ERROR, "read timeout")
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None and not self._closed:
+            # Next check at the earliest deadline, but no sooner than a tenth of read_timeout
+            # (at most 1 s) from now: a check visits every connection, and a silent client
+            # is closed at most that late.
+            slack = min(limit / 10, 1.0)
+            self._heartbeat = self.loop.call_at(max(earliest, now + slack), self._check_silence)
+
+    # Shutdown
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat, abort pending handshakes and wait for every connection to end.
+
+        Call it after the listening server is closed and the hub stopped (which closes every
+        hub client with 1001). A connection still closing gets ``write_timeout`` to finish,
+        then its transport is aborted.
+        """
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        for check in self._pong_checks.values():
+            check.cancel()
+        self._pong_checks.clear()
+        connections = list(self.connections)
+        for connection in connections:
+            if connection.protocol.state is _CONNECTING:
+                connection.transport.abort()
+            elif connection.protocol.state is _OPEN:  # not a hub client (the hub stopped)
+                connection._start_close(_GOING_AWAY, "server shutdown")
+        if not connections:
+            return
+        waiters = [self.loop.create_task(c._wait_lost()) for c in connections]
+        _, pending = await asyncio.wait(waiters, timeout=self.config.write_timeout)
+        if pending:
+            for connection in list(self.connections):
+                connection.transport.abort()
+            await asyncio.wait(pending)
+
+
+class HubConnection(asyncio.Protocol):
+    """One client: an asyncio protocol that drives websockets' sans-I/O ``ServerProtocol``.
+
+    It offers what the hub and the fan-out core read from a websockets connection:
+    ``protocol`` (its ``state`` tells the core whether it may write), ``transport``,
+    ``paused``, ``send_in_progress`` (always None: the server never sends fragmented
+    messages), ``request``, ``remote_address``, ``close_code``, ``close_reason``,
+    :meth:`close` and :meth:`drain`. Once the client is attached, ``request`` keeps its
+    path and only the headers in :data:`KEPT_HEADERS`. Bytes the protocol generates (the
+    handshake response, pongs, close frames) are written to the transport at once as whole
+    frames, so they interleave safely with the core's whole-frame writes.
+    """
+
+    __slots__ = (
+        "_drain_waiters",
+        "_endpoint",
+        "_fragment_size",
+        "_fragment_text",
+        "_fragments",
+        "_lost",
+        "_lost_waiters",
+        "_timer",
+        "last_received",
+        "paused",
+        "ping_sent",
+        "protocol",
+        "request",
+        "session",
+        "transport",
+    )
+
+    send_in_progress: None = None
+    """Always None: the server sends only whole, unfragmented messages."""
+
+    def __init__(self, endpoint: HubEndpoint) -> None:
+        config = endpoint.config
+        self._endpoint = endpoint
+        self.protocol = ServerProtocol(
+            origins=endpoint.origins,
+            extensions=None,  # no compression: one frame must be valid on every connection
+            max_size=config.max_message_size,
+        )
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self.paused = False
+        self.request: Request | None = None
+        self.session: _Session | None = None
+        # Loop time of the unanswered keepalive ping, None when none is in flight.
+        self.ping_sent: float | None = None
+        # Loop time data last arrived (the silence deadline without ping/pong).
+        self.last_received = 0.0
+        # The handshake deadline, then the closing deadline; None while open.
+        self._timer: asyncio.TimerHandle | None = None
+        self._fragments: list[bytes] | None = None  # a fragmented message being assembled
+        self._fragment_size = 0
+        self._fragment_text = False
+        self._lost = False
+        # Created only when someone waits, so an idle connection carries no futures.
+        self._lost_waiters: list[asyncio.Future[None]] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
+
+    # What the hub reads, as on a websockets connection
+
+    @property
+    def state(self) -> State:
+        """The WebSocket state: CONNECTING, OPEN, CLOSING or CLOSED."""
+        return self.protocol.state
+
+    @property
+    def remote_address(self) -> Any:
+        """The peer's address, as ``transport.get_extra_info("peername")``."""
+        return self.transport.get_extra_info("peername")
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code received from the client; None until the connection is closed."""
+        return self.protocol.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        """The close reason received from the client; None until the connection is closed."""
+        return self.protocol.close_reason
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame and wait until the connection is closed.
+
+        The transport is aborted if the client has not completed the closing handshake and
+        closed the TCP connection within ``write_timeout``. Does nothing more than wait when
+        the connection is already closing.
+        """
+        self._start_close(code, reason)
+        await self._wait_lost()
+
+    async def drain(self) -> None:
+        """Return once the transport is below its low-water mark, or the connection is lost."""
+        if not self.paused or self._lost:
+            return
+        waiter: asyncio.Future[None] = self._endpoint.loop.create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiters.remove(waiter)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the handshake deadline (``read_timeout``)."""
+        # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_LIMIT)
+        endpoint = self._endpoint
+        endpoint.connections[self] = None
+        self._timer = endpoint.loop.call_later(
+            endpoint.config.read_timeout, self._handshake_timeout
+        )
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the protocol, write what it answers, then handle the request or messages."""
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._send_data()  # pongs to client pings, replies to close frames
+        self._arm_close_deadline()  # the client closed, or broke the protocol
+        if not self._endpoint.config.enable_ping_pong:
+            self.last_received = self._endpoint.loop.time()
+        for event in events:
+            if isinstance(event, Frame):
+                self._frame_received(event)
+            elif isinstance(event, Request):
+                self._handshake(event)
+
+    def eof_received(self) -> bool | None:
+        """Let the protocol see the end of the stream; the transport then closes."""
+        self.protocol.receive_eof()
+        self._send_data()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Close the protocol, wake whoever waits, and detach the client from the hub."""
+        self._lost = True
+        self.protocol.receive_eof()  # idempotent; the state becomes CLOSED
+        self.protocol.data_to_send()  # nothing can be written any more
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fragments = None
+        self.paused = False
+        endpoint = self._endpoint
+        endpoint.connections.pop(self, None)
+        for waiters in (self._drain_waiters, self._lost_waiters):
+            for waiter in waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+        session, self.session = self.session, None  # breaks the session <-> connection cycle
+        if session is not None:
+            endpoint.hub._detach(session)
+
+    def pause_writing(self) -> None:
+        """The transport is above its high-water mark: the core stops writing."""
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        """The transport drained below its low-water mark: wake :meth:`drain`."""
+        self.paused = False
+        for waiter in self._drain_waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # The opening handshake
+
+    def _handshake(self, request: Request) -> None:
+        endpoint = self._endpoint
+        hub = endpoint.hub
+        protocol = self.protocol
+        if urllib.parse.urlsplit(request.path).path != endpoint.path:
+            response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        elif not hub.running:
+            response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Hub is not running\n")
+        elif hub.client_count >= endpoint.config.max_clients:
+            hub._rejected += 1
+            response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many clients\n")
+        else:
+            # Validates the handshake and the origin (403); a bad request gets a 4xx here.
+            response = protocol.accept(request)
+        response.headers["Server"] = SERVER
+        protocol.send_response(response)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._send_data()
+        if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
+            self._arm_close_deadline()
+            return
+        # Nothing else happens between the checks above and here, so the hub cannot fill
+        # up in between (websockets' server needed the 1013 close for that race).
+        self.request = request
+        self.last_received = endpoint.loop.time()
+        session, topics_error = hub._attach(self)
+        self.session = session
+        _drop_headers(request)
+        if topics_error is not None:
+            hub._send_error(session, topics_error)
+        endpoint._opened()
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.protocol.state is _CONNECTING:
+            self.transport.abort()
+
+    # Messages
+
+    def _frame_received(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _PONG:
+            self.ping_sent = None
+            return
+        if opcode is _TEXT or opcode is _BINARY:
+            if frame.fin:
+                self._message_received(opcode is _TEXT, bytes(frame.data))
+            else:
+                self._fragments = [bytes(frame.data)]
+                self._fragment_size = len(frame.data)
+                self._fragment_text = opcode is _TEXT
+            return
+        if opcode is _CONT and self._fragments is not None:
+            self._fragments.append(bytes(frame.data))
+            self._fragment_size += len(frame.data)
+            # The protocol enforces max_size across fragments already; this keeps the
+            # bound true here whatever the protocol does.
+            if self._fragment_size > self._endpoint.config.max_message_size:
+                self._fragments = None
+                self._fail(_MESSAGE_TOO_BIG, "message too big")
+                return
+            if frame.fin:
+                fragments, self._fragments = self._fragments, None
+                self._message_received(self._fragment_text, b"".join(fragments))
+        # Pings are answered and close frames handled by the protocol itself.
+
+    def _message_received(self, text: bool, data: bytes) -> None:
+        session = self.session
+        if session is None or self.protocol.state is not _OPEN:
+            return  # closing: the hub no longer reads from this client
+        message: str | bytes = data
+        if text:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError as exc:
+                self._fail(_INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        if not self._endpoint.hub._receive(session, message):
+            self._start_close(_INTERNAL_ERROR, "internal error")
+
+    # Writing, closing, heartbeats
+
+    def _send_data(self) -> None:
+        """Write what the protocol produced; an empty item means: end the TCP stream."""
+        transport = self.transport
+        for data in self.protocol.data_to_send():
+            if self._lost or transport.is_closing():
+                continue  # too late: drop it, as the transport would
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                # uvloop raises RuntimeError on a closing transport; nothing is lost then.
+                with contextlib.suppress(Exception):
+                    transport.write_eof()
+            else:  # TLS cannot half-close: close (after the buffered data is written)
+                transport.close()
+
+    def _arm_close_deadline(self) -> None:
+        """The TCP connection should end soon; abort it if it has not in ``write_timeout``."""
+        if self._timer is None and not self._lost and self.protocol.close_expected():
+            self._timer = self._endpoint.loop.call_later(
+                self._endpoint.config.write_timeout, self._close_timeout
+            )
+
+    def _close_timeout(self) -> None:
+        self._timer = None
+        self.transport.abort()
+
+    def _start_close(self, code: int, reason: str) -> None:
+        """Begin the closing handshake (nothing to do when it has begun already)."""
+        if self.protocol.state is _OPEN:
+            self.protocol.send_close(code, reason)
+            self._send_data()
+        elif self.protocol.state is _CONNECTING and not self._lost:
+            self.transport.abort()
+            return
+        self._arm_close_deadline()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection: a close frame, then the end of the stream, without waiting."""
+        self.protocol.fail(code, reason)
+        self._send_data()
+        self._arm_close_deadline()
+
+    def _send_ping(self, now: float) -> None:
+        self.protocol.send_ping(b"")
+        self._send_data()
+        self.ping_sent = now
+
+    async def _wait_lost(self) -> None:
+        if self._lost:
+            return
+        waiter: asyncio.Future[None] = self._endpoint.loop.create_future()
+        if self._lost_waiters is None:
+            self._lost_waiters = []
+        self._lost_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._lost_waiters.remove(waiter)
+
+
+async def start_server(
+    hub: Hub,
+    host: str | Sequence[str] | None,
+    port: int | None,
+    *,
+    path: str = "/api/ws",
+    ssl: ssl_module.SSLContext | None = None,
+    backlog: int = 4096,
+    **create_server_options: Any,
+) -> asyncio.Server:
+    """Listen for hub clients on ``host:port`` at ``path``; returns the listening server.
+
+    The hub must be running to accept clients (handshakes get HTTP 503 otherwise). To shut
+    down, close the returned server and stop the hub: that closes every client with 1001;
+    handshakes still pending end at their ``read_timeout`` deadline. :func:`wshub.serve`
+    does all of this, and also aborts pending handshakes.
+
+    Args:
+        hub: The hub whose clients connect here.
+        host: Interface(s) to listen on.
+        port: TCP port; 0 picks a free one (read it from ``server.sockets``).
+        path: The WebSocket endpoint; other paths get HTTP 404.
+        ssl: An ``ssl.SSLContext`` for ``wss://``; its handshake deadline is ``read_timeout``,
+            its shutdown deadline ``write_timeout``.
+        backlog: The listen queue, large so that a crowd of dashboards reconnecting at once
+            is not refused by the kernel.
+        **create_server_options: More keyword arguments for ``loop.create_server``
+            (``reuse_port``, ``family``, ...).
+    """
+    server, _ = await _start(
+        hub, host, port, path=path, ssl=ssl, backlog=backlog, **create_server_options
+    )
+    return server
+
+
+async def _start(
+    hub: Hub,
+    host: str | Sequence[str] | None,
+    port: int | None,
+    *,
+    path: str,
+    ssl: ssl_module.SSLContext | None,
+    backlog: int,
+    **create_server_options: Any,
+) -> tuple[asyncio.Server, HubEndpoint]:
+    endpoint = HubEndpoint(hub, path=path)
+    if ssl is not None:
+        create_server_options.setdefault("ssl_handshake_timeout", hub.config.read_timeout)
+        create_server_options.setdefault("ssl_shutdown_timeout", hub.config.write_timeout)
+    create_server_options.setdefault("reuse_address", True)
+    server = await endpoint.loop.create_server(
+        endpoint, host, port, ssl=ssl, backlog=backlog, **create_server_options
+    )
+    return server, endpoint
