@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .report import summarize, table, write_json, write_plot
 from .runner import Plan, Runner
-from .servers import VARIANTS
+from .servers import ALL_VARIANTS, VARIANTS
 
 __all__ = ["main", "parse_plan"]
 
@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a smoke run of about 15 s")
     parser.add_argument(
         "--variants",
-        type=_csv(str, VARIANTS),
+        type=_csv(str, ALL_VARIANTS),
         default=VARIANTS,
-        help=f"servers to measure (default: {','.join(VARIANTS)})",
+        help=f"servers to measure (default: {','.join(VARIANTS)}; also: {ALL_VARIANTS[-1]})",
     )
     parser.add_argument(
         "--clients", type=_csv(int), default=None, help="client counts (default: 100,1000)"

@@ -23,6 +23,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .channel import Channel
+
 __all__ = ["raise_open_files_limit", "worker_main"]
 
 SENT_AT = b'"sent_at":'
@@ -191,8 +193,7 @@ def handshake_request(host: str, port: int, path: str) -> bytes:
 class Worker:
     """The readers of one worker process and the commands that drive them."""
 
-    def __init__(self, pipe: Connection) -> None:
-        self.pipe = pipe
+    def __init__(self) -> None:
         self.tally = Tally()
         self.readers: list[Reader] = []
 
@@ -242,42 +243,30 @@ class Worker:
 
 
 async def _serve_commands(pipe: Connection) -> None:
-    loop = asyncio.get_running_loop()
-    worker = Worker(pipe)
-    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-
-    def on_readable() -> None:
-        try:
-            commands.put_nowait(pipe.recv())
-        except EOFError:
-            loop.remove_reader(pipe.fileno())
-            commands.put_nowait(("exit",))
-
-    loop.add_reader(pipe.fileno(), on_readable)
+    channel = Channel(pipe, "the benchmark")
+    worker = Worker()
+    tally = worker.tally
     while True:
-        command = await commands.get()
+        command = await channel.next()
         kind = command[0]
         if kind == "connect":
             opened, failed = await worker.connect(*command[1:])
-            pipe.send(("connected", opened, failed))
+            channel.send("connected", opened, failed)
         elif kind == "arm":
-            tally = worker.tally
-
-            def report(tally: Tally = tally) -> None:
-                pipe.send(("done", tally.last_arrival, tally.received, tally.latencies))
-
-            pipe.send(("armed",))  # before any counted frame can be reported
-            tally.arm(command[1], report)
+            channel.send("armed")  # before any counted frame can be reported
+            tally.arm(
+                command[1],
+                lambda: channel.send("done", tally.last_arrival, tally.received, tally.latencies),
+            )
         elif kind == "disarm":
-            # The parent gave up waiting: report what arrived.
-            tally = worker.tally
-            pipe.send(("done", tally.last_arrival, tally.received, tally.latencies))
-            tally.armed = False
+            # The benchmark gave up waiting: report what arrived.
             tally.on_done = None
+            tally.armed = False
+            channel.send("done", tally.last_arrival, tally.received, tally.latencies)
         elif kind == "close":
             worker.close()
-            pipe.send(("closed",))
-        elif kind == "exit":
+            channel.send("closed")
+        else:  # "exit", or "gone": the benchmark went away
             worker.close()
             return
 

@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import multiprocessing
-import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
+from .channel import Channel, ChannelClosed
 from .client import raise_open_files_limit, worker_main
-from .servers import Variant, event_data, make_variant
+from .host import host_main
+from .workload import expected_messages, topic_of_client
 
 __all__ = ["Plan", "RoundResult", "Runner"]
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,66 +77,44 @@ class RoundResult:
         return self.cpu_seconds * 1e6 / self.delivered if self.delivered else float("nan")
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE_SIZE
-
-
 class Runner:
-    """Owns the worker processes and runs a :class:`Plan`."""
+    """Owns the client worker processes and runs a :class:`Plan`."""
 
     def __init__(self, plan: Plan, progress: Callable[[str], None]) -> None:
         self.plan = plan
         self.progress = progress
-        self.pipes: list[Connection] = []
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list[Channel] = []
         self.processes: list[Any] = []
-        self.inbox: asyncio.Queue[tuple[int, tuple[Any, ...]]] = asyncio.Queue()
 
     async def __aenter__(self) -> Runner:
         raise_open_files_limit()
-        context = multiprocessing.get_context("spawn")
-        loop = asyncio.get_running_loop()
         for index in range(self.plan.workers):
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=worker_main, args=(child, self.plan.loop), daemon=True
-            )
-            process.start()
-            child.close()
-            self.pipes.append(parent)
+            channel, process = self._spawn(f"client worker {index}", worker_main, self.plan.loop)
+            self.workers.append(channel)
             self.processes.append(process)
-            loop.add_reader(parent.fileno(), self._on_reply, index)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        loop = asyncio.get_running_loop()
-        for pipe in self.pipes:
-            loop.remove_reader(pipe.fileno())
+        for channel in self.workers:
             with contextlib.suppress(OSError):
-                pipe.send(("exit",))
+                channel.send("exit")
         for process in self.processes:
-            process.join(timeout=5)
+            await asyncio.to_thread(process.join, 5)
             if process.is_alive():
                 process.kill()
 
-    def _on_reply(self, index: int) -> None:
-        try:
-            self.inbox.put_nowait((index, self.pipes[index].recv()))
-        except EOFError:
-            asyncio.get_running_loop().remove_reader(self.pipes[index].fileno())
-            self.inbox.put_nowait((index, ("died",)))
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> tuple[Channel, Any]:
+        parent, child = self.context.Pipe()
+        process = self.context.Process(target=target, args=(child, *args), daemon=True)
+        process.start()
+        child.close()
+        return Channel(parent, name), process
 
-    async def _gather(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
-        """One reply of ``kind`` from every worker."""
-        replies: list[tuple[Any, ...] | None] = [None] * len(self.pipes)
-        async with asyncio.timeout(timeout):
-            while any(reply is None for reply in replies):
-                index, reply = await self.inbox.get()
-                if reply[0] == "died":
-                    raise RuntimeError(f"benchmark worker {index} died")
-                if reply[0] == kind:
-                    replies[index] = reply
-        return [reply for reply in replies if reply is not None]
+    async def _from_workers(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
+        return list(
+            await asyncio.gather(*(channel.expect(kind, timeout) for channel in self.workers))
+        )
 
     async def run(self) -> list[RoundResult]:
         plan = self.plan
@@ -162,134 +136,79 @@ class Runner:
         """Topics and slow flags of every client, split over the workers."""
         plan = self.plan
         slow_every = round(1 / plan.slow) if plan.slow > 0 else 0
-        shares: list[tuple[list[str | None], list[bool]]] = [([], []) for _ in self.pipes]
+        shares: list[tuple[list[str | None], list[bool]]] = [([], []) for _ in self.workers]
         for index in range(clients):
-            topics, slow = shares[index % len(self.pipes)]
-            topics.append(f"t{index % plan.topics}" if plan.topics else None)
+            topics, slow = shares[index % len(self.workers)]
+            topics.append(topic_of_client(index, plan.topics))
             slow.append(bool(slow_every) and index % slow_every == slow_every - 1)
         return shares
-
-    def schedule(self, workload: str) -> list[list[tuple[dict[str, Any], str | None]]]:
-        """The batches of a round: each batch is published in one loop iteration."""
-        plan = self.plan
-        if workload == "burst":
-            count, per_batch = plan.bursts * plan.burst, plan.burst
-        elif plan.rate > 0:
-            count, per_batch = max(1, int(plan.rate * plan.duration)), 1
-        else:
-            count, per_batch = plan.stream_messages, 1
-        events = [
-            (event_data(index, plan.size), f"t{index % plan.topics}" if plan.topics else None)
-            for index in range(count)
-        ]
-        return [events[start : start + per_batch] for start in range(0, count, per_batch)]
 
     async def run_round(
         self, name: str, workload: str, clients: int, repetition: int
     ) -> RoundResult:
         plan = self.plan
-        batches = self.schedule(workload)
-        messages = sum(len(batch) for batch in batches)
-        variant = make_variant(name, clients, messages)
-        gc.collect()
-        rss_before = rss_bytes()
-        await variant.start(plan.host)
+        host, process = self._spawn(
+            f"{name} host", host_main, name, clients, plan, workload, plan.loop
+        )
         try:
+            _, port = await host.expect("listening", timeout=120)
             shares = self.assignment(clients)
             sources = [f"127.0.0.{2 + index}" for index in range(plan.sources)]
-            for pipe, (topics, slow) in zip(self.pipes, shares, strict=True):
-                pipe.send(("connect", plan.host, variant.port, "/api/ws", topics, sources, slow))
-            replies = await self._gather("connected", timeout=300)
-            failed = sum(reply[2] for reply in replies)
-            if failed:
-                print(f"warning: {failed} of {clients} clients failed to connect", file=sys.stderr)
-            async with asyncio.timeout(60):
-                while variant.connected < clients - failed:
-                    await asyncio.sleep(0.01)
-            gc.collect()
-            rss_per_connection = (rss_bytes() - rss_before) / max(1, variant.connected)
-            expected = [self.expected(batches, topics, slow) for topics, slow in shares]
-            result = await self.measure(variant, batches, expected)
-            counters = variant.counters()  # before stop(), whose goodbyes would count
+            for channel, (topics, slow) in zip(self.workers, shares, strict=True):
+                channel.send("connect", plan.host, port, "/api/ws", topics, sources, slow)
+            replies = await self._from_workers("connected", timeout=600)
+            connected = sum(reply[1] for reply in replies)
+            if connected < clients:
+                print(
+                    f"warning: {clients - connected} of {clients} clients failed to connect",
+                    file=sys.stderr,
+                )
+            host.send("await_clients", connected)
+            _, hub_connected, rss_growth = await host.expect("ready", timeout=180)
+            expected = [expected_messages(plan, workload, topics, slow) for topics, slow in shares]
+            for channel, count in zip(self.workers, expected, strict=True):
+                channel.send("arm", count)
+            # Frames that arrive before a worker is armed are not counted: wait for them all.
+            await self._from_workers("armed", timeout=30)
+            host.send("publish", workload)
+            _, started = await host.expect("published", timeout=600)
+            timed_out = False
+            try:
+                done = await self._from_workers("done", timeout=plan.timeout)
+            except TimeoutError:
+                timed_out = True
+                for channel in self.workers:
+                    channel.send("disarm")
+                done = await self._from_workers("done", timeout=30)
+            host.send("finish")
+            _, cpu_seconds, counters = await host.expect("finished", timeout=60)
         finally:
-            for pipe in self.pipes:
-                pipe.send(("close",))
-            await self._gather("closed", timeout=60)
-            await variant.stop()
-        delivered, seconds, cpu, latencies, timed_out = result
+            for channel in self.workers:
+                channel.send("close")
+            await self._from_workers("closed", timeout=60)
+            host.send("stop")
+            with contextlib.suppress(TimeoutError, ChannelClosed):
+                await host.expect("stopped", timeout=60)
+            await asyncio.to_thread(process.join, 10)
+            if process.is_alive():
+                process.kill()
+        last = max((reply[1] for reply in done), default=started)
         return RoundResult(
             variant=name,
             workload=workload if workload == "burst" or plan.rate <= 0 else "stream-rate",
             clients=clients,
             repetition=repetition,
-            connected=clients - failed,
-            delivered=delivered,
+            connected=hub_connected,
+            delivered=sum(reply[2] for reply in done),
             expected=sum(expected),
-            seconds=seconds,
-            cpu_seconds=cpu,
-            rss_per_connection=rss_per_connection,
-            latencies_ms=latencies,
+            seconds=max(last - started, 1e-9),
+            cpu_seconds=cpu_seconds,
+            rss_per_connection=rss_growth / max(1, hub_connected),
+            latencies_ms=[sample for reply in done for sample in reply[3]],
             drops=counters["drops"],
             slow_consumer_disconnects=counters["slow_consumer_disconnects"],
             timed_out=timed_out,
         )
-
-    @staticmethod
-    def expected(
-        batches: list[list[tuple[dict[str, Any], str | None]]],
-        topics: list[str | None],
-        slow: list[bool],
-    ) -> int:
-        per_topic: dict[str | None, int] = {}
-        for batch in batches:
-            for _, topic in batch:
-                per_topic[topic] = per_topic.get(topic, 0) + 1
-        everyone = per_topic.get(None, 0)
-        return sum(
-            everyone + (per_topic.get(topic, 0) if topic is not None else 0)
-            for topic, is_slow in zip(topics, slow, strict=True)
-            if not is_slow
-        )
-
-    async def measure(
-        self,
-        variant: Variant,
-        batches: list[list[tuple[dict[str, Any], str | None]]],
-        expected: list[int],
-    ) -> tuple[int, float, float, list[float], bool]:
-        plan = self.plan
-        for pipe, count in zip(self.pipes, expected, strict=True):
-            pipe.send(("arm", count))
-        # Frames that arrive before a worker is armed are not counted: wait for all of them.
-        await self._gather("armed", timeout=30)
-        loop = asyncio.get_running_loop()
-        interval = 1.0 / plan.rate if plan.rate > 0 and len(batches[0]) == 1 else 0.0
-        started = time.time()
-        cpu_started = time.process_time()
-        next_at = loop.time()
-        for batch in batches:
-            now = time.time()
-            for data, _ in batch:
-                data["sent_at"] = now
-            await variant.publish(batch)
-            if interval:
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
-            else:
-                await asyncio.sleep(0)  # the next batch in the next loop iteration
-        timed_out = False
-        try:
-            replies = await self._gather("done", timeout=plan.timeout)
-        except TimeoutError:
-            timed_out = True
-            for pipe in self.pipes:
-                pipe.send(("disarm",))
-            replies = await self._gather("done", timeout=30)
-        cpu = time.process_time() - cpu_started
-        last = max((reply[1] for reply in replies), default=started)
-        delivered = sum(reply[2] for reply in replies)
-        latencies = [sample for reply in replies for sample in reply[3]]
-        return delivered, max(last - started, 1e-9), cpu, latencies, timed_out
 
 
 def percentile(samples: list[float], fraction: float) -> float:

@@ -15,6 +15,9 @@ apart; what differs is how the server gets those bytes to N sockets:
 ``raw-write``
     A prebuilt frame handed to ``transport.write`` once per client per message: the ceiling
     for one write per message, with no framing or bookkeeping cost at all.
+``wshub-cython-unbatched`` (only when asked for)
+    The Cython hub flushing after every publish: one write per client per message, all else
+    equal. Against ``wshub-cython`` it shows what coalescing writes buys.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import wshub
 from wshub import _fanout_py
 from wshub.protocol import MessageClock
 
-__all__ = ["VARIANTS", "Variant", "make_variant"]
+__all__ = ["ALL_VARIANTS", "VARIANTS", "Variant", "make_variant"]
 
 VARIANTS = ("wshub-cython", "wshub-python", "websockets.broadcast", "naive", "raw-write")
+UNBATCHED = "wshub-cython-unbatched"
+ALL_VARIANTS = (*VARIANTS, UNBATCHED)
 BASELINE = "websockets.broadcast"
 MESSAGE_TYPE = "run_progress"
 KEEPALIVE_OFF = 3600.0  # no ping lands inside a measured round
@@ -73,9 +78,12 @@ class Variant:
 
 
 class HubVariant(Variant):
-    def __init__(self, clients: int, batch_capacity: int, implementation: str) -> None:
+    def __init__(
+        self, clients: int, batch_capacity: int, implementation: str, unbatched: bool = False
+    ) -> None:
         super().__init__(clients, batch_capacity)
-        self.name = f"wshub-{implementation}"
+        self.name = UNBATCHED if unbatched else f"wshub-{implementation}"
+        self.unbatched = unbatched
         config = wshub.HubConfig(
             max_clients=clients + 100,
             # Room for a whole round, so that a publisher outpacing the clients is measured
@@ -106,6 +114,8 @@ class HubVariant(Variant):
                 hub.broadcast_to_all(MESSAGE_TYPE, data)
             else:
                 hub.broadcast_to_subscribers(MESSAGE_TYPE, data, (topic,))
+            if self.unbatched:
+                hub._fanout.flush()
 
     @property
     def connected(self) -> int:
@@ -189,11 +199,13 @@ class WebsocketsVariant(Variant):
 
 def make_variant(name: str, clients: int, batch_capacity: int) -> Variant:
     """The server for ``name``, sized for ``clients`` and a round of ``batch_capacity``."""
+    if name == UNBATCHED:
+        return HubVariant(clients, batch_capacity, "cython", unbatched=True)
     if name.startswith("wshub-"):
         return HubVariant(clients, batch_capacity, name.removeprefix("wshub-"))
     if name in VARIANTS:
         return WebsocketsVariant(clients, batch_capacity, name)
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")
 
 
 def event_data(index: int, size: int) -> dict[str, Any]:
