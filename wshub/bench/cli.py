@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sources", type=int, default=4, help="127.0.0.x source addresses for clients (4)"
     )
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.0,
+        help="the wshub variants' flush_interval: coalesce writes for this long (0)",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="longest wait for one round (60 s)"
@@ -112,17 +118,19 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         parser.error("--slow must be a fraction from 0 to below 1")
     if args.rate < 0 or args.duration <= 0 or args.timeout <= 0 or args.topics < 0:
         parser.error("--rate, --duration, --timeout and --topics must not be negative")
+    if args.flush_interval < 0:
+        parser.error("--flush-interval must not be negative")
     if args.sources > 250:
         parser.error("--sources must be at most 250")
     deliveries = DELIVERIES_PER_ROUND // (4 if args.quick else 1)
-    smallest = min(clients)
     plan = Plan(
         variants=tuple(args.variants),
         clients=tuple(clients),
         workloads=tuple(args.workload),
         burst=args.burst,
-        bursts=args.bursts or max(1, deliveries // (args.burst * smallest)),
-        stream_messages=args.messages or max(10, deliveries // smallest),
+        bursts=args.bursts,
+        stream_messages=args.messages,
+        deliveries=deliveries,
         rate=args.rate,
         duration=args.duration,
         size=args.size,
@@ -134,6 +142,7 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         host="127.0.0.1",
         loop=args.loop,
         timeout=args.timeout,
+        flush_interval=args.flush_interval,
     )
     return plan, args
 

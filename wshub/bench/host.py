@@ -35,9 +35,9 @@ def rss_bytes() -> int:
 
 async def _host(pipe: Connection, name: str, clients: int, plan: Any, workload: str) -> None:
     channel = Channel(pipe, "the benchmark")
-    messages, _ = shape(plan, workload)
-    variant = make_variant(name, clients, messages)
-    batches = schedule(plan, workload)
+    messages, _ = shape(plan, workload, clients)
+    variant = make_variant(name, clients, messages, plan.flush_interval)
+    batches = schedule(plan, workload, clients)
     gc.collect()
     rss_before = rss_bytes()
     await variant.start(plan.host)

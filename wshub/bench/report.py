@@ -154,6 +154,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
         axis.set_xlabel("clients")
         axis.set_ylabel("delivered messages/s")
         axis.set_xscale("log")
+        axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small")
     figure.suptitle(f"wshub fan-out, {environment()['date']}")

@@ -34,8 +34,9 @@ class Plan:
     clients: tuple[int, ...]
     workloads: tuple[str, ...]  # "burst" and/or "stream"
     burst: int  # K: messages per loop iteration in a burst
-    bursts: int  # bursts per round
-    stream_messages: int  # messages per round of "stream" when rate is 0
+    bursts: int  # bursts per round; 0: enough for ``deliveries``
+    stream_messages: int  # messages per round of a flat-out "stream"; 0: enough for ``deliveries``
+    deliveries: int  # aim of a round, in messages times clients, where not given above
     rate: float  # messages/s for "stream"; 0 = one per loop iteration, as fast as possible
     duration: float  # seconds of a fixed-rate stream round
     size: int  # bytes of each event's JSON data
@@ -47,6 +48,7 @@ class Plan:
     host: str
     loop: str
     timeout: float  # longest wait for a round's deliveries
+    flush_interval: float  # the wshub variants' HubConfig.flush_interval
 
 
 @dataclasses.dataclass
@@ -165,7 +167,9 @@ class Runner:
                 )
             host.send("await_clients", connected)
             _, hub_connected, rss_growth = await host.expect("ready", timeout=180)
-            expected = [expected_messages(plan, workload, topics, slow) for topics, slow in shares]
+            expected = [
+                expected_messages(plan, workload, clients, topics, slow) for topics, slow in shares
+            ]
             for channel, count in zip(self.workers, expected, strict=True):
                 channel.send("arm", count)
             # Frames that arrive before a worker is armed are not counted: wait for them all.

@@ -79,7 +79,12 @@ class Variant:
 
 class HubVariant(Variant):
     def __init__(
-        self, clients: int, batch_capacity: int, implementation: str, unbatched: bool = False
+        self,
+        clients: int,
+        batch_capacity: int,
+        implementation: str,
+        unbatched: bool = False,
+        flush_interval: float = 0.0,
     ) -> None:
         super().__init__(clients, batch_capacity)
         self.name = UNBATCHED if unbatched else f"wshub-{implementation}"
@@ -94,6 +99,7 @@ class HubVariant(Variant):
             pong_timeout=KEEPALIVE_OFF,
             log_connection_events=False,
             default_topics=(),
+            flush_interval=flush_interval,
         )
         self.hub = wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
         self._serving: contextlib.AbstractAsyncContextManager[Any] | None = None
@@ -197,12 +203,17 @@ class WebsocketsVariant(Variant):
         return len(self.everyone)
 
 
-def make_variant(name: str, clients: int, batch_capacity: int) -> Variant:
-    """The server for ``name``, sized for ``clients`` and a round of ``batch_capacity``."""
+def make_variant(
+    name: str, clients: int, batch_capacity: int, flush_interval: float = 0.0
+) -> Variant:
+    """The server for ``name``, sized for ``clients`` and a round of ``batch_capacity``;
+    ``flush_interval`` is the wshub variants' ``HubConfig.flush_interval``."""
     if name == UNBATCHED:
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
     if name.startswith("wshub-"):
-        return HubVariant(clients, batch_capacity, name.removeprefix("wshub-"))
+        return HubVariant(
+            clients, batch_capacity, name.removeprefix("wshub-"), flush_interval=flush_interval
+        )
     if name in VARIANTS:
         return WebsocketsVariant(clients, batch_capacity, name)
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")

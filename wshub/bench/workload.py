@@ -21,18 +21,19 @@ def topic_of_client(index: int, topics: int) -> str | None:
     return f"t{index % topics}" if topics else None
 
 
-def shape(plan: Any, workload: str) -> tuple[int, int]:
-    """``(messages, per_batch)`` of a round."""
+def shape(plan: Any, workload: str, clients: int) -> tuple[int, int]:
+    """``(messages, per_batch)`` of a round with ``clients`` clients."""
     if workload == "burst":
-        return plan.bursts * plan.burst, plan.burst
+        bursts = plan.bursts or max(1, plan.deliveries // (plan.burst * clients))
+        return bursts * plan.burst, plan.burst
     if plan.rate > 0:
         return max(1, int(plan.rate * plan.duration)), 1
-    return plan.stream_messages, 1
+    return plan.stream_messages or max(10, plan.deliveries // clients), 1
 
 
-def schedule(plan: Any, workload: str) -> list[Batch]:
+def schedule(plan: Any, workload: str, clients: int) -> list[Batch]:
     """The round's events, in batches."""
-    count, per_batch = shape(plan, workload)
+    count, per_batch = shape(plan, workload, clients)
     events = [
         (event_data(index, plan.size), topic_of_message(index, plan.topics))
         for index in range(count)
@@ -40,9 +41,11 @@ def schedule(plan: Any, workload: str) -> list[Batch]:
     return [events[start : start + per_batch] for start in range(0, count, per_batch)]
 
 
-def expected_messages(plan: Any, workload: str, topics: list[str | None], slow: list[bool]) -> int:
+def expected_messages(
+    plan: Any, workload: str, clients: int, topics: list[str | None], slow: list[bool]
+) -> int:
     """How many messages the reading clients among ``topics``/``slow`` should receive."""
-    count, _ = shape(plan, workload)
+    count, _ = shape(plan, workload, clients)
     per_topic: dict[str | None, int] = {}
     for index in range(count):
         topic = topic_of_message(index, plan.topics)
