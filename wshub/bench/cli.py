@@ -14,7 +14,7 @@ from .servers import ALL_VARIANTS, VARIANTS
 
 __all__ = ["main", "parse_plan"]
 
-DELIVERIES_PER_ROUND = 100_000
+DELIVERIES_PER_ROUND = 50_000
 
 
 def _csv(kind: type, allowed: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
@@ -61,13 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--burst", type=int, default=100, help="K, messages per burst (100)")
     parser.add_argument(
-        "--bursts", type=int, default=0, help="bursts per round (default: ~100k deliveries)"
+        "--bursts", type=int, default=0, help="bursts per round (default: from --deliveries)"
     )
     parser.add_argument(
         "--messages",
         type=int,
         default=0,
-        help="messages per stream round (default: ~100k deliveries)",
+        help="messages per flat-out stream round (default: from --deliveries)",
+    )
+    parser.add_argument(
+        "--deliveries",
+        type=int,
+        default=None,
+        help=f"aim of a round, messages x clients ({DELIVERIES_PER_ROUND:,}; --quick: a quarter)",
     )
     parser.add_argument(
         "--rate", type=float, default=0.0, help="stream at this many messages/s (0: flat out)"
@@ -111,6 +117,8 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     args = parser.parse_args(argv)
     clients = args.clients or ((200,) if args.quick else (100, 1000))
     repetitions = args.repetitions or (1 if args.quick else 3)
+    if args.deliveries is not None and args.deliveries < 1:
+        parser.error("--deliveries must be at least 1")
     for name in ("burst", "workers", "sources", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -122,7 +130,7 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         parser.error("--flush-interval must not be negative")
     if args.sources > 250:
         parser.error("--sources must be at most 250")
-    deliveries = DELIVERIES_PER_ROUND // (4 if args.quick else 1)
+    deliveries = args.deliveries or DELIVERIES_PER_ROUND // (4 if args.quick else 1)
     plan = Plan(
         variants=tuple(args.variants),
         clients=tuple(clients),
@@ -147,11 +155,14 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     return plan, args
 
 
-def _progress(text: str) -> None:
+def _progress(done: int, total: int, text: str) -> None:
+    """A bar on a terminal; one line per round elsewhere (logs, CI)."""
     if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{text}")
+        filled = 30 * (done - 1) // total
+        bar = "#" * filled + "-" * (30 - filled)
+        sys.stderr.write(f"\r\033[K[{bar}] {done}/{total} {text}")
     else:
-        sys.stderr.write(text + "\n")
+        sys.stderr.write(f"[{done}/{total}] {text}\n")
     sys.stderr.flush()
 
 

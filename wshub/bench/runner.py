@@ -82,7 +82,7 @@ class RoundResult:
 class Runner:
     """Owns the client worker processes and runs a :class:`Plan`."""
 
-    def __init__(self, plan: Plan, progress: Callable[[str], None]) -> None:
+    def __init__(self, plan: Plan, progress: Callable[[int, int, str], None]) -> None:
         self.plan = plan
         self.progress = progress
         self.context = multiprocessing.get_context("spawn")
@@ -130,7 +130,7 @@ class Runner:
                 order = plan.variants[shift:] + plan.variants[:shift]
                 for name in order:
                     done += 1
-                    self.progress(f"[{done}/{total}] {workload} N={clients} {name}")
+                    self.progress(done, total, f"{workload} N={clients:,} {name}")
                     results.append(await self.run_round(name, workload, clients, repetition))
         return results
 
