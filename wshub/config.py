@@ -36,7 +36,8 @@ class HubConfig:
         client_buffer_size: Most messages queued in the hub for one client.
         broadcast_buffer_size: Most messages waiting from ``publish_threadsafe`` at once.
         enable_ping_pong: Send protocol pings and enforce ``pong_timeout``.
-        disconnect_on_error: Close a client when writing to it fails.
+        disconnect_on_error: When handling a client's message fails inside the hub (a bug,
+            not bad input), close that client with 1011 instead of answering with a 500 error.
         log_connection_events: Log connects and disconnects at INFO.
         max_buffered_bytes: Most bytes queued in the hub for one client.
         slow_client_policy: ``"disconnect"`` closes a client whose buffer would overflow with

@@ -1,0 +1,77 @@
+"""Settings of a standalone hub: file, environment and flags, and errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wshub.settings import ServerSettings, SettingsError, load_settings, setting_kinds
+
+
+def test_defaults() -> None:
+    settings = load_settings({}, environ={})
+    assert settings == ServerSettings()
+    assert (settings.port, settings.api_host, settings.api_port) == (8080, "127.0.0.1", 8081)
+    assert settings.hub.max_clients == 100
+
+
+def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "wshub.toml"
+    config.write_text(
+        'port = 9000\nmax_clients = 10\nallowed_origins = ["https://a.example"]\n'
+        "enable_ping_pong = false\nflush_interval = 0.5\n"
+    )
+    settings = load_settings(
+        {"max_clients": "30", "port": None},
+        config_file=config,
+        environ={"WSHUB_MAX_CLIENTS": "20", "WSHUB_DEFAULT_TOPICS": "a, b", "OTHER": "x"},
+    )
+    assert settings.port == 9000
+    assert settings.hub.max_clients == 30
+    assert settings.hub.default_topics == ("a", "b")
+    assert settings.hub.allowed_origins == ("https://a.example",)
+    assert settings.hub.enable_ping_pong is False
+    assert settings.hub.flush_interval == 0.5
+
+
+def test_every_hub_field_has_a_setting() -> None:
+    kinds = setting_kinds()
+    assert kinds["max_clients"] == "int"
+    assert kinds["allowed_origins"] == "list?"
+    assert kinds["enable_ping_pong"] == "bool"
+    assert kinds["certfile"] == "str?"
+    assert {"write_timeout", "slow_client_policy", "flush_interval", "api_port"} <= set(kinds)
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        ({"max_clients": "zero"}, {}, r"^max_clients \(from --max-clients\): expected a whole"),
+        ({}, {"WSHUB_PORT": "70000"}, r"^port must be a TCP port .* \(from WSHUB_PORT\)"),
+        ({}, {"WSHUB_MAX_CLIENTS": "0"}, r"^max_clients must be a positive .*WSHUB_MAX_CLIENTS"),
+        ({"enable_ping_pong": "maybe"}, {}, r"^enable_ping_pong \(from --enable-ping-pong\)"),
+        ({"write_timeout": "soon"}, {}, r"^write_timeout .*expected a number"),
+        ({"slow_client_policy": "ignore"}, {}, r"^slow_client_policy must be one of"),
+        ({"certfile": "cert.pem"}, {}, r"certfile and keyfile must be given together"),
+        ({"log_format": "xml"}, {}, r"^log_format must be text or json"),
+    ],
+)
+def test_bad_values_name_the_setting_and_its_source(
+    flags: dict[str, str], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(SettingsError, match=expected):
+        load_settings(flags, environ=environ)
+
+
+def test_bad_config_files_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "wshub.toml"
+    config.write_text("max_clientz = 5\n")
+    with pytest.raises(SettingsError, match="unknown setting max_clientz"):
+        load_settings({}, config_file=config, environ={})
+    config.write_text("max_clients = 'many'\n")
+    with pytest.raises(SettingsError, match=r"^max_clients \(from .*wshub.toml\)"):
+        load_settings({}, config_file=config, environ={})
+    config.write_text("max_clients = \n")
+    with pytest.raises(SettingsError, match="config file"):
+        load_settings({}, config_file=config, environ={})
