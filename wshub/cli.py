@@ -1,10 +1,13 @@
-"""``python -m wshub`` (and the ``wshub`` command): ``serve`` runs a standalone hub."""
+"""``python -m wshub`` (and the ``wshub`` command): ``serve`` runs a standalone hub,
+``publish`` sends it a message through its internal API."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -16,6 +19,7 @@ from .config import HubConfig
 from .connection import serve
 from .hub import Hub
 from .logs import configure_logging
+from .publisher import Publisher, PublishError
 from .settings import (
     HUB_FIELDS,
     SERVER_FIELDS,
@@ -80,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
             "comma-separated in flags and variables."
         ),
     )
+    _add_publish_command(commands)
     run.add_argument("--config", type=Path, help="TOML file with settings")
     kinds = setting_kinds()
     defaults = ServerSettings()
@@ -98,6 +103,45 @@ def _parser() -> argparse.ArgumentParser:
             metavar = METAVARS[kinds[name].rstrip("?")]
             run.add_argument(flag, dest=name, default=None, metavar=metavar, help=text)
     return parser
+
+
+def _add_publish_command(commands: Any) -> None:
+    publish = commands.add_parser(
+        "publish",
+        help="publish one message through a hub's internal API",
+        description="POST one message to a running hub's /api/publish.",
+    )
+    publish.add_argument(
+        "--url",
+        default=os.environ.get("WSHUB_API_URL", "http://127.0.0.1:8081"),
+        help="the internal API (default: http://127.0.0.1:8081; env WSHUB_API_URL)",
+    )
+    publish.add_argument("--type", required=True, dest="message_type", help="message type")
+    publish.add_argument("--data", help="the data as JSON, or @FILE to read it from a file")
+    publish.add_argument("--topics", help="comma-separated topics (default: every client)")
+    publish.add_argument(
+        "--token",
+        default=os.environ.get("WSHUB_PUBLISH_TOKEN"),
+        help="the hub's publish token (env WSHUB_PUBLISH_TOKEN)",
+    )
+
+
+def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    text = args.data
+    try:
+        if text is not None and text.startswith("@"):
+            text = Path(text[1:]).read_text()
+        data = json.loads(text) if text is not None else None
+    except (OSError, ValueError) as exc:
+        parser.error(f"--data: not JSON, or not readable: {exc}")
+    topics = [t.strip() for t in args.topics.split(",") if t.strip()] if args.topics else None
+    try:
+        count = Publisher(args.url, token=args.token).publish(args.message_type, data, topics)
+    except PublishError as exc:
+        print(f"wshub publish: {exc}", file=sys.stderr)
+        return 1
+    print(f"queued for {count} clients")
+    return 0
 
 
 def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
@@ -140,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "publish":
+        return _publish(parser, args)
     flags = {name: getattr(args, name) for name in (*SERVER_FIELDS, *HUB_FIELDS)}
     try:
         settings = load_settings(flags, config_file=args.config)
