@@ -1,0 +1,769 @@
+"""The internal HTTP API over real sockets: publishing, notifications, auth, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import wshub
+from wshub.api import (
+    HUB_KEY,
+    LATENCY_BUCKETS,
+    NOTIFY_KINDS,
+    REGISTRY_KEY,
+    ApiServer,
+    create_api_app,
+    start_api,
+)
+
+from .helpers import TIMEOUT, HubServer, client, recv_json, wait_until
+
+TOKEN = "s3cret-token"
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: Any
+    body: Any
+    text: str
+
+
+@dataclasses.dataclass
+class Api:
+    served: HubServer
+    server: ApiServer
+    http: aiohttp.ClientSession
+
+    @property
+    def hub(self) -> wshub.Hub:
+        return self.served.hub
+
+    def ws_url(self, topics: str | None = None) -> str:
+        return self.served.url if topics is None else f"{self.served.url}?topics={topics}"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        if json is not None:
+            data = orjson.dumps(json)
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        async with self.http.request(
+            method, self.server.url + path, data=data, headers=headers
+        ) as response:
+            text = await response.text()
+            body = orjson.loads(text) if response.content_type == "application/json" else None
+            return Reply(response.status, response.headers, body, text)
+
+    async def post(self, path: str, body: Any = None, **options: Any) -> Reply:
+        return await self.request("POST", path, json=body, **options)
+
+    async def get(self, path: str, **options: Any) -> Reply:
+        return await self.request("GET", path, **options)
+
+
+ApiFactory = Callable[..., contextlib.AbstractAsyncContextManager[Api]]
+
+
+@pytest.fixture
+def api(hub_server: Any) -> ApiFactory:
+    """Start a hub (both cores) and its API on free ports of 127.0.0.1, with an HTTP client.
+
+    Keyword arguments ``publish_token`` and ``max_body_size`` go to the API, the rest to the
+    hub's config.
+    """
+
+    @contextlib.asynccontextmanager
+    async def start(**options: Any) -> AsyncIterator[Api]:
+        api_options = {
+            key: options.pop(key) for key in ("publish_token", "max_body_size") if key in options
+        }
+        async with hub_server(**options) as served:
+            server = await start_api(served.hub, "127.0.0.1", 0, **api_options)
+            try:
+                timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    yield Api(served, server, http)
+            finally:
+                await server.close()
+
+    return start
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by name and sorted labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+# The server and its health
+
+
+async def test_start_api_binds_loopback_and_reports_the_port(api: ApiFactory) -> None:
+    async with api() as running:
+        server = running.server
+        assert server.host == "127.0.0.1"
+        assert server.port > 0
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert server.app[HUB_KEY] is running.hub
+        assert isinstance(server.app[REGISTRY_KEY], CollectorRegistry)
+
+
+async def test_healthz_and_readyz_follow_the_hub(api: ApiFactory) -> None:
+    async with api() as running:
+        health = await running.get("/healthz")
+        assert (health.status, health.body) == (200, {"status": "ok"})
+        ready = await running.get("/readyz")
+        assert (ready.status, ready.body) == (200, {"status": "ready"})
+
+        await running.hub.stop()
+
+        ready = await running.get("/readyz")
+        assert (ready.status, ready.body) == (503, {"status": "not ready"})
+        health = await running.get("/healthz")
+        assert (health.status, health.body) == (200, {"status": "ok"})
+
+
+async def test_publish_to_a_stopped_hub_is_answered_503(api: ApiFactory) -> None:
+    async with api() as running:
+        await running.hub.stop()
+        reply = await running.post("/api/publish", {"type": "note", "data": 1})
+        assert reply.status == 503
+        assert reply.body == {"error": {"code": 503, "message": "the hub is not running"}}
+
+
+# Publishing
+
+
+async def test_publish_without_topics_reaches_every_client(api: ApiFactory) -> None:
+    async with (
+        api() as running,
+        client(running.ws_url(topics="")) as (ws, _),  # subscribed to nothing
+    ):
+        reply = await running.post("/api/publish", {"type": "note", "data": {"n": [1, "two"]}})
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert reply.headers["Content-Type"] == "application/json"
+        message = await recv_json(ws)
+        assert (message["type"], message["data"]) == ("note", {"n": [1, "two"]})
+        assert RFC3339.match(message["timestamp"])
+        assert "id" in message
+
+        # No data, and topics null: a broadcast without a "data" key.
+        reply = await running.post("/api/publish", {"type": "bare", "topics": None})
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        message = await recv_json(ws)
+        assert message["type"] == "bare"
+        assert "data" not in message
+        assert running.hub.stats()["messages_published"] == 2
+
+
+async def test_publish_with_topics_reaches_only_their_subscribers(api: ApiFactory) -> None:
+    async with (
+        api() as running,
+        client(running.ws_url(topics="alpha")) as (alpha, _),
+        client(running.ws_url(topics="beta")) as (beta, _),
+        client(running.ws_url(topics="alpha,gamma")) as (both, _),
+    ):
+        reply = await running.post(
+            "/api/publish", {"type": "note", "data": "to alpha", "topics": ["alpha", "gamma"]}
+        )
+        assert (reply.status, reply.body) == (200, {"recipients": 2})
+        reply = await running.post(
+            "/api/publish", {"type": "note", "data": "to beta", "topics": ["beta"]}
+        )
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+
+        assert (await recv_json(alpha))["data"] == "to alpha"
+        assert (await recv_json(both))["data"] == "to alpha"  # once, though two topics match
+        # beta's first message is the second publish: the first one never reached it.
+        assert (await recv_json(beta))["data"] == "to beta"
+
+        reply = await running.post("/api/publish", {"type": "end", "topics": []})
+        assert reply.body == {"recipients": 0}  # only "*" subscribers match no topic at all
+
+
+async def test_any_content_type_is_accepted_when_the_body_is_json(api: ApiFactory) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        reply = await running.request(
+            "POST",
+            "/api/publish",
+            data=b'{"type": "plain"}',
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (await recv_json(ws))["type"] == "plain"
+
+
+# The runner's notifications
+
+NOTIFICATIONS: list[tuple[str, dict[str, Any], dict[str, Any], str | None]] = [
+    (
+        "new_run",
+        {
+            "run": {
+                "id": "r-1",
+                "test_name": "t-1",
+                "timestamp": "2026-11-25T18:00:00Z",
+                "git_commit": "abc123",
+                "total_requests": 1000,
+                "total_errors": 3,
+                "overall_error_rate": 0.003,
+                "avg_latency_ms": 1.5,
+                "p95_latency_ms": 4.0,
+                "best_client": "geth",
+                "performance_scores": {"geth": 0.9},
+                "unknown_key": "ignored",
+            }
+        },
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "timestamp": "2026-11-25T18:00:00Z",
+            "git_commit": "abc123",
+            "status": "completed",
+            "summary": {
+                "total_requests": 1000,
+                "total_errors": 3,
+                "overall_error_rate": 0.003,
+                "avg_latency_ms": 1.5,
+                "p95_latency_ms": 4.0,
+                "best_client": "geth",
+                "performance_scores": {"geth": 0.9},
+            },
+        },
+        None,
+    ),
+    (
+        "regression_detected",
+        {
+            "regression": {
+                "id": "g-1",
+                "run_id": "r-1",
+                "baseline_run_id": "r-0",
+                "client": "geth",
+                "metric": "p95_latency_ms",
+                "method": "eth_call",
+                "severity": "major",
+                "percent_change": 25.0,
+                "absolute_change": 1.0,
+                "baseline_value": 4.0,
+                "current_value": 5.0,
+                "is_significant": True,
+                "p_value": 0.01,
+                "detected_at": "2026-11-25T18:01:00Z",
+            },
+            "run": {"id": "r-1", "test_name": "t-1", "git_commit": "abc123"},
+        },
+        {
+            "regression_id": "g-1",
+            "run_id": "r-1",
+            "baseline_run_id": "r-0",
+            "client": "geth",
+            "metric": "p95_latency_ms",
+            "method": "eth_call",
+            "severity": "major",
+            "percent_change": 25.0,
+            "absolute_change": 1.0,
+            "baseline_value": 4.0,
+            "current_value": 5.0,
+            "is_significant": True,
+            "p_value": 0.01,
+            "detected_at": "2026-11-25T18:01:00Z",
+            "run_info": {"test_name": "t-1", "git_commit": "abc123", "timestamp": None},
+        },
+        None,
+    ),
+    (
+        "baseline_updated",
+        {"baseline_name": "main", "run_id": "r-1", "test_name": "t-1"},
+        {"baseline_name": "main", "run_id": "r-1", "test_name": "t-1"},
+        "updated_at",
+    ),
+    (
+        "analysis_complete",
+        {"run_id": "r-1", "test_name": "t-1", "analysis_results": {"verdict": "ok", "n": [1]}},
+        {"run_id": "r-1", "test_name": "t-1", "analysis_results": {"verdict": "ok", "n": [1]}},
+        "completed_at",
+    ),
+    (
+        "run_started",
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "git_commit": "abc123",
+            "clients": ["geth", "reth"],
+            "planned_requests": 5000,
+        },
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "git_commit": "abc123",
+            "git_branch": None,
+            "clients": ["geth", "reth"],
+            "methods": [],
+            "planned_requests": 5000,
+        },
+        "started_at",
+    ),
+    (
+        "run_progress",
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "progress": 0.5,
+            "elapsed_s": 30.0,
+            "requests_done": 15000,
+            "current_rps": 500.0,
+            "error_rate": 0.0,
+        },
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "progress": 0.5,
+            "elapsed_s": 30.0,
+            "requests_done": 15000,
+            "current_rps": 500.0,
+            "error_rate": 0.0,
+        },
+        None,
+    ),
+    (
+        "run_complete",
+        {"run_id": "r-1", "test_name": "t-1", "duration_s": 60.5, "total_requests": 30000},
+        {
+            "run_id": "r-1",
+            "test_name": "t-1",
+            "duration_s": 60.5,
+            "total_requests": 30000,
+            "total_errors": None,
+            "error_rate": None,
+        },
+        "completed_at",
+    ),
+    (
+        "run_failed",
+        {"run_id": "r-1", "test_name": "t-1", "error": "node crashed", "elapsed_s": 12},
+        {"run_id": "r-1", "test_name": "t-1", "error": "node crashed", "elapsed_s": 12},
+        "failed_at",
+    ),
+]
+
+
+def test_every_notify_kind_is_tested() -> None:
+    assert sorted(kind for kind, *_ in NOTIFICATIONS) == sorted(NOTIFY_KINDS)
+    assert len(NOTIFY_KINDS) == 8
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "expected", "time_key"),
+    NOTIFICATIONS,
+    ids=[kind for kind, *_ in NOTIFICATIONS],
+)
+async def test_notify_reaches_subscribers_of_its_type_run_and_test(
+    api: ApiFactory,
+    kind: str,
+    body: dict[str, Any],
+    expected: dict[str, Any],
+    time_key: str | None,
+) -> None:
+    async with (
+        api(publish_token=TOKEN) as running,
+        client(running.ws_url(topics=kind)) as (by_type, _),
+        client(running.ws_url(topics="run:r-1")) as (by_run, _),
+        client(running.ws_url(topics="test:t-1")) as (by_test, _),
+        client(running.ws_url(topics="run:other")) as (other, _),
+    ):
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        reply = await running.post(f"/api/notify/{kind}", body, headers=auth)
+        assert (reply.status, reply.body) == (200, {"recipients": 3})
+        for ws in (by_type, by_run, by_test):
+            message = await recv_json(ws)
+            assert message["type"] == kind
+            data = dict(message["data"])
+            if time_key is not None:
+                assert RFC3339.match(data.pop(time_key))
+            assert data == expected
+
+        # The unrelated subscriber's first message is this one, not the notification.
+        reply = await running.post(
+            "/api/publish", {"type": "marker", "topics": ["run:other"]}, headers=auth
+        )
+        assert reply.body == {"recipients": 1}
+        assert (await recv_json(other))["type"] == "marker"
+
+
+async def test_unknown_notify_kind_is_404(api: ApiFactory) -> None:
+    async with api() as running:
+        reply = await running.post("/api/notify/run_paused", {"run_id": "r", "test_name": "t"})
+        assert reply.status == 404
+        error = reply.body["error"]
+        assert error["code"] == 404
+        assert "run_paused" in error["message"]
+        assert running.hub.stats()["messages_published"] == 0
+
+
+# Introspection
+
+
+async def test_clients_and_stats(api: ApiFactory) -> None:
+    async with (
+        api() as running,
+        client(running.ws_url(topics="a,b"), user_agent_header="dashboard/1") as (_, hello),
+    ):
+        reply = await running.get("/api/clients")
+        assert reply.status == 200
+        [info] = reply.body
+        assert info["id"] == hello["client_id"]
+        assert info["subscriptions"] == ["a", "b"]
+        assert info["user_agent"] == "dashboard/1"
+        assert info["remote_addr"].startswith("127.0.0.1:")
+
+        await running.post("/api/publish", {"type": "note"})
+        reply = await running.get("/api/stats")
+        assert reply.status == 200
+        assert reply.body == running.hub.stats()
+        assert reply.body["clients"] == 1
+        assert reply.body["messages_published"] == 1
+
+
+# Authentication
+
+
+async def test_api_routes_need_the_bearer_token(api: ApiFactory) -> None:
+    async with api(publish_token=TOKEN) as running, client(running.ws_url()) as (ws, _):
+        requests: list[tuple[str, str, Any]] = [
+            ("POST", "/api/publish", {"type": "note"}),
+            ("POST", "/api/notify/run_failed", {"run_id": "r", "test_name": "t", "error": "x"}),
+            ("POST", "/api/notify/no_such_kind", {}),
+            ("GET", "/api/clients", None),
+            ("GET", "/api/stats", None),
+            ("GET", "/api/nowhere", None),
+        ]
+        for method, path, body in requests:
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Basic {TOKEN}"},
+                {"Authorization": f"Bearer {TOKEN}x"},
+                {"Authorization": "Bearer"},
+            ):
+                reply = await running.request(method, path, json=body, headers=headers)
+                assert reply.status == 401, (method, path, headers)
+                assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+                assert reply.body["error"]["code"] == 401
+        assert running.hub.stats()["messages_published"] == 0
+
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        reply = await running.post("/api/publish", {"type": "note"}, headers=auth)
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (await recv_json(ws))["type"] == "note"
+        lower_scheme = {"Authorization": f"bearer {TOKEN}"}
+        assert (await running.get("/api/stats", headers=lower_scheme)).status == 200
+        assert (await running.get("/api/clients", headers=auth)).status == 200
+
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await running.get(path)).status == 200, path
+
+
+def test_an_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="publish_token"):
+        create_api_app(wshub.Hub(), publish_token="")
+
+
+# Bad requests
+
+# Parses (orjson reads 1024 levels) but cannot be serialized (orjson writes 254).
+DEEP = "[" * 300 + "]" * 300
+
+
+def deep(template: str) -> bytes:
+    return template.replace("DEEP", DEEP).encode()
+
+
+PROGRESS = {
+    "run_id": "r",
+    "test_name": "t",
+    "progress": 0.5,
+    "elapsed_s": 1.0,
+    "requests_done": 10,
+    "current_rps": 10.0,
+    "error_rate": 0.0,
+}
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("/api/publish", b"{not json", "body"),
+    ("/api/publish", b"", "body"),
+    ("/api/publish", b"\xff\xfe", "body"),
+    ("/api/publish", b'["type", "note"]', "body"),
+    ("/api/publish", b'"note"', "body"),
+    ("/api/publish", b'{"data": 1}', "type"),
+    ("/api/publish", b'{"type": ""}', "type"),
+    ("/api/publish", b'{"type": 5}', "type"),
+    ("/api/publish", b'{"type": "note", "topics": "alpha"}', "topics"),
+    ("/api/publish", b'{"type": "note", "topics": ["alpha", 1]}', "topics"),
+    ("/api/publish", b'{"type": "note", "topics": [""]}', "topics"),
+    ("/api/publish", orjson.dumps({"type": "note", "topics": ["x" * 257]}), "topics"),
+    ("/api/publish", deep('{"type": "note", "data": DEEP}'), "data"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "progress": 1.5}), "progress"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "progress": -0.1}), "progress"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "progress": "half"}), "progress"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "progress": True}), "progress"),
+    (
+        "/api/notify/run_progress",
+        orjson.dumps({**PROGRESS, "requests_done": 1.5}),
+        "requests_done",
+    ),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "elapsed_s": None}), "elapsed_s"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "run_id": 7}), "run_id"),
+    ("/api/notify/run_progress", b'{"test_name": "t"}', "run_id"),
+    ("/api/notify/run_started", b'{"run_id": "r", "test_name": "t", "clients": [1]}', "clients"),
+    (
+        "/api/notify/run_started",
+        b'{"run_id": "r", "test_name": "t", "planned_requests": -1}',
+        "planned_requests",
+    ),
+    (
+        "/api/notify/run_started",
+        b'{"run_id": "r", "test_name": "t", "git_commit": 1}',
+        "git_commit",
+    ),
+    (
+        "/api/notify/run_complete",
+        b'{"run_id": "r", "test_name": "t", "error_rate": "0"}',
+        "error_rate",
+    ),
+    ("/api/notify/run_failed", b'{"run_id": "r", "test_name": "t"}', "error"),
+    ("/api/notify/new_run", b"{}", "run"),
+    ("/api/notify/new_run", b'{"run": []}', "run"),
+    ("/api/notify/new_run", b'{"run": {"test_name": "t"}}', "run.id"),
+    ("/api/notify/new_run", b'{"run": {"id": "r", "test_name": 5}}', "run.test_name"),
+    ("/api/notify/new_run", deep('{"run": {"id": "r", "performance_scores": DEEP}}'), "run"),
+    ("/api/notify/regression_detected", b'{"run": {"id": "r"}}', "regression"),
+    ("/api/notify/regression_detected", b'{"regression": {"id": "g"}}', "run"),
+    ("/api/notify/baseline_updated", b'{"run_id": "r", "test_name": "t"}', "baseline_name"),
+    ("/api/notify/analysis_complete", b'{"run_id": "r", "test_name": "t"}', "analysis_results"),
+    (
+        "/api/notify/analysis_complete",
+        deep('{"run_id": "r", "test_name": "t", "analysis_results": DEEP}'),
+        "analysis_results",
+    ),
+]
+
+
+async def test_bad_bodies_are_400_naming_the_field(api: ApiFactory) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        for path, raw, field in BAD_BODIES:
+            reply = await running.request("POST", path, data=raw)
+            assert reply.status == 400, (path, raw[:80], reply.text)
+            error = reply.body["error"]
+            assert (error["code"], error["field"]) == (400, field), (path, raw[:80], error)
+            assert error["message"]
+        # Nothing reached the hub: its counters and the client's queue are untouched.
+        assert running.hub.stats()["messages_published"] == 0
+        reply = await running.post("/api/publish", {"type": "after"})
+        assert reply.body == {"recipients": 1}
+        assert (await recv_json(ws))["type"] == "after"
+
+
+async def test_bodies_over_max_body_size_are_413(api: ApiFactory) -> None:
+    limit = 1024
+    async with api(max_body_size=limit) as running, client(running.ws_url()) as (ws, _):
+        # A body of exactly the limit passes.
+        padding = limit - len(orjson.dumps({"type": "fits", "data": ""}))
+        exact = orjson.dumps({"type": "fits", "data": "x" * padding})
+        assert len(exact) == limit
+        reply = await running.request("POST", "/api/publish", data=exact)
+        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (await recv_json(ws))["type"] == "fits"
+
+        too_big = orjson.dumps({"type": "fits", "data": "x" * (padding + 1)})
+        assert len(too_big) == limit + 1
+        reply = await running.request("POST", "/api/publish", data=too_big)
+        assert reply.status == 413
+        assert reply.body["error"]["code"] == 413
+
+        # Without a Content-Length (chunked), the limit holds while reading.
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b" " * 512
+            yield b'{"type": "big"}'
+
+        reply = await running.request("POST", "/api/notify/run_failed", data=chunks())
+        assert reply.status == 413
+        assert reply.body["error"]["code"] == 413
+
+        # A much larger body is refused from its Content-Length, and the server goes on.
+        huge = io.BytesIO(b"x" * (2 * 1024 * 1024))
+        reply = await running.request("POST", "/api/publish", data=huge)
+        assert reply.status == 413
+        assert running.hub.stats()["messages_published"] == 1
+        assert (await running.get("/healthz")).status == 200
+
+
+async def test_unknown_routes_and_methods_are_json_errors(api: ApiFactory) -> None:
+    async with api() as running:
+        reply = await running.get("/nowhere")
+        assert reply.status == 404
+        assert reply.body["error"]["code"] == 404
+        reply = await running.get("/api/publish")
+        assert reply.status == 405
+        assert reply.body["error"]["code"] == 405
+        assert reply.headers["Allow"] == "POST"
+
+
+async def test_a_client_leaving_mid_body_is_no_server_error(
+    api: ApiFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with api() as running:
+        _, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
+        writer.write(b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # The access log line is written once the handler has given up on the body.
+        await wait_until(lambda: '"POST /api/publish HTTP/1.1" 400' in caplog.text)
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+        assert running.hub.stats()["messages_published"] == 0
+        assert (await running.get("/healthz")).status == 200
+
+
+class ExplodingHub(wshub.Hub):
+    def notify_run_failed(self, run_id: str, test_name: str, error: str, **details: Any) -> int:
+        raise RuntimeError("boom")
+
+
+async def test_an_error_inside_the_hub_is_a_500_and_the_server_goes_on(
+    api: ApiFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with api(hub_class=ExplodingHub) as running:
+        body = {"run_id": "r", "test_name": "t", "error": "x"}
+        reply = await running.post("/api/notify/run_failed", body)
+        assert reply.status == 500
+        assert reply.body == {"error": {"code": 500, "message": "internal error"}}
+        assert "boom" in caplog.text
+        assert (await running.get("/healthz")).status == 200
+
+
+# Metrics
+
+
+async def test_metrics_report_the_hub_counters_and_the_latency_histogram(
+    api: ApiFactory,
+) -> None:
+    async with api() as running, client(running.ws_url(topics="alpha")) as (ws, _):
+        for n in range(3):
+            reply = await running.post("/api/publish", {"type": "note", "data": n})
+            assert reply.body == {"recipients": 1}
+        reply = await running.post("/api/publish", {"type": "nobody", "topics": ["beta"]})
+        assert reply.body == {"recipients": 0}  # published, but nothing to flush: not timed
+        for n in range(3):
+            assert (await recv_json(ws))["data"] == n
+
+        reply = await running.get("/metrics")
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        samples = metric_samples(reply.text)
+        stats = running.hub.stats()
+
+        assert samples[("wshub_clients_connected", ())] == 1
+        assert samples[("wshub_hub_running", ())] == 1
+        assert samples[("wshub_messages_published_total", ())] == 4
+        assert stats["deliveries"] == 4  # the greeting and three publishes
+        expected_counters = {
+            "wshub_deliveries_total": stats["deliveries"],
+            "wshub_drops_total": 0,
+            "wshub_bytes_sent_total": stats["bytes_sent"],
+            "wshub_writes_total": stats["writes"],
+            "wshub_slow_consumer_disconnects_total": 0,
+            "wshub_protocol_errors_total": 0,
+            "wshub_rejected_connections_total": 0,
+        }
+        for name, value in expected_counters.items():
+            assert samples[(name, ())] == value, name
+        assert stats["bytes_sent"] > 0
+        info = {labels: value for (name, labels), value in samples.items() if name == "wshub_info"}
+        assert info == {
+            (
+                ("implementation", running.hub.implementation),
+                ("version", wshub.__version__),
+            ): 1.0
+        }
+
+        histogram = "wshub_api_publish_to_flush_seconds"
+        assert samples[(f"{histogram}_count", ())] == 3
+        assert samples[(f"{histogram}_sum", ())] > 0
+        buckets = {
+            dict(labels)["le"]: value
+            for (name, labels), value in samples.items()
+            if name == f"{histogram}_bucket"
+        }
+        assert set(buckets) == {str(float(bound)) for bound in LATENCY_BUCKETS} | {"+Inf"}
+        assert buckets["+Inf"] == 3
+        counts = [buckets[str(float(bound))] for bound in LATENCY_BUCKETS]
+        assert counts == sorted(counts)  # cumulative
+        for line in (
+            "# HELP wshub_messages_published_total",
+            "# TYPE wshub_messages_published_total counter",
+            "# TYPE wshub_clients_connected gauge",
+            f"# TYPE {histogram} histogram",
+        ):
+            assert line in reply.text
+
+        await running.hub.stop()
+        samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_hub_running", ())] == 0
+        assert samples[("wshub_clients_connected", ())] == 0
+
+
+async def test_notifications_are_timed_too_and_flush_interval_delays_the_observation(
+    api: ApiFactory,
+) -> None:
+    async with api(flush_interval=0.02) as running, client(running.ws_url()) as (ws, _):
+        registry = running.server.app[REGISTRY_KEY]
+        count = "wshub_api_publish_to_flush_seconds_count"
+        body = {"run_id": "r", "test_name": "t", "error": "x"}
+        reply = await running.post("/api/notify/run_failed", body)
+        assert reply.body == {"recipients": 1}
+        assert (await recv_json(ws))["type"] == "run_failed"
+        await wait_until(lambda: registry.get_sample_value(count) == 1)
+        # Observed from a timer due flush_interval after the publish; the bound is half the
+        # interval because libuv times from the start of the loop iteration, in milliseconds.
+        total = registry.get_sample_value("wshub_api_publish_to_flush_seconds_sum")
+        assert total is not None and total >= 0.01
+
+
+async def test_apps_have_registries_of_their_own(api: ApiFactory) -> None:
+    async with api() as first:
+        second = await start_api(first.hub, "127.0.0.1", 0)
+        try:
+            assert second.port != first.server.port
+            assert second.app[REGISTRY_KEY] is not first.server.app[REGISTRY_KEY]
+            async with first.http.get(f"{second.url}/metrics") as response:
+                assert response.status == 200
+        finally:
+            await second.close()
+        with pytest.raises(ValueError):
+            create_api_app(first.hub, registry=first.server.app[REGISTRY_KEY])

@@ -1,0 +1,755 @@
+"""The hub's internal HTTP API: publishing, the runner's notifications, health and metrics.
+
+The runner publishes over HTTP; operators scrape health checks and Prometheus metrics. The API
+runs on the hub's own event loop (same process, same loop), so handlers call the hub's
+synchronous publishing methods directly. Mount it on a port of its own, bound to 127.0.0.1 by
+default, like Centrifugo's internal port::
+
+    hub = wshub.Hub()
+    async with wshub.serve(hub, "0.0.0.0", 8080):
+        api = await start_api(hub, "127.0.0.1", 8081, publish_token="s3cret")
+        try:
+            await asyncio.Future()
+        finally:
+            await api.close()
+
+Every endpoint, body, answer and error is described in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Final, Self
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from ._version import __version__
+from .config import MAX_TOPIC_LENGTH
+from .hub import Hub
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_PORT",
+    "HUB_KEY",
+    "LATENCY_BUCKETS",
+    "NOTIFY_KINDS",
+    "REGISTRY_KEY",
+    "ApiServer",
+    "HubCollector",
+    "create_api_app",
+    "start_api",
+]
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8081
+DEFAULT_MAX_BODY_SIZE: Final = 1024 * 1024
+
+#: Buckets of ``wshub_api_publish_to_flush_seconds``, in seconds. With the default
+#: ``flush_interval`` of 0 the flush follows within one loop iteration (tens of µs to a few
+#: ms), so the buckets start far below prometheus_client's default 5 ms.
+LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+HUB_KEY: Final = web.AppKey("wshub.hub", Hub)
+"""The :class:`~wshub.Hub` an application made by :func:`create_api_app` serves."""
+
+REGISTRY_KEY: Final = web.AppKey("wshub.registry", CollectorRegistry)
+"""The :class:`prometheus_client.CollectorRegistry` behind that application's ``/metrics``."""
+
+_logger = logging.getLogger("wshub.api")
+
+_JSON: Final = "application/json"
+
+# stats() key -> (metric name without the _total suffix, help text).
+_COUNTERS: Final = (
+    ("messages_published", "wshub_messages_published", "Messages published through the hub."),
+    (
+        "deliveries",
+        "wshub_deliveries",
+        "Messages queued for a client (one publish to N clients counts N; direct replies "
+        "such as the connection greeting count too).",
+    ),
+    (
+        "drops",
+        "wshub_drops",
+        "Messages dropped for slow or closing clients instead of being written.",
+    ),
+    ("bytes_sent", "wshub_bytes_sent", "Bytes written to client transports by the hub."),
+    ("writes", "wshub_writes", "Transport writes made by the fan-out core."),
+    (
+        "slow_consumer_disconnects",
+        "wshub_slow_consumer_disconnects",
+        "Clients closed with 4008 as slow consumers.",
+    ),
+    (
+        "protocol_errors",
+        "wshub_protocol_errors",
+        "Invalid client messages answered with an error envelope.",
+    ),
+    (
+        "rejected_connections",
+        "wshub_rejected_connections",
+        "Clients closed at registration because the hub was full.",
+    ),
+)
+
+
+class HubCollector(Collector):
+    """Prometheus collector that reads a hub's counters at scrape time.
+
+    Reading :meth:`Hub.stats` on each scrape keeps the hub free of metric bookkeeping: the
+    hub already counts everything, and a scrape costs one ``stats()`` call.
+
+    Args:
+        hub: The hub to describe.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples, so a registry can spot name clashes.
+
+        Returns:
+            An iterator over empty metric families.
+        """
+        yield from self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The hub's current gauges and counters.
+
+        Returns:
+            An iterator over metric families with one sample each.
+        """
+        yield from self._families(self._hub.stats())
+
+    def _families(self, stats: Mapping[str, Any] | None) -> Iterator[Metric]:
+        hub = self._hub
+        info = InfoMetricFamily("wshub", "The hub's version and fan-out core.")
+        clients = GaugeMetricFamily("wshub_clients_connected", "WebSocket clients connected.")
+        running = GaugeMetricFamily(
+            "wshub_hub_running", "1 while the hub accepts clients and messages, else 0."
+        )
+        if stats is not None:
+            info.add_metric([], {"version": __version__, "implementation": hub.implementation})
+            clients.add_metric([], stats["clients"])
+            running.add_metric([], 1 if hub.running else 0)
+        yield info
+        yield clients
+        yield running
+        for key, name, documentation in _COUNTERS:
+            counter = CounterMetricFamily(name, documentation)
+            if stats is not None:
+                counter.add_metric([], stats[key])
+            yield counter
+
+
+class _ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message", "field"?}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = dict(headers) if headers is not None else {}
+
+
+def _bad(field: str, message: str) -> _ApiError:
+    return _ApiError(400, message, field=field)
+
+
+def _json_response(
+    payload: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers
+    )
+
+
+def _error_response(error: _ApiError) -> web.Response:
+    body: dict[str, Any] = {"code": error.status, "message": error.message}
+    if error.field is not None:
+        body["field"] = error.field
+    return _json_response({"error": body}, error.status, error.headers)
+
+
+# Validation. Every check runs before the hub is called, so a bad request changes nothing.
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python but not a number in JSON.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _path(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _string(body: Mapping[str, Any], name: str, *, prefix: str = "") -> str:
+    """A required non-empty string."""
+    field = _path(prefix, name)
+    if name not in body:
+        raise _bad(field, f"{field} is required")
+    value = body[name]
+    if not isinstance(value, str) or not value:
+        raise _bad(field, f"{field} must be a non-empty string")
+    return value
+
+
+def _optional_string(body: Mapping[str, Any], name: str, *, prefix: str = "") -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        field = _path(prefix, name)
+        raise _bad(field, f"{field} must be a string or null")
+    return value
+
+
+def _number(
+    body: Mapping[str, Any],
+    name: str,
+    *,
+    required: bool,
+    maximum: float | None = None,
+) -> float | None:
+    """A finite number from 0 (to ``maximum``); None when optional and absent or null."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _bad(name, f"{name} is required")
+        return None
+    bound = f"0 to {maximum:g}" if maximum is not None else "0 or more"
+    if not _is_number(value) or value < 0 or (maximum is not None and value > maximum):
+        raise _bad(name, f"{name} must be a number from {bound}")
+    result: float = value
+    return result
+
+
+def _integer(body: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+    """A non-negative integer; None when optional and absent or null."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _bad(name, f"{name} is required")
+        return None
+    if not _is_integer(value) or value < 0:
+        raise _bad(name, f"{name} must be an integer, 0 or more")
+    result: int = value
+    return result
+
+
+def _string_list(body: Mapping[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _bad(name, f"{name} must be a list of strings or null")
+    return value
+
+
+def _object(body: Mapping[str, Any], name: str) -> dict[str, Any]:
+    if name not in body:
+        raise _bad(name, f"{name} is required")
+    value = body[name]
+    if not isinstance(value, dict):
+        raise _bad(name, f"{name} must be a JSON object")
+    return value
+
+
+def _record(body: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A run or regression object: an ``id``; ``run_id``/``test_name`` strings if present.
+
+    Those are the keys that become topics; the other keys pass through as the hub passes them.
+    """
+    record = _object(body, name)
+    _string(record, "id", prefix=name)
+    for key in ("run_id", "test_name"):
+        if key in record and not isinstance(record[key], str):
+            raise _bad(f"{name}.{key}", f"{name}.{key} must be a string")
+    return record
+
+
+def _topics(body: Mapping[str, Any]) -> list[str] | None:
+    topics = body.get("topics")
+    if topics is None:
+        return None
+    if not isinstance(topics, list):
+        raise _bad("topics", "topics must be a list of strings or null")
+    for index, topic in enumerate(topics):
+        # The same rule as a client's subscriptions: a longer topic could never match.
+        if not isinstance(topic, str) or not 1 <= len(topic) <= MAX_TOPIC_LENGTH:
+            raise _bad(
+                "topics",
+                f"topics[{index}] must be a string of 1 to {MAX_TOPIC_LENGTH} characters",
+            )
+    return topics
+
+
+def _serializable(field: str, value: Any, depth: int) -> None:
+    """Check that ``value`` survives orjson at the depth it takes in the envelope.
+
+    orjson refuses to nest deeper than 254 levels while it parses up to 1024, so a body can
+    parse and still be one the hub cannot send. ``depth`` counts the objects around the value
+    in the envelope (1 for a publish's ``data``).
+    """
+    wrapped = value
+    for _ in range(depth):
+        wrapped = {"": wrapped}
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError as exc:
+        raise _bad(field, f"{field} cannot be serialized: {exc}") from None
+
+
+# The notifications: validate the body, then return a call of the matching hub.notify_*.
+
+_Publish = Callable[[], int]
+
+
+def _new_run(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run = _record(body, "run")
+    _serializable("run", run, 2)  # run.performance_scores -> data.summary.performance_scores
+    return lambda: hub.notify_new_run(run)
+
+
+def _regression_detected(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    regression = _record(body, "regression")
+    run = _record(body, "run")
+    _serializable("regression", regression, 1)  # its values land in data
+    _serializable("run", run, 2)  # its values land in data.run_info
+    return lambda: hub.notify_regression(regression, run)
+
+
+def _baseline_updated(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    baseline_name = _string(body, "baseline_name")
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    return lambda: hub.notify_baseline_updated(baseline_name, run_id, test_name)
+
+
+def _analysis_complete(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    if "analysis_results" not in body:
+        raise _bad("analysis_results", "analysis_results is required")
+    results = body["analysis_results"]
+    _serializable("analysis_results", results, 2)  # data.analysis_results
+    return lambda: hub.notify_analysis_complete(run_id, test_name, results)
+
+
+def _run_started(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    details = {
+        "git_commit": _optional_string(body, "git_commit"),
+        "git_branch": _optional_string(body, "git_branch"),
+        "clients": _string_list(body, "clients"),
+        "methods": _string_list(body, "methods"),
+        "planned_requests": _integer(body, "planned_requests", required=False),
+    }
+    return lambda: hub.notify_run_started(run_id, test_name, **details)
+
+
+def _run_progress(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    progress = _number(body, "progress", required=True, maximum=1.0)
+    assert progress is not None  # required
+    details = {
+        "elapsed_s": _number(body, "elapsed_s", required=True),
+        "requests_done": _integer(body, "requests_done", required=True),
+        "current_rps": _number(body, "current_rps", required=True),
+        "error_rate": _number(body, "error_rate", required=True),
+    }
+    return lambda: hub.notify_run_progress(run_id, test_name, progress, **details)
+
+
+def _run_complete(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    details = {
+        "duration_s": _number(body, "duration_s", required=False),
+        "total_requests": _integer(body, "total_requests", required=False),
+        "total_errors": _integer(body, "total_errors", required=False),
+        "error_rate": _number(body, "error_rate", required=False),
+    }
+    return lambda: hub.notify_run_complete(run_id, test_name, **details)
+
+
+def _run_failed(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+    run_id = _string(body, "run_id")
+    test_name = _string(body, "test_name")
+    error = _string(body, "error")
+    elapsed_s = _number(body, "elapsed_s", required=False)
+    return lambda: hub.notify_run_failed(run_id, test_name, error, elapsed_s=elapsed_s)
+
+
+_NOTIFIERS: Final[Mapping[str, Callable[[Hub, Mapping[str, Any]], _Publish]]] = {
+    "new_run": _new_run,
+    "regression_detected": _regression_detected,
+    "baseline_updated": _baseline_updated,
+    "analysis_complete": _analysis_complete,
+    "run_started": _run_started,
+    "run_progress": _run_progress,
+    "run_complete": _run_complete,
+    "run_failed": _run_failed,
+}
+
+NOTIFY_KINDS: Final = tuple(_NOTIFIERS)
+"""The ``<kind>`` values of ``POST /api/notify/<kind>``: the runner's eight event types."""
+
+
+class _Api:
+    """The handlers of one application, bound to one hub and one histogram."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        publish_token: str | None,
+        max_body_size: int,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.hub = hub
+        self.max_body_size = max_body_size
+        self.registry = registry
+        self._token = publish_token.encode() if publish_token is not None else None
+        registry.register(HubCollector(hub))
+        self.latency = Histogram(
+            "wshub_api_publish_to_flush_seconds",
+            "Seconds from an HTTP publish or notify calling the hub to the end of the "
+            "flush that writes it to clients' transports (publishes that reached at least "
+            "one client; upper bound: measured by the first loop callback after that flush).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    # Middleware
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Answer every error as JSON; an unexpected exception is logged and answered 500."""
+        try:
+            return await handler(request)
+        except _ApiError as error:
+            return _error_response(error)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return _error_response(_ApiError(exc.status, exc.reason, headers=headers))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _logger.exception("error handling %s %s", request.method, request.path)
+            return _error_response(_ApiError(500, "internal error"))
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Check the bearer token on ``/api/*`` before any body is read."""
+        if self._token is not None and (
+            request.path == "/api" or request.path.startswith("/api/")
+        ):
+            self._check_token(request.headers.get("Authorization"))
+        return await handler(request)
+
+    def _check_token(self, header: str | None) -> None:
+        assert self._token is not None
+        if header is None:
+            raise _ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, credentials = header.strip().partition(" ")
+        # backslashreplace: a header with odd characters must fail the comparison, not raise.
+        given = credentials.strip().encode("utf-8", "backslashreplace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+            raise _ApiError(
+                401,
+                "invalid bearer token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+    # Bodies
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object; 413 past ``max_body_size``, 400 when not an object."""
+        limit = self.max_body_size
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _ApiError(413, f"request body is larger than {limit} bytes")
+        # Read with our own cap rather than client_max_size, whose bound (> or >=) has
+        # changed between aiohttp releases; this also covers chunked bodies.
+        raw = bytearray()
+        try:
+            async for chunk in request.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise _ApiError(413, f"request body is larger than {limit} bytes")
+        except (ConnectionError, HttpProcessingError) as exc:
+            # The client went away or sent a broken chunked body: its fault, not worth a
+            # traceback in the log; the answer goes nowhere or tells it what broke.
+            raise _bad("body", f"request body could not be read: {exc}") from None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _bad("body", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _bad("body", "request body must be a JSON object")
+        return body
+
+    # Publishing
+
+    def _publish(self, publish: _Publish) -> web.Response:
+        """Call the hub, schedule the latency observation and answer with the count."""
+        if not self.hub.running:
+            raise _ApiError(503, "the hub is not running")
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            recipients = publish()
+        except (TypeError, ValueError) as exc:  # validation above should have caught it
+            raise _bad("body", str(exc)) from None
+        if recipients:
+            # The core schedules its flush with call_soon (or call_later(flush_interval))
+            # from inside publish(), so a callback queued now runs after that flush. With a
+            # flush interval, a flush scheduled earlier is due no later than ours; the extra
+            # call_soon puts the observation behind every timer due in the same iteration.
+            interval = self.hub.config.flush_interval
+            if interval > 0:
+                loop.call_later(interval, loop.call_soon, self._observe, started)
+            else:
+                loop.call_soon(self._observe, started)
+        return _json_response({"recipients": recipients})
+
+    def _observe(self, started: float) -> None:
+        self.latency.observe(time.perf_counter() - started)
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """``POST /api/publish``."""
+        body = await self._body(request)
+        message_type = body.get("type")
+        if not isinstance(message_type, str) or not message_type:
+            raise _bad("type", "type must be a non-empty string")
+        topics = _topics(body)
+        data = body.get("data")
+        _serializable("data", data, 1)
+        hub = self.hub
+        if topics is None:
+            return self._publish(lambda: hub.broadcast_to_all(message_type, data))
+        return self._publish(lambda: hub.broadcast_to_subscribers(message_type, data, topics))
+
+    async def notify(self, request: web.Request) -> web.Response:
+        """``POST /api/notify/{kind}``."""
+        kind = request.match_info["kind"]
+        notifier = _NOTIFIERS.get(kind)
+        if notifier is None:
+            raise _ApiError(404, f"unknown notify kind {kind!r}; known: {', '.join(NOTIFY_KINDS)}")
+        body = await self._body(request)
+        return self._publish(notifier(self.hub, body))
+
+    # Introspection
+
+    async def clients(self, request: web.Request) -> web.Response:
+        """``GET /api/clients``."""
+        return _json_response(self.hub.client_info())
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """``GET /api/stats``."""
+        return _json_response(self.hub.stats())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """``GET /healthz``: the process answers."""
+        return _json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """``GET /readyz``: 200 while the hub runs, else 503."""
+        if self.hub.running:
+            return _json_response({"status": "ready"})
+        return _json_response({"status": "not ready"}, 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: the registry in the format the scraper asks for."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+
+
+def create_api_app(
+    hub: Hub,
+    *,
+    publish_token: str | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """Build the aiohttp application of the internal API for ``hub``.
+
+    The application must run on the hub's event loop. ``app[HUB_KEY]`` is the hub and
+    ``app[REGISTRY_KEY]`` the metrics registry.
+
+    Args:
+        hub: The hub to publish to and report on; it may be started later.
+        publish_token: When set, every ``/api/*`` route needs ``Authorization: Bearer
+            <publish_token>``; ``/healthz``, ``/readyz`` and ``/metrics`` stay open.
+        max_body_size: Largest request body in bytes; larger ones are answered 413.
+        registry: Where the hub's metrics are registered; a new registry when None. One
+            registry serves one application: the metric names would clash.
+
+    Returns:
+        The application, ready for an :class:`aiohttp.web.AppRunner`.
+
+    Raises:
+        TypeError: ``hub`` is not a :class:`~wshub.Hub`.
+        ValueError: ``publish_token`` is empty, ``max_body_size`` is not a positive integer,
+            or ``registry`` already holds metrics of these names.
+    """
+    if not isinstance(hub, Hub):
+        raise TypeError(f"hub must be a wshub.Hub, got {hub!r}")
+    if publish_token is not None and (not isinstance(publish_token, str) or not publish_token):
+        # An empty token would read as "auth on" but accept "Bearer " from anyone.
+        raise ValueError("publish_token must be a non-empty string or None")
+    if not _is_integer(max_body_size) or max_body_size < 1:
+        raise ValueError(f"max_body_size must be a positive integer, got {max_body_size!r}")
+    if registry is None:
+        registry = CollectorRegistry()
+    api = _Api(hub, publish_token=publish_token, max_body_size=max_body_size, registry=registry)
+    # errors wraps auth, so a 401 is answered as JSON like every other error.
+    app = web.Application(middlewares=[api.errors, api.auth])
+    app[HUB_KEY] = hub
+    app[REGISTRY_KEY] = registry
+    app.router.add_post("/api/publish", api.publish)
+    app.router.add_post("/api/notify/{kind}", api.notify)
+    app.router.add_get("/api/clients", api.clients)
+    app.router.add_get("/api/stats", api.stats)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    return app
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiServer:
+    """A started API: the runner, and where it listens.
+
+    Use ``await api.close()`` (or ``async with await start_api(...)``) to stop it; that is
+    ``await api.runner.cleanup()``.
+
+    Attributes:
+        runner: The started :class:`aiohttp.web.AppRunner`.
+        host: The host it was bound to.
+        port: The port of its first listening socket, the real one when 0 was asked for.
+    """
+
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def app(self) -> web.Application:
+        """The application being served."""
+        return self.runner.app
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``, with IPv6 hosts in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop listening and clean up the runner; the hub is left running."""
+        await self.runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def start_api(
+    hub: Hub,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    publish_token: str | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    registry: CollectorRegistry | None = None,
+) -> ApiServer:
+    """Serve the internal API of ``hub`` on ``host:port`` on the running event loop.
+
+    Args:
+        hub: The hub, on this event loop.
+        host: Address to bind; the loopback interface by default, as the API is internal.
+        port: Port to bind; 0 picks a free one (read it from :attr:`ApiServer.port`).
+        publish_token: See :func:`create_api_app`.
+        max_body_size: See :func:`create_api_app`.
+        registry: See :func:`create_api_app`.
+
+    Returns:
+        The started server; the caller stops it with ``await server.close()``.
+
+    Raises:
+        OSError: The address cannot be bound.
+        TypeError: See :func:`create_api_app`.
+        ValueError: See :func:`create_api_app`.
+    """
+    app = create_api_app(
+        hub, publish_token=publish_token, max_body_size=max_body_size, registry=registry
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port: int = runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return ApiServer(runner=runner, host=host, port=bound_port)
