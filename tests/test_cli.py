@@ -94,3 +94,58 @@ async def test_bad_setting_stops_start_up_with_its_name() -> None:
     assert process.returncode == 2
     assert "ping_interval must be more than zero seconds" in error.decode()
     assert "--ping-interval" in error.decode()
+
+
+API = re.compile(r"internal API on (http://127\.0\.0\.1:\d+)")
+
+
+async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_path: Any) -> None:
+    async with wshub_serve("--publish-token", "s3cret") as (process, port):
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while not (match := API.search((await process.stderr.readline()).decode())):
+                pass
+        url = match.group(1)
+        data = tmp_path / "run.json"
+        data.write_text('{"run_id": "r1", "progress": 0.5}')
+        async with client(f"ws://127.0.0.1:{port}/api/ws?topics=run:r1") as (ws, _):
+            publish = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "wshub",
+                "publish",
+                "--url",
+                url,
+                "--type",
+                "run_progress",
+                "--data",
+                f"@{data}",
+                "--topics",
+                "run:r1",
+                "--token",
+                "s3cret",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            output, _ = await publish.communicate()
+            assert publish.returncode == 0
+            assert output.decode().strip() == "queued for 1 clients"
+            message = await recv_json(ws)
+            assert message["type"] == "run_progress"
+            assert message["data"] == {"run_id": "r1", "progress": 0.5}
+
+            refused = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "wshub",
+                "publish",
+                "--url",
+                url,
+                "--type",
+                "x",
+                "--token",
+                "wrong",
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, error = await refused.communicate()
+            assert refused.returncode == 1
+            assert "(401)" in error.decode()

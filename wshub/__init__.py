@@ -22,6 +22,7 @@ from .events import HistoricRun, Regression
 from .fanout import IMPLEMENTATION
 from .hub import BroadcastBufferFull, Hub
 from .protocol import MessageType, ProtocolError
+from .publisher import Publisher, PublishError
 
 __all__ = [
     "IMPLEMENTATION",
@@ -31,6 +32,8 @@ __all__ = [
     "HubConfig",
     "MessageType",
     "ProtocolError",
+    "PublishError",
+    "Publisher",
     "Regression",
     "__version__",
     "serve",

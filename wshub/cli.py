@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .api import start_api
 from .config import HubConfig
 from .connection import serve
 from .hub import Hub
@@ -175,7 +176,15 @@ async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None
             settings.path,
             hub.implementation,
         )
-        await stop.wait()
+        api = await start_api(
+            hub, settings.api_host, settings.api_port, publish_token=settings.publish_token
+        )
+        logger.info("internal API on %s", api.url)
+        try:
+            await stop.wait()
+        finally:
+            # The API first, so nothing publishes into a hub that is saying goodbye.
+            await api.close()
         logger.info("shutting down: closing %d clients", hub.client_count)
     logger.info("stopped")
 
