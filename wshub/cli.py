@@ -157,7 +157,11 @@ def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
 
 
 async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set, or SIGINT/SIGTERM; then shut down gracefully."""
+    """Serve until ``stop`` is set, or SIGINT/SIGTERM; then shut down gracefully.
+
+    The public port also serves the browser dashboard (``GET /``): a standalone hub is
+    what an operator opens in a browser.
+    """
     loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
@@ -165,7 +169,9 @@ async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None
             loop.add_signal_handler(signum, stop.set)
     context = _ssl_context(settings)
     hub = Hub(settings.hub, logger=logger)
-    async with serve(hub, settings.host, settings.port, path=settings.path, ssl=context) as server:
+    async with serve(
+        hub, settings.host, settings.port, path=settings.path, ssl=context, dashboard=True
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         scheme = "wss" if context else "ws"
         logger.info(
@@ -176,6 +182,8 @@ async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None
             settings.path,
             hub.implementation,
         )
+        web = "https" if context else "http"
+        logger.info("dashboard on %s://%s:%d/", web, settings.host, port)
         api = await start_api(
             hub, settings.api_host, settings.api_port, publish_token=settings.publish_token
         )

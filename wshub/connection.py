@@ -85,6 +85,7 @@ async def serve(
     *,
     path: str = "/api/ws",
     ssl: Any = None,
+    dashboard: bool = False,
     **kwargs: Any,
 ) -> AsyncIterator[asyncio.Server]:
     """Serve ``hub`` on ``host:port`` at ``path`` for the duration of an ``async with`` block.
@@ -102,6 +103,10 @@ async def serve(
         port: TCP port; 0 picks a free one (read it from ``server.sockets``).
         path: The WebSocket endpoint; other paths get HTTP 404.
         ssl: An ``ssl.SSLContext`` for ``wss://``.
+        dashboard: Also serve the browser dashboard over plain HTTP on the same port:
+            ``GET /`` and the files it loads, read once from ``wshub/static/``; other
+            paths still get 404. Off by default, so an embedding service exposes nothing
+            it did not ask for.
         **kwargs: ``backlog`` (default 4096), ``family``, ``reuse_port``,
             ``ssl_handshake_timeout`` and ``ssl_shutdown_timeout``, passed to
             ``loop.create_server``.
@@ -123,7 +128,9 @@ async def serve(
         )
     kwargs.setdefault("backlog", 4096)
     await hub.start()
-    server, endpoint = await _start(hub, host, port, path=path, ssl=ssl, **kwargs)
+    server, endpoint = await _start(
+        hub, host, port, path=path, ssl=ssl, dashboard=dashboard, **kwargs
+    )
     try:
         yield server
     finally:

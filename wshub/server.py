@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import email.utils
+import html
 import http
+import importlib.resources
+import logging
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
-from websockets.http11 import SERVER, Request
+from websockets.http11 import SERVER, Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Origin
@@ -33,7 +38,18 @@ from .config import HubConfig
 if TYPE_CHECKING:
     from .hub import Hub, _Session
 
-__all__ = ["KEPT_HEADERS", "HubConnection", "HubEndpoint", "allowed_origins", "start_server"]
+__all__ = [
+    "DASHBOARD_FILES",
+    "KEPT_HEADERS",
+    "HubConnection",
+    "HubEndpoint",
+    "StaticFile",
+    "allowed_origins",
+    "load_dashboard",
+    "start_server",
+]
+
+logger = logging.getLogger("wshub")
 
 # The same write buffer high-water mark as websockets' connections (its ``write_limit``
 # default), so a slow client is detected at the same point as before.
@@ -56,6 +72,93 @@ _GOING_AWAY = 1001
 _INVALID_DATA = 1007
 _MESSAGE_TOO_BIG = 1009
 _INTERNAL_ERROR = 1011
+
+
+# The dashboard's files in wshub/static/, by the URL path that serves each one, with its
+# media type. A fixed table, not a directory listing: nothing else in the package (or beside
+# it) can be reached over HTTP, whatever the request path.
+DASHBOARD_FILES: Mapping[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/wshub.js": ("wshub.js", "text/javascript; charset=utf-8"),
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
+
+# The page may load only what the hub serves and connect only back to it: the dashboard uses
+# no external assets, and this keeps it that way should someone add one. ws:/wss: are listed
+# because older browsers do not count a WebSocket to the same host as 'self'.
+_CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StaticFile:
+    """One file served over plain HTTP: its bytes and the headers that describe them.
+
+    Attributes:
+        body: The file's content.
+        content_type: The ``Content-Type`` header.
+        headers: More response headers (``Cache-Control``, ...).
+    """
+
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> Response:
+        """A fresh ``200 OK`` carrying the file; the connection closes after it."""
+        headers = Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                # One request per connection: the sans-I/O protocol ends the stream after a
+                # response that is not a 101, so say so rather than let a browser hope.
+                ("Connection", "close"),
+                ("Content-Length", str(len(self.body))),
+                ("Content-Type", self.content_type),
+                *self.headers,
+            ]
+        )
+        return Response(http.HTTPStatus.OK.value, http.HTTPStatus.OK.phrase, headers, self.body)
+
+
+# The page's pointer to the WebSocket endpoint, rewritten for a server whose ``path`` is not
+# the default, so that the dashboard connects wherever the hub listens.
+_ENDPOINT_META = '<meta name="wshub-endpoint" content="{}">'
+
+
+def load_dashboard(path: str = "/api/ws") -> dict[str, StaticFile]:
+    """Read the dashboard's files from the package, once, by the URL path that serves each.
+
+    ``path`` is the WebSocket endpoint the page connects to; it is written into the page.
+    A file that is not there is left out (that path answers 404) and logged as a warning,
+    so a partial install still serves what it has instead of refusing to start.
+    """
+    folder = importlib.resources.files("wshub") / "static"
+    files: dict[str, StaticFile] = {}
+    for url_path, (name, content_type) in DASHBOARD_FILES.items():
+        try:
+            body = (folder / name).read_bytes()
+        except OSError:
+            logger.warning("dashboard: wshub/static/%s is missing; %s answers 404", name, url_path)
+            continue
+        # no-cache: the browser asks again on every load, so a page never runs a stale
+        # wshub.js against a hub that was upgraded under it (there is no versioned name).
+        headers = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
+        if url_path == "/":
+            headers.append(("Content-Security-Policy", _CONTENT_SECURITY_POLICY))
+            body = body.replace(
+                _ENDPOINT_META.format("/api/ws").encode(),
+                _ENDPOINT_META.format(html.escape(path)).encode(),
+            )
+        files[url_path] = StaticFile(body, content_type, tuple(headers))
+    return files
+
+
+def _is_upgrade(request: Request) -> bool:
+    """Whether ``request`` asks for a WebSocket (any ``Upgrade`` header naming websocket)."""
+    return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
 def allowed_origins(config: HubConfig) -> list[Origin | None] | None:
@@ -95,11 +198,20 @@ class HubEndpoint:
     Args:
         hub: The hub whose clients connect here; it must be running to accept them.
         path: The WebSocket endpoint; other paths get HTTP 404.
+        static: Files answered to plain HTTP ``GET`` requests, by URL path (see
+            :func:`load_dashboard`); None or empty serves none.
     """
 
-    def __init__(self, hub: Hub, *, path: str = "/api/ws") -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        path: str = "/api/ws",
+        static: Mapping[str, StaticFile] | None = None,
+    ) -> None:
         self.hub = hub
         self.path = path
+        self.static: Mapping[str, StaticFile] = static or {}
         self.config: HubConfig = hub.config
         self.loop = asyncio.get_running_loop()
         self.origins = allowed_origins(self.config)
@@ -387,8 +499,20 @@ class HubConnection(asyncio.Protocol):
         endpoint = self._endpoint
         hub = endpoint.hub
         protocol = self.protocol
-        if urllib.parse.urlsplit(request.path).path != endpoint.path:
-            response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        target = urllib.parse.urlsplit(request.path).path
+        if target != endpoint.path:
+            # A WebSocket upgrade off the endpoint is a 404 whatever the path: a file is
+            # answered only to a plain request.
+            static = endpoint.static.get(target)
+            if static is None or _is_upgrade(request):
+                response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+            elif request.method != "GET":
+                response = protocol.reject(
+                    http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n"
+                )
+                response.headers["Allow"] = "GET"
+            else:
+                response = static.response()
         elif not hub.running:
             response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Hub is not running\n")
         elif hub.client_count >= endpoint.config.max_clients:
@@ -535,6 +659,7 @@ async def start_server(
     path: str = "/api/ws",
     ssl: ssl_module.SSLContext | None = None,
     backlog: int = 4096,
+    dashboard: bool = False,
     **create_server_options: Any,
 ) -> asyncio.Server:
     """Listen for hub clients on ``host:port`` at ``path``; returns the listening server.
@@ -553,11 +678,21 @@ async def start_server(
             its shutdown deadline ``write_timeout``.
         backlog: The listen queue, large so that a crowd of dashboards reconnecting at once
             is not refused by the kernel.
+        dashboard: Also answer plain HTTP ``GET`` of ``/`` (the browser dashboard) and of
+            the files it loads (:data:`DASHBOARD_FILES`), read from ``wshub/static/`` once,
+            here; each answer closes its connection. Other paths still get 404.
         **create_server_options: More keyword arguments for ``loop.create_server``
             (``reuse_port``, ``family``, ...).
     """
     server, _ = await _start(
-        hub, host, port, path=path, ssl=ssl, backlog=backlog, **create_server_options
+        hub,
+        host,
+        port,
+        path=path,
+        ssl=ssl,
+        backlog=backlog,
+        dashboard=dashboard,
+        **create_server_options,
     )
     return server
 
@@ -570,9 +705,13 @@ async def _start(
     path: str,
     ssl: ssl_module.SSLContext | None,
     backlog: int,
+    dashboard: bool = False,
     **create_server_options: Any,
 ) -> tuple[asyncio.Server, HubEndpoint]:
-    endpoint = HubEndpoint(hub, path=path)
+    # Read here, once: a request then costs no file system access, and an install that
+    # lacks a file says so at start-up rather than at the first browser.
+    static = load_dashboard(path) if dashboard else None
+    endpoint = HubEndpoint(hub, path=path, static=static)
     if ssl is not None:
         create_server_options.setdefault("ssl_handshake_timeout", hub.config.read_timeout)
         create_server_options.setdefault("ssl_shutdown_timeout", hub.config.write_timeout)

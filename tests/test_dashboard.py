@@ -1,0 +1,399 @@
+"""The dashboard in a real browser: headless Chromium against ``python -m wshub serve``.
+
+Events go in through the internal HTTP API, as the runner sends them, and the test reads
+what a person would see. Without Chromium or Playwright the test is skipped, unless
+``WSHUB_REQUIRE_BROWSER=1`` (CI) makes that a failure. ``WSHUB_SCREENSHOT=1`` also writes
+``docs/dashboard.png`` for the README.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .helpers import require_tool
+
+if TYPE_CHECKING:
+    from playwright.sync_api import ConsoleMessage, Error, Page
+
+__all__ = ["HubProcess"]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Quiet, offline, container-safe: no sandbox (root in CI), no GPU, no calls home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
+API = re.compile(r"internal API on (http://127\.0\.0\.1:\d+)")
+# Browser-side waits; generous, since a reconnect includes a backoff delay.
+WAIT_MS = 20_000
+
+
+class HubProcess:
+    """``python -m wshub serve`` in a subprocess, with its ports read from its log.
+
+    A thread drains stderr for the life of the process, so a chatty server never blocks on
+    a full pipe.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wshub",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api-port",
+                "0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.log: list[str] = []
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        self.port = int(self._wait_for(LISTENING))
+        self.api = self._wait_for(API)
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_for(self, pattern: re.Pattern[str], timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"wshub serve did not log {pattern.pattern!r}") from None
+            if line is None:
+                raise AssertionError("wshub serve exited early:\n" + "".join(self.log))
+            self.log.append(line)
+            if match := pattern.search(line):
+                return match.group(1)
+
+    def notify(self, kind: str, body: dict[str, Any]) -> int:
+        """``POST /api/notify/<kind>``; returns the number of clients reached."""
+        request = urllib.request.Request(
+            f"{self.api}/api/notify/{kind}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            recipients: int = json.load(answer)["recipients"]
+        return recipients
+
+    def stop(self) -> None:
+        """SIGTERM, as an operator would; the hub says goodbye and exits 0."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                assert self.process.wait(timeout=20) == 0
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            # The pipe ends with the process; close it here, not in the garbage collector
+            # (an unclosed file is a ResourceWarning, and warnings are errors here).
+            self._drainer.join(timeout=5)
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+
+
+@contextmanager
+def hub_process(port: int = 0) -> Iterator[HubProcess]:
+    """A :class:`HubProcess` for the block, stopped with SIGTERM at its end."""
+    hub = HubProcess(port)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+def browser_available() -> tuple[bool, bool]:
+    """Whether Playwright's Python package and a Chromium binary are installed."""
+    return importlib.util.find_spec("playwright") is not None, os.access(CHROMIUM, os.X_OK)
+
+
+def run(run_id: str, test: str, **extra: Any) -> dict[str, Any]:
+    """A notify body for one run: its id, its test and ``extra`` fields."""
+    return {"run_id": run_id, "test_name": test, **extra}
+
+
+def progress(run_id: str, test: str, fraction: float, rps: float = 480.0) -> dict[str, Any]:
+    """A ``run_progress`` body for a two-minute, 60,000-request run ``fraction`` done."""
+    return run(
+        run_id,
+        test,
+        progress=fraction,
+        elapsed_s=round(120 * fraction, 1),
+        requests_done=int(60_000 * fraction),
+        current_rps=rps,
+        error_rate=0.002,
+    )
+
+
+def regression(
+    regression_id: str, run_id: str, test: str, severity: str, **fields: Any
+) -> dict[str, Any]:
+    """A ``regression_detected`` body: an 18.4% p95 regression unless ``fields`` differ."""
+    return {
+        "regression": {
+            "id": regression_id,
+            "run_id": run_id,
+            "baseline_run_id": "base-7",
+            "client": "geth",
+            "metric": "p95_latency_ms",
+            "method": "eth_call",
+            "severity": severity,
+            "percent_change": 18.4,
+            "baseline_value": 41.2,
+            "current_value": 48.8,
+            "is_significant": True,
+            "p_value": 0.003,
+            **fields,
+        },
+        "run": {"id": run_id, "test_name": test, "git_commit": "4f2a9c1e7b"},
+    }
+
+
+def populate(hub: HubProcess) -> None:
+    """A few runs in every state, regressions of each severity and some results."""
+    hub.notify(
+        "run_started",
+        run(
+            "r-218",
+            "debug_traceTransaction",
+            git_branch="main",
+            git_commit="9be41c07d2",
+            clients=["geth", "reth"],
+            methods=["debug_traceTransaction"],
+            planned_requests=60_000,
+        ),
+    )
+    hub.notify("run_progress", progress("r-218", "debug_traceTransaction", 0.31, rps=212.5))
+    hub.notify(
+        "run_started", run("r-215", "eth_getLogs", git_branch="main", planned_requests=60_000)
+    )
+    hub.notify("run_progress", progress("r-215", "eth_getLogs", 1.0, rps=960.0))
+    hub.notify(
+        "run_complete",
+        run(
+            "r-215",
+            "eth_getLogs",
+            duration_s=64.2,
+            total_requests=60_000,
+            total_errors=14,
+            error_rate=0.00023,
+        ),
+    )
+    hub.notify("run_started", run("r-216", "eth_estimateGas", git_branch="feat/cache"))
+    hub.notify("run_progress", progress("r-216", "eth_estimateGas", 0.42, rps=300.0))
+    hub.notify(
+        "run_failed",
+        run(
+            "r-216",
+            "eth_estimateGas",
+            error="client reth stopped answering (timeout after 30 s)",
+            elapsed_s=51.0,
+        ),
+    )
+    hub.notify(
+        "new_run",
+        {
+            "run": {
+                "id": "r-215",
+                "test_name": "eth_getLogs",
+                "git_commit": "77c0de1f00",
+                "total_requests": 60_000,
+                "overall_error_rate": 0.00023,
+                "p95_latency_ms": 38.5,
+                "best_client": "reth",
+            }
+        },
+    )
+    hub.notify(
+        "baseline_updated",
+        {"baseline_name": "main", "run_id": "r-215", "test_name": "eth_getLogs"},
+    )
+    hub.notify(
+        "analysis_complete",
+        run(
+            "r-215",
+            "eth_getLogs",
+            analysis_results={"regressions": 0, "improvements": 2, "verdict": "faster"},
+        ),
+    )
+    hub.notify(
+        "regression_detected",
+        regression(
+            "g-3",
+            "r-212",
+            "eth_getBalance",
+            "low",
+            percent_change=3.1,
+            metric="avg_latency_ms",
+            baseline_value=12.0,
+            current_value=12.4,
+        ),
+    )
+    hub.notify(
+        "regression_detected",
+        regression("g-4", "r-213", "eth_getLogs", "medium", percent_change=7.9, client="reth"),
+    )
+    hub.notify(
+        "regression_detected",
+        regression(
+            "g-5",
+            "r-214",
+            "eth_call",
+            "critical",
+            percent_change=61.0,
+            metric="error_rate",
+            baseline_value=0.001,
+            current_value=0.0161,
+        ),
+    )
+
+
+def test_dashboard_live_view_filter_and_reconnect() -> None:
+    has_playwright, has_chromium = browser_available()
+    require_tool("playwright", has_playwright, "pip install playwright (no browser download)")
+    require_tool("chromium", has_chromium, f"apt-get install chromium (looked for {CHROMIUM})")
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+
+            def page_error(error: Error) -> None:
+                errors.append(str(error))
+
+            def console(message: ConsoleMessage) -> None:
+                # Chromium logs each refused reconnect while the hub restarts: expected.
+                if message.type == "error" and not message.text.startswith(
+                    "WebSocket connection to"
+                ):
+                    errors.append(message.text)
+
+            # An uncaught exception or a failed load (a 404 asset) fails the test.
+            page.on("pageerror", page_error)
+            page.on("console", console)
+            _exercise(page)
+            assert errors == [], errors
+        finally:
+            browser.close()
+
+
+def _exercise(page: Page) -> None:
+    """What a person watching would see, step by step (the test's body, in one browser)."""
+    from playwright.sync_api import expect
+
+    status = page.get_by_test_id("status")
+    hub = HubProcess()
+    try:
+        port = hub.port
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(status).to_have_attribute("data-status", "open")
+        expect(page.get_by_test_id("status-text")).to_have_text("Live")
+        expect(page.get_by_test_id("topics")).to_have_text("*")
+
+        # A run: a row on run_started, its bar following run_progress.
+        assert hub.notify("run_started", run("r-220", "eth_call", planned_requests=60_000)) == 1
+        row = page.locator('[data-testid="run"][data-run-id="r-220"]')
+        expect(row).to_be_visible()
+        expect(row.get_by_test_id("run-state")).to_have_text("running")
+        hub.notify("run_progress", progress("r-220", "eth_call", 0.25))
+        expect(row.get_by_test_id("run-progress")).to_have_attribute("aria-valuenow", "25")
+        hub.notify("run_progress", progress("r-220", "eth_call", 0.6, rps=512.5))
+        expect(row.get_by_test_id("run-progress")).to_have_attribute("aria-valuenow", "60")
+        expect(row.get_by_test_id("run-percent")).to_have_text("60%")
+        expect(row.get_by_test_id("run-rps")).to_have_text("512.5/s")
+        expect(row.get_by_test_id("run-elapsed")).to_have_text("1m 12s")
+        expect(page.get_by_test_id("rate")).not_to_have_text("0.0")
+
+        # A regression, with its severity.
+        hub.notify("regression_detected", regression("g-1", "r-220", "eth_call", "high"))
+        item = page.locator('[data-testid="regression"][data-run-id="r-220"]')
+        expect(item).to_have_attribute("data-severity", "high")
+        expect(item.get_by_test_id("regression-severity")).to_have_text("high")
+        expect(item.get_by_test_id("regression-change")).to_contain_text("+18.4%")
+
+        populate(hub)
+        expect(page.locator('[data-run-id="r-216"][data-state="failed"]')).to_be_visible()
+        expect(page.locator('[data-run-id="r-215"][data-state="complete"]')).to_be_visible()
+        expect(page.get_by_test_id("regression")).to_have_count(4)
+        expect(page.get_by_test_id("analysis")).to_have_count(1)
+        if os.environ.get("WSHUB_SCREENSHOT") == "1":
+            page.wait_for_timeout(600)  # the bars' width transition
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # The filter: only eth_call from now on; other tests' rows are hidden.
+        page.get_by_test_id("filter").fill("eth_call")
+        page.get_by_test_id("filter-apply").click()
+        expect(page.get_by_test_id("topics")).to_have_text("test:eth_call")
+        expect(page.locator('[data-run-id="r-218"]')).to_be_hidden()
+        expect(row).to_be_visible()
+        assert "test=eth_call" in page.url
+        hub.notify("run_started", run("r-other", "eth_getBalance"))
+        # Delivery is in publish order: once the later eth_call run shows, the other would
+        # have shown before it, had the page still been subscribed to it.
+        hub.notify("run_started", run("r-221", "eth_call"))
+        expect(page.locator('[data-run-id="r-221"]')).to_be_visible()
+        expect(page.locator('[data-run-id="r-other"]')).to_have_count(0)
+
+        # The hub restarts on the same port: reconnecting, then open, still filtered.
+        hub.stop()
+        expect(status).to_have_attribute("data-status", "reconnecting")
+        expect(page.get_by_test_id("status-text")).to_contain_text("Reconnecting")
+    finally:
+        hub.stop()
+    with hub_process(port) as restarted:
+        expect(status).to_have_attribute("data-status", "open")
+        expect(page.get_by_test_id("topics")).to_have_text("test:eth_call")
+        restarted.notify("run_started", run("r-230", "eth_call"))
+        restarted.notify("run_progress", progress("r-230", "eth_call", 0.1))
+        after = page.locator('[data-testid="run"][data-run-id="r-230"]')
+        expect(after.get_by_test_id("run-progress")).to_have_attribute("aria-valuenow", "10")
+
+        # Clearing the filter goes back to everything.
+        page.get_by_test_id("filter-clear").click()
+        expect(page.get_by_test_id("topics")).to_have_text("*")
+        expect(page.locator('[data-run-id="r-218"]')).to_be_visible()
+        restarted.notify("run_started", run("r-231", "eth_getBalance"))
+        expect(page.locator('[data-run-id="r-231"]')).to_be_visible()

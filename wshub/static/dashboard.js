@@ -1,0 +1,508 @@
+// The wshub dashboard: a live view of the benchmark runner's events.
+//
+// No framework and no build step: the hub serves this file as it is. Every value from the
+// wire goes into the page through textContent or attributes, never as HTML, so an event
+// cannot inject markup.
+
+import { WshubClient } from "./wshub.js";
+
+// How many finished runs and feed items stay on the page; older ones are dropped so that a
+// dashboard left open for days stays light.
+const MAX_FINISHED_RUNS = 30;
+const MAX_FEED_ITEMS = 50;
+// The message rate is an average over this many milliseconds.
+const RATE_WINDOW_MS = 5000;
+const SEVERITIES = new Set(["critical", "high", "medium", "low"]);
+
+const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
+
+/** Build an element: h("span", {class: "x", "data-testid": "y"}, "text", child, ...). */
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value !== null && value !== undefined && value !== false) {
+      element.setAttribute(name, value === true ? "" : String(value));
+    }
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) {
+      element.append(child instanceof Node ? child : String(child));
+    }
+  }
+  return element;
+}
+
+// Formatting. Missing values (the hub sends null for what the runner did not give) show
+// as a dash rather than "NaN" or "null".
+
+const DASH = "–";
+const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
+const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const decimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+// Always one decimal, so the rate does not jump in width as it changes.
+const rate = new Intl.NumberFormat(undefined, { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+const precise = new Intl.NumberFormat(undefined, { maximumFractionDigits: 3 });
+
+const count = (value) => (isNumber(value) ? integer.format(value) : DASH);
+const percent = (ratio, digits = 1) =>
+  isNumber(ratio) ? `${(ratio * 100).toFixed(digits)}%` : DASH;
+
+function duration(seconds) {
+  if (!isNumber(seconds)) return DASH;
+  const s = Math.max(0, Math.round(seconds));
+  const m = Math.floor(s / 60);
+  const hours = Math.floor(m / 60);
+  if (hours) return `${hours}h ${String(m % 60).padStart(2, "0")}m`;
+  if (m) return `${m}m ${String(s % 60).padStart(2, "0")}s`;
+  return `${s}s`;
+}
+
+function clock(timestamp) {
+  const date = timestamp ? new Date(timestamp) : new Date();
+  if (Number.isNaN(date.getTime())) return "";
+  return date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+const shortCommit = (commit) => (typeof commit === "string" && commit ? commit.slice(0, 7) : null);
+
+function time(timestamp) {
+  return h("time", { datetime: timestamp || null, class: "muted" }, clock(timestamp));
+}
+
+/** Cap a list: drop its oldest children (at the end) past ``limit``. */
+function trim(list, limit) {
+  while (list.children.length > limit) list.lastElementChild.remove();
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs in progress
+
+const runsList = $("runs");
+const runs = new Map(); // run_id -> {row, state, test}
+
+function runRow(runId, testName) {
+  const bar = h("div", { class: "bar__fill" });
+  const progress = h(
+    "div",
+    {
+      class: "bar",
+      role: "progressbar",
+      "aria-label": `Progress of run ${runId}`,
+      "aria-valuemin": 0,
+      "aria-valuemax": 100,
+      "aria-valuenow": 0,
+      "data-testid": "run-progress",
+    },
+    bar,
+  );
+  const stat = (label, testid) =>
+    h("div", { class: "stat" }, h("dt", {}, label), h("dd", { "data-testid": testid }, DASH));
+  const row = h(
+    "li",
+    { class: "run", "data-testid": "run", "data-run-id": runId, "data-test": testName, "data-state": "running" },
+    h(
+      "div",
+      { class: "run__head" },
+      h(
+        "div",
+        { class: "run__name" },
+        h("strong", { "data-testid": "run-test" }, testName || "(unnamed test)"),
+        h("span", { class: "muted run__id" }, runId),
+      ),
+      h("span", { class: "badge", "data-testid": "run-state" }, "running"),
+    ),
+    h("p", { class: "run__meta muted", "data-testid": "run-meta" }),
+    h(
+      "div",
+      { class: "run__progress" },
+      progress,
+      h("span", { class: "run__percent", "data-testid": "run-percent" }, "0%"),
+    ),
+    h(
+      "dl",
+      { class: "run__stats" },
+      stat("Requests", "run-requests"),
+      stat("Rate", "run-rps"),
+      stat("Errors", "run-errors"),
+      stat("Elapsed", "run-elapsed"),
+    ),
+    h("p", { class: "run__error", "data-testid": "run-error", hidden: true }),
+  );
+  return row;
+}
+
+function getRun(data) {
+  const runId = String(data.run_id ?? "");
+  let run = runs.get(runId);
+  if (!run) {
+    // A run may be first seen mid-way (the page opened during it): make its row then.
+    run = { row: runRow(runId, data.test_name), state: "running", test: data.test_name, planned: null };
+    runs.set(runId, run);
+    runsList.prepend(run.row);
+    applyFilterTo(run.row);
+  }
+  return run;
+}
+
+const field = (run, testid) => run.row.querySelector(`[data-testid="${testid}"]`);
+
+function setProgress(run, ratio) {
+  if (!isNumber(ratio)) return;
+  const value = Math.round(Math.min(1, Math.max(0, ratio)) * 1000) / 10;
+  const bar = field(run, "run-progress");
+  bar.setAttribute("aria-valuenow", String(value));
+  bar.firstElementChild.style.width = `${value}%`;
+  field(run, "run-percent").textContent = `${decimal.format(value)}%`;
+}
+
+function setState(run, state, label) {
+  run.state = state;
+  run.row.dataset.state = state;
+  field(run, "run-state").textContent = label;
+  updateRunCount();
+  if (state !== "running") dropOldFinishedRuns();
+}
+
+function onRunStarted(data) {
+  const run = getRun(data);
+  run.planned = isNumber(data.planned_requests) ? data.planned_requests : null;
+  const meta = [];
+  if (data.git_branch) meta.push(data.git_branch);
+  if (shortCommit(data.git_commit)) meta.push(shortCommit(data.git_commit));
+  if (Array.isArray(data.clients) && data.clients.length) meta.push(data.clients.join(", "));
+  if (Array.isArray(data.methods) && data.methods.length) meta.push(data.methods.join(", "));
+  meta.push(`started ${clock(data.started_at)}`);
+  field(run, "run-meta").textContent = meta.join(" · ");
+  if (run.planned !== null) field(run, "run-requests").textContent = `0 / ${count(run.planned)}`;
+  setState(run, "running", "running");
+}
+
+function onRunProgress(data) {
+  const run = getRun(data);
+  if (run.state !== "running") return; // a late progress must not reopen a finished run
+  setProgress(run, data.progress);
+  field(run, "run-requests").textContent =
+    run.planned !== null ? `${count(data.requests_done)} / ${count(run.planned)}` : count(data.requests_done);
+  field(run, "run-rps").textContent = isNumber(data.current_rps) ? `${decimal.format(data.current_rps)}/s` : DASH;
+  field(run, "run-errors").textContent = percent(data.error_rate, 2);
+  field(run, "run-errors").classList.toggle("warn", isNumber(data.error_rate) && data.error_rate > 0.01);
+  field(run, "run-elapsed").textContent = duration(data.elapsed_s);
+}
+
+function onRunComplete(data) {
+  const run = getRun(data);
+  setProgress(run, 1);
+  if (isNumber(data.total_requests)) field(run, "run-requests").textContent = count(data.total_requests);
+  if (isNumber(data.error_rate)) field(run, "run-errors").textContent = percent(data.error_rate, 2);
+  if (isNumber(data.duration_s)) field(run, "run-elapsed").textContent = duration(data.duration_s);
+  field(run, "run-rps").textContent =
+    isNumber(data.total_requests) && isNumber(data.duration_s) && data.duration_s > 0
+      ? `${decimal.format(data.total_requests / data.duration_s)}/s avg`
+      : field(run, "run-rps").textContent;
+  setState(run, "complete", "complete");
+}
+
+function onRunFailed(data) {
+  const run = getRun(data);
+  if (isNumber(data.elapsed_s)) field(run, "run-elapsed").textContent = duration(data.elapsed_s);
+  const error = field(run, "run-error");
+  error.textContent = data.error ? String(data.error) : "failed";
+  error.hidden = false;
+  setState(run, "failed", "failed");
+}
+
+function updateRunCount() {
+  let running = 0;
+  for (const run of runs.values()) if (run.state === "running") running += 1;
+  $("runs-count").textContent = `${running} running`;
+  $("runs-empty").hidden = runs.size > 0;
+}
+
+function dropOldFinishedRuns() {
+  const finished = [...runs].filter(([, run]) => run.state !== "running");
+  // The Map keeps insertion order, oldest first.
+  for (const [runId, run] of finished.slice(0, Math.max(0, finished.length - MAX_FINISHED_RUNS))) {
+    run.row.remove();
+    runs.delete(runId);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions, and the results feed (stored runs, baselines, analyses)
+
+const regressionsList = $("regressions");
+const activityList = $("activity");
+let regressionCount = 0;
+
+function signedPercent(value) {
+  if (!isNumber(value)) return DASH;
+  return `${value > 0 ? "+" : ""}${decimal.format(value)}%`;
+}
+
+function onRegression(data, message) {
+  const raw = String(data.severity || "").toLowerCase();
+  const severity = SEVERITIES.has(raw) ? raw : "unknown";
+  const info = data.run_info || {};
+  const what = data.metric || "regression";
+  const change = [
+    signedPercent(data.percent_change),
+    isNumber(data.baseline_value) && isNumber(data.current_value)
+      ? `${precise.format(data.baseline_value)} → ${precise.format(data.current_value)}`
+      : null,
+  ].filter(Boolean);
+  // Labelled, because a method and a test are often both called eth_call.
+  const where = [
+    data.client && `client ${data.client}`,
+    data.method && `method ${data.method}`,
+    info.test_name && `test ${info.test_name}`,
+    data.run_id && `run ${data.run_id}`,
+    shortCommit(info.git_commit),
+  ]
+    .filter(Boolean)
+    .join(" · ");
+  const item = h(
+    "li",
+    {
+      class: `item regression severity-${severity}`,
+      "data-testid": "regression",
+      "data-severity": severity,
+      "data-run-id": data.run_id ?? null,
+      "data-test": info.test_name ?? null,
+    },
+    h(
+      "div",
+      { class: "item__head" },
+      h("span", { class: "badge severity", "data-testid": "regression-severity" }, raw || "unknown"),
+      h("strong", { class: "item__title" }, what),
+      time(data.detected_at || message.timestamp),
+    ),
+    h("p", { class: "item__change", "data-testid": "regression-change" }, change.join("  ·  ")),
+    h(
+      "p",
+      { class: "muted item__detail" },
+      where,
+      data.is_significant === true && isNumber(data.p_value) ? ` · p = ${precise.format(data.p_value)}` : "",
+    ),
+  );
+  regressionsList.prepend(item);
+  applyFilterTo(item);
+  trim(regressionsList, MAX_FEED_ITEMS);
+  regressionCount += 1;
+  $("regressions-count").textContent = String(regressionCount);
+  $("regressions-empty").hidden = true;
+}
+
+function addActivity(kind, testid, title, detail, data, timestamp, extra = null) {
+  const item = h(
+    "li",
+    { class: `item activity kind-${kind}`, "data-testid": testid, "data-run-id": data.run_id ?? null, "data-test": data.test_name ?? null },
+    h(
+      "div",
+      { class: "item__head" },
+      h("span", { class: "badge" }, kind),
+      h("strong", { class: "item__title" }, title),
+      time(timestamp),
+    ),
+    detail ? h("p", { class: "muted item__detail" }, detail) : null,
+    extra,
+  );
+  activityList.prepend(item);
+  applyFilterTo(item);
+  trim(activityList, MAX_FEED_ITEMS);
+  $("activity-empty").hidden = true;
+}
+
+function onNewRun(data, message) {
+  const summary = data.summary || {};
+  const detail = [
+    data.test_name,
+    `run ${data.run_id}`,
+    shortCommit(data.git_commit),
+    isNumber(summary.total_requests) && `${count(summary.total_requests)} requests`,
+    isNumber(summary.overall_error_rate) && `${percent(summary.overall_error_rate, 2)} errors`,
+    isNumber(summary.p95_latency_ms) && `p95 ${decimal.format(summary.p95_latency_ms)} ms`,
+    summary.best_client && `best: ${summary.best_client}`,
+  ]
+    .filter(Boolean)
+    .join(" · ");
+  addActivity("stored", "new-run", "Run stored", detail, data, data.timestamp || message.timestamp);
+}
+
+function onBaselineUpdated(data, message) {
+  addActivity(
+    "baseline",
+    "baseline",
+    `Baseline “${data.baseline_name}” updated`,
+    [data.test_name, `now run ${data.run_id}`].filter(Boolean).join(" · "),
+    data,
+    data.updated_at || message.timestamp,
+  );
+}
+
+function onAnalysisComplete(data, message) {
+  const results = data.analysis_results;
+  // A one-line digest of the plain values; the whole result is one click away.
+  let digest = "";
+  if (results && typeof results === "object" && !Array.isArray(results)) {
+    digest = Object.entries(results)
+      .filter(([, value]) => value === null || typeof value !== "object")
+      .slice(0, 4)
+      .map(([key, value]) => `${key}: ${isNumber(value) ? precise.format(value) : value}`)
+      .join(" · ");
+  }
+  const full = h(
+    "details",
+    { class: "item__more" },
+    h("summary", {}, "Results"),
+    h("pre", {}, JSON.stringify(results, null, 2)),
+  );
+  addActivity(
+    "analysis",
+    "analysis",
+    "Analysis complete",
+    [data.test_name, `run ${data.run_id}`, digest].filter(Boolean).join(" · "),
+    data,
+    data.completed_at || message.timestamp,
+    full,
+  );
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection status and message rate
+
+const statusBox = $("status");
+const statusText = $("status-text");
+let countdown = null;
+let retrying = null; // the attempt number while reconnecting, until the connection opens
+
+function showStatus(status, detail) {
+  clearInterval(countdown);
+  countdown = null;
+  // The client reports "connecting" for each retry's handshake too; to a person watching,
+  // that is still reconnecting, and the countdown must not flicker back to "Connecting".
+  const shown = status === "connecting" && retrying !== null ? "reconnecting" : status;
+  statusBox.dataset.status = shown;
+  if (status === "open") {
+    retrying = null;
+    statusText.textContent = "Live";
+  } else if (status === "connecting") {
+    statusText.textContent = retrying !== null ? `Reconnecting… (attempt ${retrying})` : "Connecting…";
+  } else if (status === "reconnecting") {
+    const attempt = detail && isNumber(detail.attempt) ? detail.attempt : null;
+    const delay = detail && isNumber(detail.delay) ? detail.delay : null;
+    retrying = attempt ?? retrying ?? 1;
+    const suffix = attempt ? ` (attempt ${attempt})` : "";
+    if (delay === null) {
+      statusText.textContent = `Reconnecting…${suffix}`;
+      return;
+    }
+    const due = Date.now() + delay; // delay is in milliseconds
+    const tick = () => {
+      const left = Math.ceil((due - Date.now()) / 1000);
+      statusText.textContent = left > 0 ? `Reconnecting in ${left}s${suffix}` : `Reconnecting…${suffix}`;
+      if (left <= 0) {
+        clearInterval(countdown);
+        countdown = null;
+      }
+    };
+    tick();
+    countdown = setInterval(tick, 250);
+  } else if (status === "closed") {
+    retrying = null;
+    const code = detail && detail.code ? ` (${detail.code}${detail.reason ? `, ${detail.reason}` : ""})` : "";
+    statusText.textContent = `Disconnected${code}`;
+  } else {
+    statusText.textContent = String(status);
+  }
+}
+
+const arrivals = []; // receive times (ms) within the rate window
+
+function showRate() {
+  const now = performance.now();
+  while (arrivals.length && arrivals[0] <= now - RATE_WINDOW_MS) arrivals.shift();
+  $("rate").textContent = rate.format(arrivals.length / (RATE_WINDOW_MS / 1000));
+}
+
+// ---------------------------------------------------------------------------------------
+// The test-name filter: subscribe to test:<name> instead of everything
+
+const filterForm = $("filter-form");
+const filterInput = $("filter");
+const clearButton = $("filter-clear");
+let activeTest = "";
+
+/** Hide a row or item of another test while a filter is active (the server sends no more
+ * of them; this hides those that arrived before). */
+function applyFilterTo(element) {
+  element.hidden = Boolean(activeTest) && element.dataset.test !== activeTest;
+}
+
+function showTopics() {
+  $("topics").textContent = client.topics.join(", ") || "nothing";
+}
+
+async function follow(testName) {
+  const next = testName.trim();
+  if (next === activeTest) return;
+  const previous = activeTest ? [`test:${activeTest}`] : ["*"];
+  const wanted = next ? [`test:${next}`] : ["*"];
+  activeTest = next;
+  // Subscribe before unsubscribing, so no event falls in between.
+  await client.subscribe(wanted);
+  await client.unsubscribe(previous.filter((topic) => !wanted.includes(topic)));
+  for (const element of document.querySelectorAll("[data-test]")) applyFilterTo(element);
+  clearButton.hidden = !next;
+  filterInput.value = next;
+  showTopics();
+  // The filter lives in the URL too, so a filtered view can be bookmarked or shared.
+  const url = new URL(location.href);
+  if (next) url.searchParams.set("test", next);
+  else url.searchParams.delete("test");
+  history.replaceState(null, "", url);
+}
+
+// ---------------------------------------------------------------------------------------
+// Wiring
+
+const initialTest = (new URL(location.href).searchParams.get("test") || "").trim();
+activeTest = initialTest;
+filterInput.value = initialTest;
+clearButton.hidden = !initialTest;
+
+const scheme = location.protocol === "https:" ? "wss" : "ws";
+const endpoint = document.querySelector('meta[name="wshub-endpoint"]')?.content || "/api/ws";
+const client = new WshubClient(`${scheme}://${location.host}${endpoint}`, {
+  topics: initialTest ? [`test:${initialTest}`] : ["*"],
+});
+
+client.onStatus((status, detail) => {
+  showStatus(status, detail);
+  if (status === "open") showTopics();
+});
+client.on("*", () => arrivals.push(performance.now()));
+client.on("run_started", onRunStarted);
+client.on("run_progress", onRunProgress);
+client.on("run_complete", onRunComplete);
+client.on("run_failed", onRunFailed);
+client.on("regression_detected", onRegression);
+client.on("new_run", onNewRun);
+client.on("baseline_updated", onBaselineUpdated);
+client.on("analysis_complete", onAnalysisComplete);
+
+filterForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  follow(filterInput.value).catch((error) => console.error("wshub: filter failed", error));
+});
+filterInput.addEventListener("search", () => {
+  // The clear (x) button of a search field: back to everything.
+  if (!filterInput.value) follow("").catch((error) => console.error("wshub: filter failed", error));
+});
+clearButton.addEventListener("click", () => {
+  follow("").catch((error) => console.error("wshub: filter failed", error));
+});
+
+setInterval(showRate, 500);
+showTopics();
+updateRunCount();
+client.connect();
