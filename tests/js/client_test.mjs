@@ -1,0 +1,521 @@
+// wshub/static/wshub.js against a real hub, under Node's test runner.
+//
+// tests/test_js_client.py starts `python -m wshub serve`, then runs
+//     WSHUB_WS_URL=ws://127.0.0.1:PORT/api/ws WSHUB_API_URL=http://127.0.0.1:PORT \
+//         node --test tests/js/client_test.mjs
+// For the restart test this script prints a line `RESTART` and creates the file named by
+// WSHUB_RESTART_FILE; the Python side, which watches for that file, then stops the hub with
+// SIGTERM and starts a new one on the same ports. (A file, not stdout and stdin: node --test
+// gives the script no stdin, and may hold its stdout back until the test ends.) The
+// client's reconnection is how this script learns that the new hub is up.
+// The dead-connection, backoff and close() tests need no hub: they use a tiny in-test
+// `ws` server, or a port where nothing listens.
+
+import assert from "node:assert/strict";
+import { readFile, writeFile } from "node:fs/promises";
+import net from "node:net";
+import test from "node:test";
+import { WebSocket, WebSocketServer } from "ws";
+
+const { WshubClient, WshubError } = await loadClient();
+
+const WS_URL = process.env.WSHUB_WS_URL;
+const API_URL = process.env.WSHUB_API_URL;
+const HUB = { skip: WS_URL && API_URL ? false : "WSHUB_WS_URL and WSHUB_API_URL are not set" };
+const TIMEOUT = 5000;
+
+/** The module under test; Node before 20.19 reads a .js file outside a module package as CJS. */
+async function loadClient() {
+  const url = new URL("../../wshub/static/wshub.js", import.meta.url);
+  try {
+    return await import(url.href);
+  } catch (error) {
+    if (!(error instanceof SyntaxError)) throw error;
+    const source = await readFile(url, "utf8");
+    return import(`data:text/javascript;base64,${Buffer.from(source).toString("base64")}`);
+  }
+}
+
+// Helpers
+
+/** A client with `ws` and the options given; closed when the test ends. */
+function makeClient(t, url, options = {}) {
+  const client = new WshubClient(url, { WebSocket, ...options });
+  t.after(() => client.close());
+  return client;
+}
+
+/** Resolve with `promise`, or fail after `ms` with `what` in the message. */
+function within(promise, what, ms = TIMEOUT) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** The next status change matching `predicate` (or equal to it, when a string). */
+function nextStatus(client, predicate, ms = TIMEOUT) {
+  const match = typeof predicate === "string" ? (status) => status === predicate : predicate;
+  let off;
+  const promise = new Promise((resolve) => {
+    off = client.onStatus((status, detail) => {
+      if (match(status, detail)) resolve({ status, detail });
+    });
+  });
+  return within(promise, `status ${predicate}`, ms).finally(() => off());
+}
+
+/** Every message the client receives from now on, and a way to wait for the next ones. */
+function inbox(client, type = "*") {
+  const messages = [];
+  const waiters = [];
+  client.on(type, (data, message) => {
+    messages.push(message);
+    while (waiters.length > 0 && waiters[0].count <= messages.length) waiters.shift().resolve();
+  });
+  return {
+    messages,
+    /** Wait until `count` messages have arrived in all. */
+    async until(count, ms = TIMEOUT) {
+      if (messages.length >= count) return;
+      await within(
+        new Promise((resolve) => waiters.push({ count, resolve })),
+        `${count} messages of type ${type}`,
+        ms,
+      );
+    },
+  };
+}
+
+async function connected(client, ms = TIMEOUT) {
+  const opened = nextStatus(client, "open", ms);
+  client.connect();
+  await opened;
+}
+
+async function api(path, body) {
+  const response = await fetch(`${API_URL}${path}`, {
+    method: body === undefined ? "GET" : "POST",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const answer = await response.json();
+  assert.equal(response.status, 200, JSON.stringify(answer));
+  return answer;
+}
+
+function publish(type, data, topics) {
+  return api("/api/publish", { type, data, topics });
+}
+
+/** A port on 127.0.0.1 where nothing listens (it was free a moment ago). */
+async function deadPort() {
+  const server = net.createServer();
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** A `ws` server on a free port; `onConnection(socket, request)`; closed when the test ends. */
+async function fakeHub(t, onConnection) {
+  const server = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((resolve) => server.once("listening", resolve));
+  const connections = [];
+  server.on("connection", (socket, request) => {
+    connections.push(request.url);
+    onConnection(socket, request);
+  });
+  t.after(async () => {
+    for (const socket of server.clients) socket.terminate();
+    await new Promise((resolve) => server.close(resolve));
+  });
+  return { url: `ws://127.0.0.1:${server.address().port}/api/ws`, connections };
+}
+
+function greet(socket, clientId, topics = ["*"]) {
+  socket.send(
+    JSON.stringify({
+      type: "connection",
+      data: { client_id: clientId, status: "connected", topics },
+      client_id: clientId,
+    }),
+  );
+}
+
+function compareIds(a, b) {
+  const [ma, sa] = a.split("-").map(BigInt);
+  const [mb, sb] = b.split("-").map(BigInt);
+  return ma === mb ? Number(sa - sb) : Number(ma - mb);
+}
+
+// Against the real hub
+
+test("connects, is greeted, reports its status", HUB, async (t) => {
+  const client = makeClient(t, WS_URL);
+  const statuses = [];
+  client.onStatus((status) => statuses.push(status));
+  assert.equal(client.status, "closed");
+  assert.equal(client.clientId, null);
+  await connected(client);
+  assert.deepEqual(statuses, ["connecting", "open"]);
+  assert.equal(client.status, "open");
+  assert.match(client.clientId, /^[0-9a-f]{16}$/);
+  assert.deepEqual(client.topics, ["*"]);
+  client.connect(); // idempotent
+  assert.deepEqual(statuses, ["connecting", "open"]);
+  const clients = await api("/api/clients");
+  const mine = clients.find((info) => info.id === client.clientId);
+  assert.ok(mine, "the hub lists the client");
+  assert.deepEqual(mine.subscriptions, ["*"]);
+});
+
+test("on(type) handlers receive published messages; on() returns an unsubscribe", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["deploys"] });
+  await connected(client);
+  const deploys = [];
+  const everything = inbox(client);
+  const off = client.on("deploy", (data, message) => deploys.push({ data, message }));
+  await publish("deploy", { version: "1.2.3" }, ["deploys"]);
+  await everything.until(1);
+  assert.equal(deploys.length, 1);
+  assert.deepEqual(deploys[0].data, { version: "1.2.3" });
+  assert.equal(deploys[0].message.type, "deploy");
+  assert.equal(typeof deploys[0].message.id, "string");
+  assert.equal(everything.messages[0], deploys[0].message);
+  off();
+  await publish("deploy", { version: "1.2.4" }, ["deploys"]);
+  await publish("marker", null); // to every client
+  await everything.until(3);
+  assert.equal(deploys.length, 1, "the removed handler was not called");
+  assert.deepEqual(
+    everything.messages.map((message) => message.type),
+    ["deploy", "deploy", "marker"],
+  );
+  assert.equal(everything.messages[2].data, undefined);
+});
+
+test("subscribe()/unsubscribe() resolve with the hub's sorted list; topics filter", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["run:1"] });
+  await connected(client);
+  const received = inbox(client, "event");
+  assert.deepEqual(await client.subscribe(["test:b", "test:a"]), ["run:1", "test:a", "test:b"]);
+  assert.deepEqual(client.topics, ["run:1", "test:a", "test:b"]);
+  // A message to a topic the client does not hold never arrives: the next one does first.
+  await publish("event", { n: 1 }, ["run:2"]);
+  await publish("event", { n: 2 }, ["test:a"]);
+  await received.until(1);
+  assert.deepEqual(received.messages[0].data, { n: 2 });
+
+  assert.deepEqual(await client.unsubscribe(["run:1", "never:held"]), ["test:a", "test:b"]);
+  assert.deepEqual(client.topics, ["test:a", "test:b"]);
+  await publish("event", { n: 3 }, ["run:1"]);
+  await publish("event", { n: 4 }, ["test:b", "test:a"]); // once, however many topics match
+  await publish("event", { n: 5 }, ["test:b"]);
+  await received.until(3);
+  assert.deepEqual(
+    received.messages.map((message) => message.data.n),
+    [2, 4, 5],
+  );
+  assert.deepEqual(await client.subscribe("single"), ["single", "test:a", "test:b"]);
+
+  await assert.rejects(client.subscribe([""]), TypeError);
+  await assert.rejects(client.subscribe(["x".repeat(257)]), TypeError);
+  await assert.rejects(client.unsubscribe([42]), TypeError);
+  assert.deepEqual(client.topics, ["single", "test:a", "test:b"], "invalid calls change nothing");
+});
+
+test("topics the URL cannot carry are subscribed right after the greeting", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["plain", "with,comma", " padded "] });
+  await connected(client);
+  // Answers come in order, so this one comes after those of the client's own requests.
+  assert.deepEqual(await client.subscribe([]), [" padded ", "plain", "with,comma"]);
+  const clients = await api("/api/clients");
+  const mine = clients.find((info) => info.id === client.clientId);
+  assert.deepEqual(mine.subscriptions, [" padded ", "plain", "with,comma"]);
+});
+
+test("the hub's refusal rejects subscribe() and restores the hub's set", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: [] });
+  await connected(client);
+  const errors = inbox(client, "error");
+  const many = Array.from({ length: 1001 }, (_, i) => `t${i}`); // max_subscriptions: 100
+  const refused = await client.subscribe(many).then(
+    () => null,
+    (error) => error,
+  );
+  if (refused === null) {
+    t.skip("the hub allows more than 1001 subscriptions");
+    return;
+  }
+  assert.ok(refused instanceof WshubError, String(refused));
+  assert.equal(refused.code, 400);
+  assert.match(refused.message, /too many subscriptions/);
+  assert.deepEqual(client.topics, []);
+  await errors.until(1);
+  assert.deepEqual(errors.messages[0].error.code, 400);
+});
+
+test("lastId follows the ids of published messages", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["ids"] });
+  assert.equal(client.lastId, null);
+  await connected(client);
+  assert.equal(client.lastId, null, "the greeting carries no id");
+  const received = inbox(client);
+  for (let n = 0; n < 3; n += 1) await publish("tick", { n }, ["ids"]);
+  await received.until(3);
+  const ids = received.messages.map((message) => message.id);
+  assert.ok(ids.every((id) => /^\d+-\d+$/.test(id)), ids.join());
+  assert.ok(compareIds(ids[0], ids[1]) < 0 && compareIds(ids[1], ids[2]) < 0, ids.join());
+  assert.equal(client.lastId, ids[2]);
+  await client.subscribe(["other"]); // answers carry no id
+  assert.equal(client.lastId, ids[2]);
+});
+
+test("JSON pings keep a quiet connection alive", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { pingInterval: 100, deadAfter: 400 });
+  await connected(client);
+  const clientId = client.clientId;
+  const pongs = inbox(client, "pong");
+  const statuses = [];
+  client.onStatus((status) => statuses.push(status));
+  // Nothing is published: only the pongs to the client's pings arrive, well within deadAfter.
+  await pongs.until(10, 3000);
+  assert.deepEqual(statuses, [], "no reconnection");
+  assert.equal(client.clientId, clientId);
+  assert.equal(client.status, "open");
+});
+
+test("without pings a quiet hub looks dead after deadAfter", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { pingInterval: 0, deadAfter: 300, minDelay: 50 });
+  await connected(client);
+  const started = performance.now();
+  const { detail } = await nextStatus(client, "reconnecting");
+  assert.ok(performance.now() - started >= 290, "not before deadAfter");
+  assert.equal(detail.code, 4000);
+  assert.match(detail.reason, /no message from the server in 300 ms/);
+  await nextStatus(client, "open");
+});
+
+test("close() closes with 1000 and stops", HUB, async (t) => {
+  const client = makeClient(t, WS_URL);
+  await connected(client);
+  const clientId = client.clientId;
+  const statuses = [];
+  client.onStatus((status, detail) => statuses.push([status, detail]));
+  client.close();
+  assert.deepEqual(statuses, [["closed", { code: 1000, reason: "" }]]);
+  assert.equal(client.status, "closed");
+  assert.equal(client.clientId, null);
+  // The hub forgets the client once the closing handshake is over.
+  const deadline = performance.now() + TIMEOUT;
+  while ((await api("/api/clients")).some((info) => info.id === clientId)) {
+    assert.ok(performance.now() < deadline, "the hub still lists the client");
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  assert.deepEqual(await client.subscribe(["later"]), ["*", "later"], "closed: the local list");
+  client.close(); // again: nothing happens
+  assert.equal(statuses.length, 1);
+});
+
+// Without a hub
+
+test("a JSON ping from the server is answered; other frames are ignored", async (t) => {
+  const fromClient = [];
+  let notify;
+  const got = new Promise((resolve) => {
+    notify = resolve;
+  });
+  const hub = await fakeHub(t, (socket) => {
+    greet(socket, "0000000000000001", ["a", "b"]);
+    socket.send("not json");
+    socket.send("[1, 2]");
+    socket.send(JSON.stringify({ no: "type" }));
+    socket.send(JSON.stringify({ type: "ping" }));
+    socket.send(Buffer.from(JSON.stringify({ type: "binary", data: 1 })), { binary: true });
+    socket.on("message", (data) => {
+      fromClient.push(JSON.parse(data.toString()));
+      notify();
+    });
+  });
+  const client = makeClient(t, hub.url, { pingInterval: 0, topics: ["a", "b"] });
+  const received = inbox(client);
+  await connected(client);
+  await received.until(3);
+  assert.deepEqual(
+    received.messages.map((message) => message.type),
+    ["connection", "ping", "binary"],
+  );
+  assert.equal(client.invalidFrames, 3);
+  await within(got, "the pong");
+  assert.deepEqual(fromClient, [{ type: "pong" }]);
+  assert.equal(hub.connections[0], "/api/ws?topics=a%2Cb");
+});
+
+test("a connection that goes silent is dropped and reconnected", async (t) => {
+  // Greets, then never says anything again (not even pongs).
+  const hub = await fakeHub(t, (socket) => greet(socket, `client${hub.connections.length}`, ["x"]));
+  const client = makeClient(t, hub.url, {
+    pingInterval: 50,
+    deadAfter: 300,
+    minDelay: 50,
+    maxDelay: 100,
+    topics: ["x"],
+  });
+  await connected(client);
+  const firstId = client.clientId;
+  const started = performance.now();
+  const { detail } = await nextStatus(client, "reconnecting");
+  assert.ok(performance.now() - started >= 290, "not before deadAfter");
+  assert.equal(detail.code, 4000);
+  assert.equal(detail.attempt, 1);
+  assert.equal(client.clientId, null);
+  await nextStatus(client, "open");
+  assert.notEqual(client.clientId, firstId);
+  assert.equal(hub.connections.length, 2);
+  assert.deepEqual(hub.connections, ["/api/ws?topics=x", "/api/ws?topics=x"]);
+  // The second silent connection counts as a failure too: no "stayed open" reset (5 s).
+  const again = await nextStatus(client, "reconnecting");
+  assert.equal(again.detail.attempt, 2);
+});
+
+test("a hanging handshake counts as dead too", async (t) => {
+  const sockets = [];
+  const server = net.createServer((socket) => sockets.push(socket)); // accepts, never answers
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  });
+  const client = makeClient(t, `ws://127.0.0.1:${server.address().port}/api/ws`, {
+    deadAfter: 200,
+    minDelay: 50,
+  });
+  client.connect();
+  const { detail } = await nextStatus(client, "reconnecting");
+  assert.equal(detail.code, 4000);
+});
+
+test("backoff delays grow, are capped, and are jittered within bounds", async (t) => {
+  const url = `ws://127.0.0.1:${await deadPort()}/api/ws`;
+  const options = { minDelay: 20, maxDelay: 200, factor: 2 };
+  const expected = [20, 40, 80, 160, 200, 200, 200];
+
+  async function delays(jitter) {
+    const client = makeClient(t, url, { ...options, jitter });
+    const seen = [];
+    const done = new Promise((resolve) => {
+      let scheduledAt = 0;
+      client.onStatus((status, detail) => {
+        if (status === "reconnecting") {
+          seen.push(detail);
+          scheduledAt = performance.now();
+        } else if (status === "connecting" && seen.length > 0) {
+          const waited = performance.now() - scheduledAt;
+          assert.ok(waited >= seen.at(-1).delay - 2, `waited ${waited} < ${seen.at(-1).delay}`);
+        }
+        if (seen.length === expected.length) resolve();
+      });
+    });
+    client.connect();
+    await within(done, "7 reconnections");
+    client.close();
+    return seen;
+  }
+
+  const exact = await delays(0);
+  assert.deepEqual(
+    exact.map((detail) => detail.delay),
+    expected,
+  );
+  assert.deepEqual(
+    exact.map((detail) => detail.attempt),
+    [1, 2, 3, 4, 5, 6, 7],
+  );
+  assert.equal(exact[0].code, 1006);
+
+  const jittered = (await delays(0.5)).map((detail) => detail.delay);
+  jittered.forEach((delay, i) => {
+    assert.ok(delay >= expected[i] * 0.5 - 1 && delay <= expected[i] + 1, `${delay} ${i}`);
+  });
+  assert.ok(
+    jittered.some((delay, i) => delay !== expected[i]),
+    `jitter took nothing off: ${jittered}`,
+  );
+  // With factor 2 and jitter 0.5 each delay is at least the previous one's base.
+  for (let i = 1; i < 4; i += 1) assert.ok(jittered[i] >= jittered[i - 1] - 1, `${jittered}`);
+});
+
+test("close() while reconnecting cancels the retry", async (t) => {
+  const url = `ws://127.0.0.1:${await deadPort()}/api/ws`;
+  const client = makeClient(t, url, { minDelay: 100, jitter: 0 });
+  const statuses = [];
+  client.onStatus((status, detail) => statuses.push([status, detail]));
+  const reconnecting = nextStatus(client, "reconnecting");
+  client.connect();
+  await reconnecting;
+  const pending = client.subscribe(["y"]);
+  client.close();
+  assert.deepEqual(await pending, ["*", "y"]);
+  await new Promise((resolve) => setTimeout(resolve, 300)); // three times the retry delay
+  assert.deepEqual(
+    statuses.map(([status]) => status),
+    ["connecting", "reconnecting", "closed"],
+  );
+  assert.deepEqual(statuses[2][1], { code: 1000, reason: "" });
+});
+
+test("reconnect: false ends with the status closed", async (t) => {
+  const url = `ws://127.0.0.1:${await deadPort()}/api/ws`;
+  const client = makeClient(t, url, { reconnect: false });
+  client.connect();
+  const { detail } = await nextStatus(client, "closed");
+  assert.equal(detail.code, 1006);
+  assert.equal(client.status, "closed");
+});
+
+test("options are checked", () => {
+  assert.throws(() => new WshubClient("ws://x/api/ws"), /no WebSocket constructor/);
+  assert.throws(() => new WshubClient("/api/ws", { WebSocket }), TypeError);
+  assert.throws(() => new WshubClient("ftp://x/", { WebSocket }), /not a WebSocket URL/);
+  assert.throws(() => new WshubClient("ws://x/", { WebSocket, jitter: 2 }), RangeError);
+  assert.throws(() => new WshubClient("ws://x/", { WebSocket, topics: [""] }), TypeError);
+  const client = new WshubClient("http://x:1/api/ws?token=t", { WebSocket });
+  assert.equal(client.url, "ws://x:1/api/ws?token=t");
+  assert.equal(client.status, "closed");
+});
+
+// Last: the hub restarts under the client.
+
+test("reconnects after the hub restarts, with the same topics", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, {
+    topics: ["restart:a"],
+    minDelay: 100,
+    maxDelay: 500,
+    stableAfter: 0,
+  });
+  await connected(client);
+  const firstId = client.clientId;
+  const goodbyes = inbox(client, "disconnection");
+  const events = inbox(client, "event");
+  const reconnecting = nextStatus(client, "reconnecting", 20000);
+  process.stdout.write("RESTART\n");
+  if (process.env.WSHUB_RESTART_FILE) await writeFile(process.env.WSHUB_RESTART_FILE, "RESTART\n");
+  const { detail } = await reconnecting;
+  assert.deepEqual([detail.code, detail.reason, detail.attempt], [1001, "server shutdown", 1]);
+  assert.equal(goodbyes.messages.length, 1);
+  assert.deepEqual(goodbyes.messages[0].data, { reason: "server shutdown" });
+  // Asked for while reconnecting: answered by the next greeting.
+  const subscribed = client.subscribe(["restart:b"]);
+  await nextStatus(client, "open", 30000);
+  assert.deepEqual(await subscribed, ["restart:a", "restart:b"]);
+  assert.notEqual(client.clientId, firstId);
+  await publish("event", { n: 1 }, ["elsewhere"]);
+  await publish("event", { n: 2 }, ["restart:a"]);
+  await publish("event", { n: 3 }, ["restart:b"]);
+  await events.until(2);
+  assert.deepEqual(
+    events.messages.map((message) => message.data.n),
+    [2, 3],
+  );
+});

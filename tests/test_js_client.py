@@ -1,0 +1,189 @@
+"""``wshub/static/wshub.js`` under Node against a real ``python -m wshub serve``.
+
+The JavaScript tests are ``tests/js/client_test.mjs``; this runs them with ``node --test``,
+the hub's URLs in ``WSHUB_WS_URL`` and ``WSHUB_API_URL``. When the script asks for a restart
+(it prints ``RESTART`` and creates the file named by ``WSHUB_RESTART_FILE``: node --test gives
+it no stdin, and its stdout can reach us late) the hub is stopped with SIGTERM (its clients get
+1001 "server shutdown") and a new one is started on the same two ports; the client's
+reconnection tells the script it is back.
+Needs Node.js 20+ and ``npm ci --prefix tests/js``; skipped without them unless
+``WSHUB_REQUIRE_BROWSER=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from .helpers import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+JS = ROOT / "tests" / "js"
+SCRIPT = JS / "client_test.mjs"
+
+LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
+API = re.compile(r"internal API on http://127\.0\.0\.1:(\d+)")
+START_TIMEOUT = 20.0
+NODE_TIMEOUT = 180.0
+
+
+class HubProcess:
+    """``python -m wshub serve`` on 127.0.0.1; its log is read by a thread and kept."""
+
+    def __init__(self, port: int = 0, api_port: int = 0) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wshub",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api-port",
+                str(api_port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.log: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port, self.api_port = self._wait_ready()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        with self.process.stderr:
+            for line in self.process.stderr:
+                self.log.append(line)
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_ready(self) -> tuple[int, int]:
+        deadline = time.monotonic() + START_TIMEOUT
+        port = api_port = None
+        while port is None or api_port is None:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise AssertionError(f"wshub serve did not start:\n{self.output}") from None
+            if line is None:
+                self.stop()
+                raise AssertionError(f"wshub serve exited early:\n{self.output}")
+            if match := LISTENING.search(line):
+                port = int(match.group(1))
+            if match := API.search(line):
+                api_port = int(match.group(1))
+        return port, api_port
+
+    @property
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def stop(self) -> None:
+        """SIGTERM (a graceful shutdown: clients get 1001), then SIGKILL after a while."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=5)
+
+
+def restart(hub: HubProcess) -> HubProcess:
+    """Stop ``hub`` and start a new one on the same ports (retrying while they are busy)."""
+    hub.stop()
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            return HubProcess(hub.port, hub.api_port)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def node_version(node: str) -> tuple[int, ...]:
+    result = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
+    return tuple(int(part) for part in re.findall(r"\d+", result.stdout)[:3])
+
+
+def test_wshub_js_against_a_real_hub(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    require_tool("node", node is not None, "install Node.js 20 or later")
+    assert node is not None
+    require_tool(
+        "Node.js 20 or later", node_version(node) >= (20,), f"{node} is older; install 20+"
+    )
+    require_tool(
+        "the ws package in tests/js/node_modules",
+        (JS / "node_modules" / "ws" / "package.json").is_file(),
+        "run `npm ci --prefix tests/js`",
+    )
+
+    hubs = [HubProcess()]
+    restart_file = tmp_path / "restart"
+    output: list[str] = []
+
+    def read(stream: IO[str]) -> None:
+        with stream:
+            output.extend(stream)
+
+    environment = {
+        **os.environ,
+        "WSHUB_WS_URL": f"ws://127.0.0.1:{hubs[0].port}/api/ws",
+        "WSHUB_API_URL": f"http://127.0.0.1:{hubs[0].api_port}",
+        "WSHUB_RESTART_FILE": str(restart_file),
+        "NO_COLOR": "1",
+    }
+    try:
+        process = subprocess.Popen(
+            [node, "--test", "--test-reporter=spec", str(SCRIPT.relative_to(ROOT))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=environment,
+        )
+        reader = threading.Thread(target=read, args=(process.stdout,), daemon=True)
+        reader.start()
+        restarted = False
+        deadline = time.monotonic() + NODE_TIMEOUT
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                reader.join(timeout=5)
+                pytest.fail(f"node did not finish in {NODE_TIMEOUT} s:\n{''.join(output)}")
+            time.sleep(0.05)
+            if not restarted and restart_file.exists():
+                restarted = True
+                hubs.append(restart(hubs[-1]))
+        reader.join(timeout=5)
+        report = "".join(output)
+        logs = "\n".join(hub.output for hub in hubs)
+        assert process.returncode == 0, f"node failed:\n{report}\nhub logs:\n{logs}"
+        assert restarted, f"the restart test did not run:\n{report}"
+        assert re.search(r"\bskipped 0\b", report), f"some tests were skipped:\n{report}"
+    finally:
+        for hub in hubs:
+            hub.stop()

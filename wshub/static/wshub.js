@@ -1,0 +1,606 @@
+/**
+ * wshub.js: a dependency-free client for a wshub hub, for browsers and Node.
+ *
+ * It connects, keeps the connection alive with JSON pings, notices a dead connection,
+ * reconnects with exponential backoff and jitter, resubscribes atomically on every
+ * (re)connect (the topics travel in the URL), and dispatches each message by type.
+ * The wire protocol is docs/protocol.md; this module is documented in docs/client.md.
+ *
+ *     import { WshubClient } from "./wshub.js";
+ *     const client = new WshubClient("ws://localhost:8080/api/ws", { topics: ["run:42"] });
+ *     client.on("run_progress", (data) => console.log(data.progress));
+ *     client.onStatus((status, detail) => console.log(status, detail));
+ *     client.connect();
+ *
+ * In Node, pass the `ws` package's class: `new WshubClient(url, { WebSocket })`.
+ *
+ * @module wshub
+ */
+
+/** `WebSocket.OPEN`, the same in browsers and in the `ws` package. */
+const OPEN = 1;
+
+/** A topic is a string of 1 to 256 characters (Unicode code points, as the hub counts). */
+const MAX_TOPIC_LENGTH = 256;
+
+/**
+ * Topics that cannot travel in `?topics=a,b`: the hub splits the value at commas and strips
+ * whitespace around each name. They are subscribed with a message right after the greeting.
+ */
+const NOT_IN_URL = /,|^[\s\x1c-\x1f\x85]|[\s\x1c-\x1f\x85]$/;
+
+/** The close code the client uses for a connection it considers dead. */
+const DEAD_CODE = 4000;
+
+/**
+ * @typedef {"connecting" | "open" | "reconnecting" | "closed"} WshubStatus
+ */
+
+/**
+ * @typedef {object} WshubOptions
+ * @property {Iterable<string>} [topics=["*"]] The subscriptions, sent as `?topics=a,b` on
+ *   every (re)connect, so that a reconnect resubscribes atomically.
+ * @property {any} [WebSocket] The WebSocket constructor; defaults to `globalThis.WebSocket`.
+ *   In Node 20, pass the `ws` package's `WebSocket`.
+ * @property {number} [minDelay=500] First reconnect delay in ms (before jitter).
+ * @property {number} [maxDelay=30000] Largest reconnect delay in ms (before jitter).
+ * @property {number} [factor=2] Growth of the delay per failed attempt.
+ * @property {number} [jitter=0.5] Fraction of the delay taken off at random, from 0 to 1:
+ *   `delay = min(maxDelay, minDelay * factor ** (attempt - 1)) * (1 - jitter * Math.random())`.
+ * @property {number} [stableAfter=5000] A connection that stayed open (greeted) this many ms
+ *   resets the attempt count, so the next reconnect waits `minDelay` again. 0 resets after
+ *   every greeted connection.
+ * @property {number} [pingInterval=25000] ms between JSON `{"type": "ping"}` messages sent
+ *   while open; 0 disables them.
+ * @property {number} [deadAfter=60000] ms without any message from the server (pongs
+ *   included) after which the connection is considered dead: it is dropped and reconnected.
+ *   Counted from the start of each connection attempt, so a hanging handshake is caught too.
+ *   0 disables the check. Keep it above `pingInterval` plus a round trip.
+ * @property {boolean} [reconnect=true] Reconnect after a connection ends for any reason other
+ *   than `close()`. With false, the first end of a connection sets the status to "closed".
+ */
+
+/**
+ * @typedef {object} WshubMessage A message from the hub (docs/protocol.md, "The envelope").
+ * @property {string} type
+ * @property {any} [data]
+ * @property {string} [timestamp]
+ * @property {string} [id] On published messages: `"<milliseconds>-<sequence>"`.
+ * @property {string} [client_id]
+ * @property {{code: number, message: string, details?: any}} [error] On `error` messages.
+ */
+
+/**
+ * @callback MessageHandler
+ * @param {any} data The message's `data` (for `error` messages: its `error` object,
+ *   `{code, message, details?}`, since those carry no `data`).
+ * @param {WshubMessage} message The whole decoded message.
+ * @returns {void}
+ */
+
+/**
+ * @callback StatusHandler
+ * @param {WshubStatus} status
+ * @param {object} [detail] "reconnecting": `{attempt, delay, code, reason}` (the attempt
+ *   number from 1, the delay in ms before it starts, and why the last connection ended);
+ *   "closed": `{code, reason}`; none for "connecting" and "open".
+ * @returns {void}
+ */
+
+/** The error a subscribe() or unsubscribe() promise rejects with when the hub refuses. */
+export class WshubError extends Error {
+  /**
+   * @param {string} message
+   * @param {number} [code] The hub's error code (400, 500, ...).
+   * @param {any} [details] The hub's `details`, when it sent some.
+   */
+  constructor(message, code, details) {
+    super(message);
+    this.name = "WshubError";
+    /** @type {number | undefined} */
+    this.code = code;
+    /** @type {any} */
+    this.details = details;
+  }
+}
+
+/**
+ * A connection to a hub that reconnects by itself. Nothing happens until connect().
+ */
+export class WshubClient {
+  /**
+   * @param {string | URL} url The hub's WebSocket endpoint, e.g. `ws://host:8080/api/ws`. In a
+   *   page it may be relative (`/api/ws`) or http(s): it is resolved against the page and
+   *   turned into ws(s). Query parameters are kept; `topics` is set by the client.
+   * @param {WshubOptions} [options]
+   */
+  constructor(url, options = {}) {
+    const base = globalThis.location?.href;
+    const parsed = base === undefined ? new URL(url) : new URL(url, base);
+    if (parsed.protocol === "http:") parsed.protocol = "ws:";
+    else if (parsed.protocol === "https:") parsed.protocol = "wss:";
+    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+      throw new TypeError(`wshub: not a WebSocket URL: ${parsed.href}`);
+    }
+    /** The endpoint, as a ws: or wss: URL without the client's `topics` parameter. */
+    this.url = parsed.href;
+
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError(
+        "wshub: no WebSocket constructor: pass options.WebSocket (in Node: the ws package's)",
+      );
+    }
+    this._minDelay = number(options, "minDelay", 500, 0);
+    this._maxDelay = number(options, "maxDelay", 30000, 0);
+    this._factor = number(options, "factor", 2, 1);
+    this._jitter = number(options, "jitter", 0.5, 0, 1);
+    this._stableAfter = number(options, "stableAfter", 5000, 0);
+    this._pingInterval = number(options, "pingInterval", 25000, 0);
+    this._deadAfter = number(options, "deadAfter", 60000, 0);
+    this._reconnect = options.reconnect ?? true;
+
+    /** @type {Set<string>} what the application asked for */
+    this._topics = new Set(checkTopics(options.topics ?? ["*"]));
+    /** @type {Set<string>} the hub's set, from its greeting and answers */
+    this._serverTopics = new Set();
+    /** @type {Map<string, Set<MessageHandler>>} */
+    this._handlers = new Map();
+    /** @type {Set<StatusHandler>} */
+    this._statusHandlers = new Set();
+    /** @type {WshubStatus} */
+    this._status = "closed";
+    this._active = false; // between connect() and close() (or the end with reconnect: false)
+    this._ws = null;
+    this._attempt = 0; // reconnect attempts since the last stable connection
+    this._greetedAt = null; // when the current connection was greeted (performance.now())
+    this._lastReceived = 0;
+    this._retryTimer = null;
+    this._pingTimer = null;
+    this._deadTimer = null;
+    /**
+     * Requests sent on the current connection, in order; each answer (subscribed,
+     * unsubscribed or error) settles the first entry's waiters.
+     * @type {Array<Array<{resolve: Function, reject: Function}>>}
+     */
+    this._pending = [];
+    /** @type {Array<{resolve: Function, reject: Function}>} settled after the next greeting */
+    this._waiting = [];
+
+    /** The id the hub gave this connection in its greeting; null while not connected. */
+    this.clientId = null;
+    /**
+     * The `id` of the last published message received (kept across reconnects, for a
+     * future resume); null until one arrives.
+     * @type {string | null}
+     */
+    this.lastId = null;
+    /** How many frames were ignored because they were not a JSON object with a `type`. */
+    this.invalidFrames = 0;
+  }
+
+  /** The current status: "connecting", "open", "reconnecting" or "closed". */
+  get status() {
+    return this._status;
+  }
+
+  /** The current subscriptions, sorted. */
+  get topics() {
+    return [...this._topics].sort();
+  }
+
+  /**
+   * Call `handler(data, message)` for every message of `type`; `"*"` for every message.
+   * A handler that throws does not stop the others; its error is rethrown asynchronously.
+   * @param {string} type
+   * @param {MessageHandler} handler
+   * @returns {() => void} A function that removes the handler.
+   */
+  on(type, handler) {
+    if (typeof handler !== "function") throw new TypeError("wshub: handler must be a function");
+    let handlers = this._handlers.get(type);
+    if (handlers === undefined) {
+      handlers = new Set();
+      this._handlers.set(type, handlers);
+    }
+    handlers.add(handler);
+    return () => {
+      handlers.delete(handler);
+    };
+  }
+
+  /**
+   * Call `handler(status, detail)` on every status change (and on every "reconnecting").
+   * It is not called with the status at the time of the call: read `client.status` for that.
+   * @param {StatusHandler} handler
+   * @returns {() => void} A function that removes the handler.
+   */
+  onStatus(handler) {
+    if (typeof handler !== "function") throw new TypeError("wshub: handler must be a function");
+    this._statusHandlers.add(handler);
+    return () => {
+      this._statusHandlers.delete(handler);
+    };
+  }
+
+  /**
+   * Start connecting (and reconnecting). Does nothing while already started; after close(),
+   * starts again.
+   * @returns {this}
+   */
+  connect() {
+    if (this._active) return this;
+    this._active = true;
+    this._attempt = 0;
+    this._open();
+    return this;
+  }
+
+  /**
+   * Add topics. The local set changes at once (and is what the next reconnect asks for);
+   * while open, a `subscribe` message is sent.
+   * @param {string | Iterable<string>} topics
+   * @returns {Promise<string[]>} The hub's whole sorted subscription list from its answer (or
+   *   from the next greeting when not open; the local list when not started). Rejects with a
+   *   TypeError for an invalid topic (nothing changes), or a WshubError when the hub refuses
+   *   (e.g. `max_subscriptions`; the local set then returns to the hub's).
+   */
+  subscribe(topics) {
+    let list;
+    try {
+      list = checkTopics(typeof topics === "string" ? [topics] : topics);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    for (const topic of list) this._topics.add(topic);
+    return this._request("subscribe", list);
+  }
+
+  /**
+   * Remove topics; like subscribe(), with an `unsubscribe` message. Removing a topic the
+   * client does not hold is not an error.
+   * @param {string | Iterable<string>} topics
+   * @returns {Promise<string[]>} The hub's whole sorted subscription list from its answer.
+   */
+  unsubscribe(topics) {
+    let list;
+    try {
+      list = checkTopics(typeof topics === "string" ? [topics] : topics);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    for (const topic of list) this._topics.delete(topic);
+    return this._request("unsubscribe", list);
+  }
+
+  /**
+   * Stop for good: cancel every timer, close the connection with 1000 and do not reconnect
+   * (until connect() is called again). Pending subscribe()/unsubscribe() promises resolve with
+   * the local list. Sets the status to "closed" with `{code: 1000, reason: ""}`.
+   */
+  close() {
+    const wasActive = this._active;
+    this._active = false;
+    this._clearRetry();
+    const ws = this._ws;
+    this._detach();
+    if (ws !== null) {
+      try {
+        ws.close(1000);
+      } catch {
+        // already closing or closed
+      }
+    }
+    this._settleAll(this.topics);
+    if (wasActive || this._status !== "closed") this._setStatus("closed", { code: 1000, reason: "" });
+  }
+
+  // Connections
+
+  _open() {
+    this._retryTimer = null;
+    this._setStatus("connecting");
+    if (!this._active) return; // a status handler called close()
+    let ws;
+    try {
+      ws = new this._WebSocket(this._connectUrl());
+    } catch (error) {
+      // e.g. a browser refusing ws: from an https: page; try again later like any failure
+      this._ended(1006, String(error?.message ?? error));
+      return;
+    }
+    this._ws = ws;
+    try {
+      ws.binaryType = "arraybuffer";
+    } catch {
+      // not supported: binary frames then arrive in another form and are decoded if possible
+    }
+    ws.onopen = () => {
+      if (this._ws === ws) this._socketOpened();
+    };
+    ws.onmessage = (event) => {
+      if (this._ws === ws) this._received(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this._ws === ws) {
+        this._detach();
+        this._ended(event.code, event.reason ?? "");
+      }
+    };
+    ws.onerror = noop; // a close event follows
+    this._lastReceived = now();
+    this._armDeadTimer();
+  }
+
+  /** The URL of the next attempt: the endpoint with `?topics=` set to the local set. */
+  _connectUrl() {
+    const url = new URL(this.url);
+    const topics = this.topics.filter((topic) => !NOT_IN_URL.test(topic));
+    url.searchParams.set("topics", topics.join(","));
+    return url.href;
+  }
+
+  _socketOpened() {
+    if (this._pingInterval > 0) {
+      this._pingTimer = setInterval(() => this._send({ type: "ping" }), this._pingInterval);
+    }
+  }
+
+  /** Forget the current socket: timers, handlers; answers in flight wait for the next one. */
+  _detach() {
+    const ws = this._ws;
+    this._ws = null;
+    clearInterval(this._pingTimer);
+    clearTimeout(this._deadTimer);
+    this._pingTimer = null;
+    this._deadTimer = null;
+    this.clientId = null;
+    if (ws !== null) {
+      ws.onopen = null;
+      ws.onmessage = null;
+      ws.onclose = null;
+      ws.onerror = noop; // the ws package throws on an "error" event nobody listens to
+    }
+    for (const waiters of this._pending) this._waiting.push(...waiters);
+    this._pending = [];
+  }
+
+  /** The connection ended (closed, failed or dropped as dead): reconnect or stop. */
+  _ended(code, reason) {
+    const greetedAt = this._greetedAt;
+    this._greetedAt = null;
+    if (!this._active) return;
+    if (!this._reconnect) {
+      this._active = false;
+      this._settleAll(this.topics);
+      this._setStatus("closed", { code, reason });
+      return;
+    }
+    if (greetedAt !== null && now() - greetedAt >= this._stableAfter) this._attempt = 0;
+    this._attempt += 1;
+    const base = Math.min(this._maxDelay, this._minDelay * this._factor ** (this._attempt - 1));
+    const delay = Math.round(base * (1 - this._jitter * Math.random()));
+    this._retryTimer = setTimeout(() => this._open(), delay);
+    this._setStatus("reconnecting", { attempt: this._attempt, delay, code, reason });
+  }
+
+  _clearRetry() {
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+  }
+
+  _armDeadTimer() {
+    clearTimeout(this._deadTimer);
+    this._deadTimer = null;
+    if (this._deadAfter <= 0) return;
+    const due = this._lastReceived + this._deadAfter - now();
+    this._deadTimer = setTimeout(() => this._checkDead(), Math.max(0, due));
+  }
+
+  _checkDead() {
+    this._deadTimer = null;
+    const ws = this._ws;
+    if (ws === null) return;
+    if (now() - this._lastReceived < this._deadAfter) {
+      this._armDeadTimer();
+      return;
+    }
+    this._detach();
+    try {
+      // No close handshake on a dead link: the ws package can drop the socket at once.
+      if (typeof ws.terminate === "function") ws.terminate();
+      else ws.close(DEAD_CODE, "dead connection");
+    } catch {
+      // closing anyway
+    }
+    this._ended(DEAD_CODE, `no message from the server in ${this._deadAfter} ms`);
+  }
+
+  // Messages
+
+  _send(message) {
+    const ws = this._ws;
+    if (ws === null || ws.readyState !== OPEN) return false;
+    ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  _received(raw) {
+    this._lastReceived = now();
+    let text = raw;
+    if (typeof text !== "string") {
+      try {
+        text = new TextDecoder().decode(raw); // ArrayBuffer, Buffer, typed array
+      } catch {
+        this.invalidFrames += 1; // a Blob, or not UTF-8
+        return;
+      }
+    }
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      this.invalidFrames += 1;
+      return;
+    }
+    if (message === null || typeof message !== "object" || typeof message.type !== "string") {
+      this.invalidFrames += 1;
+      return;
+    }
+    if (typeof message.id === "string") this.lastId = message.id;
+    switch (message.type) {
+      case "ping":
+        this._send({ type: "pong" });
+        break;
+      case "connection":
+        this._greeted(message);
+        break;
+      case "subscribed":
+      case "unsubscribed":
+        this._answered(message);
+        break;
+      case "error":
+        this._refused(message);
+        break;
+      default:
+        break;
+    }
+    this._dispatch(message);
+  }
+
+  _greeted(message) {
+    const data = message.data ?? {};
+    this.clientId = data.client_id ?? message.client_id ?? null;
+    this._serverTopics = new Set(Array.isArray(data.topics) ? data.topics : []);
+    this._greetedAt = now();
+    // Topics the URL could not carry, or changed since it was built: one message each way.
+    const remove = [...this._serverTopics].filter((topic) => !this._topics.has(topic));
+    const add = [...this._topics].filter((topic) => !this._serverTopics.has(topic));
+    const waiting = this._waiting;
+    this._waiting = [];
+    if (remove.length === 0 && add.length === 0) {
+      this._settleAll([...this._serverTopics].sort(), waiting);
+    } else {
+      if (remove.length > 0) {
+        this._send({ type: "unsubscribe", data: { topics: remove } });
+        this._pending.push(add.length > 0 ? [] : waiting);
+      }
+      if (add.length > 0) {
+        this._send({ type: "subscribe", data: { topics: add } });
+        this._pending.push(waiting);
+      }
+    }
+    this._setStatus("open");
+  }
+
+  _answered(message) {
+    const topics = Array.isArray(message.data?.topics) ? message.data.topics : [];
+    this._serverTopics = new Set(topics);
+    const waiters = this._pending.shift() ?? [];
+    // With nothing else in flight the hub's set is the truth (the same as the local one,
+    // unless something was refused).
+    if (this._pending.length === 0) this._topics = new Set(topics);
+    const sorted = [...topics].sort();
+    for (const waiter of waiters) waiter.resolve([...sorted]);
+  }
+
+  _refused(message) {
+    const error = message.error ?? {};
+    // The hub's complaint about ?topics= follows the greeting and answers no request.
+    if (this._pending.length === 0 || String(error.message).startsWith("?topics=")) return;
+    const waiters = this._pending.shift();
+    if (this._pending.length === 0) this._topics = new Set(this._serverTopics);
+    for (const waiter of waiters) {
+      waiter.reject(new WshubError(String(error.message ?? "refused"), error.code, error.details));
+    }
+  }
+
+  _dispatch(message) {
+    const data = message.type === "error" && !("data" in message) ? message.error : message.data;
+    for (const type of [message.type, "*"]) {
+      const handlers = this._handlers.get(type);
+      if (handlers === undefined) continue;
+      for (const handler of [...handlers]) {
+        try {
+          handler(data, message);
+        } catch (error) {
+          rethrow(error);
+        }
+      }
+    }
+  }
+
+  // Subscriptions
+
+  _request(type, topics) {
+    if (!this._active) return Promise.resolve(this.topics);
+    return new Promise((resolve, reject) => {
+      const waiter = { resolve, reject };
+      if (this._status === "open" && this._send({ type, data: { topics } })) {
+        this._pending.push([waiter]);
+      } else {
+        this._waiting.push(waiter); // the next greeting answers it
+      }
+    });
+  }
+
+  /** Resolve every waiter (or the given ones) with `topics`. */
+  _settleAll(topics, waiters = null) {
+    if (waiters === null) {
+      waiters = [...this._pending.flat(), ...this._waiting];
+      this._pending = [];
+      this._waiting = [];
+    }
+    for (const waiter of waiters) waiter.resolve([...topics]);
+  }
+
+  _setStatus(status, detail) {
+    this._status = status;
+    for (const handler of [...this._statusHandlers]) {
+      try {
+        handler(status, detail);
+      } catch (error) {
+        rethrow(error);
+      }
+    }
+  }
+}
+
+function noop() {}
+
+function now() {
+  return globalThis.performance?.now() ?? Date.now();
+}
+
+/** Report a handler's error the way event listeners' errors are, without stopping. */
+function rethrow(error) {
+  setTimeout(() => {
+    throw error;
+  }, 0);
+}
+
+function number(options, name, fallback, min, max = Infinity) {
+  const value = options[name] ?? fallback;
+  if (typeof value !== "number" || !(value >= min && value <= max)) {
+    throw new RangeError(`wshub: ${name} must be a number from ${min} to ${max}, not ${value}`);
+  }
+  return value;
+}
+
+/** The topics as an array, each checked as the hub does; throws a TypeError otherwise. */
+function checkTopics(topics) {
+  if (topics === null || typeof topics !== "object" || !(Symbol.iterator in topics)) {
+    throw new TypeError("wshub: topics must be a string or an iterable of strings");
+  }
+  const list = [...topics];
+  for (const topic of list) {
+    if (typeof topic !== "string") {
+      throw new TypeError(`wshub: a topic must be a string, not ${typeof topic}`);
+    }
+    const length = [...topic].length;
+    if (length < 1 || length > MAX_TOPIC_LENGTH) {
+      throw new TypeError(`wshub: a topic must have 1 to ${MAX_TOPIC_LENGTH} characters`);
+    }
+  }
+  return [...new Set(list)];
+}
