@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,3 +32,22 @@ def hub_server(
             yield HubServer(hub, server, f"ws://127.0.0.1:{port}/api/ws")
 
     return start
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        command = "openssl req -x509 -nodes -days 1 -newkey ec"
+        command += " -pkeyopt ec_paramgen_curve:prime256v1 -subj /CN=127.0.0.1"
+        command += " -addext subjectAltName=IP:127.0.0.1"
+        subprocess.run(
+            [*command.split(), "-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"openssl cannot make a test certificate: {exc}")
+    return cert, key

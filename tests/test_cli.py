@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 from .helpers import client, recv_json
 
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
+LISTENING = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)/api/ws")
 
 
 @asynccontextmanager
@@ -149,3 +150,36 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             _, error = await refused.communicate()
             assert refused.returncode == 1
             assert "(401)" in error.decode()
+
+
+async def test_serve_over_tls(certificate: tuple[Any, Any]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(cafile=str(cert))
+    async with wshub_serve("--certfile", str(cert), "--keyfile", str(key)) as (process, port):
+        async with client(f"wss://127.0.0.1:{port}/api/ws", ssl=context) as (_, hello):
+            assert hello["data"]["status"] == "connected"
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
+
+
+async def test_unreadable_certificate_stops_start_up(tmp_path: Any) -> None:
+    missing = str(tmp_path / "missing.pem")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "wshub",
+        "serve",
+        "--port",
+        "0",
+        "--api-port",
+        "0",
+        "--certfile",
+        missing,
+        "--keyfile",
+        missing,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, error = await process.communicate()
+    assert process.returncode == 2
+    assert "certfile/keyfile: cannot load them" in error.decode()

@@ -7,7 +7,6 @@ import contextlib
 import json
 import pathlib
 import ssl
-import subprocess
 import time
 from typing import Any
 
@@ -159,25 +158,6 @@ async def test_serve_refuses_websockets_server_options(implementation: str) -> N
         async with wshub.serve(hub, "127.0.0.1", 0, compression=None, ping_interval=1.0):
             pass
     assert not hub.running
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        command = "openssl req -x509 -nodes -days 1 -newkey ec"
-        command += " -pkeyopt ec_paramgen_curve:prime256v1 -subj /CN=127.0.0.1"
-        command += " -addext subjectAltName=IP:127.0.0.1"
-        subprocess.run(
-            [*command.split(), "-keyout", str(key), "-out", str(cert)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate: {exc}")
-    return cert, key
 
 
 async def test_tls(hub_server: Any, certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
