@@ -521,6 +521,8 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("/api/publish", b'{"data": 1}', "type"),
     ("/api/publish", b'{"type": ""}', "type"),
     ("/api/publish", b'{"type": 5}', "type"),
+    ("/api/publish", b'{"type": "connection", "data": {}}', "type"),
+    ("/api/publish", b'{"type": "error"}', "type"),
     ("/api/publish", b'{"type": "note", "topics": "alpha"}', "topics"),
     ("/api/publish", b'{"type": "note", "topics": ["alpha", 1]}', "topics"),
     ("/api/publish", b'{"type": "note", "topics": [""]}', "topics"),

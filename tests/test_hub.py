@@ -48,7 +48,7 @@ async def test_url_topics_replace_default_topics(hub_server: Any) -> None:
         assert (await recv_json(ws))["data"] == 2
 
 
-async def test_bad_url_topics_get_an_error_and_default_topics(hub_server: Any) -> None:
+async def test_bad_url_topics_get_an_error_and_no_subscriptions(hub_server: Any) -> None:
     long_topic = "t" * 257
     async with (
         hub_server() as served,
@@ -57,10 +57,11 @@ async def test_bad_url_topics_get_an_error_and_default_topics(hub_server: Any) -
             hello,
         ),
     ):
-        assert hello["data"]["topics"] == ["*"]
+        assert hello["data"]["topics"] == []
         error = await recv_json(ws)
         assert error["type"] == "error" and error["error"]["code"] == 400
         assert "256" in error["error"]["message"]
+        assert served.hub.broadcast_to_subscribers("x", 1, ["anything"]) == 0
 
 
 async def test_subscribe_and_unsubscribe_answer_with_the_whole_sorted_set(
@@ -333,6 +334,9 @@ async def test_bad_publish_arguments_raise_and_publish_nothing(hub_server: Any) 
             hub.broadcast_to_all("x", {"not json": object()})
         with pytest.raises(TypeError):
             hub.broadcast_to_subscribers("x", 1, [1, 2])
+        for reserved in ("connection", "error", "subscribed", "pong", "disconnection"):
+            with pytest.raises(ValueError, match="reserved"):
+                hub.broadcast_to_all(reserved, {})
         with pytest.raises(ValueError, match="progress"):
             hub.notify_run_progress(
                 "r", "t", 1.5, elapsed_s=0, requests_done=0, current_rps=0, error_rate=0

@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from ._version import __version__
 from .config import MAX_TOPIC_LENGTH
 from .hub import Hub
+from .protocol import PROTOCOL_TYPES
 
 __all__ = [
     "DEFAULT_HOST",
@@ -574,6 +575,8 @@ class _Api:
         message_type = body.get("type")
         if not isinstance(message_type, str) or not message_type:
             raise _bad("type", "type must be a non-empty string")
+        if message_type in PROTOCOL_TYPES:
+            raise _bad("type", f"type {message_type!r} is reserved for the protocol")
         topics = _topics(body)
         data = body.get("data")
         _serializable("data", data, 1)

@@ -27,6 +27,7 @@ from .config import HubConfig
 from .events import HistoricRun, Regression
 from .fanout import Implementation, core_module
 from .protocol import (
+    PROTOCOL_TYPES,
     MessageClock,
     MessageType,
     ProtocolError,
@@ -252,6 +253,8 @@ class Hub:
 
         Raises:
             TypeError: ``data`` cannot be serialized, or ``message_type`` is not a string.
+            ValueError: ``message_type`` is one the protocol uses (``connection``, ``error``,
+                ``subscribed``, ...).
         """
         if self._state != "running":
             return 0
@@ -270,6 +273,7 @@ class Hub:
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
+            ValueError: ``message_type`` is one the protocol uses.
         """
         if self._state != "running":
             return 0
@@ -421,6 +425,11 @@ class Hub:
     def _frame_published(self, message_type: str, data: Any) -> bytes:
         if not isinstance(message_type, str) or not message_type:
             raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
+        if message_type in PROTOCOL_TYPES:
+            raise ValueError(
+                f"message_type {message_type!r} is reserved for the protocol; "
+                "publish events under types of their own"
+            )
         message_id, timestamp = self._clock.next()
         core = self._core
         frame: bytes = core.build_frame(
@@ -470,7 +479,11 @@ class Hub:
         return session, topics_error
 
     def _initial_topics(self, connection: Any) -> tuple[Sequence[str], ProtocolError | None]:
-        """The URL's ``?topics=`` when present and valid, else ``default_topics``."""
+        """The URL's ``?topics=``, or ``default_topics`` when the URL names none.
+
+        Invalid ``?topics=`` start the client with no subscriptions and an error: falling back
+        to the defaults (``"*"``) would flood a client that asked for a few topics.
+        """
         request = connection.request
         path = request.path if request is not None else ""
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
@@ -481,8 +494,8 @@ class Hub:
             topics = parse_topics([name for name in names if name])
             self._check_subscription_limit(0, len(topics))
         except ProtocolError as exc:
-            exc.message = f"?topics= rejected, subscribed to default_topics: {exc.message}"
-            return self.config.default_topics, exc
+            exc.message = f"?topics= rejected, subscribed to nothing: {exc.message}"
+            return (), exc
         return topics, None
 
     def _detach(self, session: _Session) -> None:

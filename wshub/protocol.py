@@ -17,6 +17,7 @@ import orjson
 from .config import MAX_TOPIC_LENGTH
 
 __all__ = [
+    "PROTOCOL_TYPES",
     "ClientRequest",
     "MessageClock",
     "MessageType",
@@ -48,6 +49,21 @@ class MessageType(enum.StrEnum):
     SUBSCRIBED = "subscribed"
     UNSUBSCRIBED = "unsubscribed"
 
+
+PROTOCOL_TYPES = frozenset(
+    {
+        MessageType.CONNECTION,
+        MessageType.DISCONNECTION,
+        MessageType.ERROR,
+        MessageType.PING,
+        MessageType.PONG,
+        MessageType.SUBSCRIBE,
+        MessageType.UNSUBSCRIBE,
+        MessageType.SUBSCRIBED,
+        MessageType.UNSUBSCRIBED,
+    }
+)
+"""Types the protocol itself uses; publishing one would confuse clients, so it is refused."""
 
 CLIENT_MESSAGE_TYPES = frozenset(
     {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.PING, MessageType.PONG}
