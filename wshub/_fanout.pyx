@@ -311,15 +311,16 @@ cdef class Fanout:
     cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1:
         if client.closed:
             return False
-        if self._is_full(client, size) and not client.blocked:
-            # A burst larger than the buffer, to a transport that can take it: write what is
-            # queued now rather than treat a healthy client as slow.
-            self._write(client)
         if self._is_full(client, size):
-            if not self.drop_oldest:
-                self._overflow(client)
-                return False
-            self._drop_oldest(client, size)
+            if not client.blocked:
+                # A burst larger than the buffer, to a transport that can take it: write what
+                # is queued now rather than treat a healthy client as slow.
+                self._write(client)
+            if self._is_full(client, size):
+                if not self.drop_oldest:
+                    self._overflow(client)
+                    return False
+                self._drop_oldest(client, size)
         PyList_Append(client.frames, frame)
         client.buffered_bytes += size
         self.deliveries += 1

@@ -267,15 +267,21 @@ class Fanout:
         if client.closed:
             return False
         size = len(frame)
-        if self._is_full(client, size) and not client.blocked:
-            # A burst larger than the buffer, to a transport that can take it: write what is
-            # queued now rather than treat a healthy client as slow.
-            self._write(client)
-        if self._is_full(client, size):
-            if not self.drop_oldest:
-                self._overflow(client)
-                return False
-            self._drop_oldest(client, size)
+        queued = len(client.frames)
+        # Inline test of the common case; _is_full() decides on the rare full path.
+        if queued and (
+            queued >= self.client_buffer_size
+            or client.buffered_bytes + size > self.max_buffered_bytes
+        ):
+            if not client.blocked:
+                # A burst larger than the buffer, to a transport that can take it: write what
+                # is queued now rather than treat a healthy client as slow.
+                self._write(client)
+            if self._is_full(client, size):
+                if not self.drop_oldest:
+                    self._overflow(client)
+                    return False
+                self._drop_oldest(client, size)
         client.frames.append(frame)
         client.buffered_bytes += size
         self.deliveries += 1
