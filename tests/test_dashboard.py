@@ -9,28 +9,18 @@ what a person would see. Without Chromium or Playwright the test is skipped, unl
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pathlib
-import queue
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .helpers import require_tool
+from .processes import HubProcess
 
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage, Error, Page
-
-__all__ = ["HubProcess"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
@@ -46,90 +36,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
-API = re.compile(r"internal API on (http://127\.0\.0\.1:\d+)")
 # Browser-side waits; generous, since a reconnect includes a backoff delay.
 WAIT_MS = 20_000
-
-
-class HubProcess:
-    """``python -m wshub serve`` in a subprocess, with its ports read from its log.
-
-    A thread drains stderr for the life of the process, so a chatty server never blocks on
-    a full pipe.
-    """
-
-    def __init__(self, port: int = 0) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wshub",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--api-port",
-                "0",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.log: list[str] = []
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-        self.port = int(self._wait_for(LISTENING))
-        self.api = self._wait_for(API)
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_for(self, pattern: re.Pattern[str], timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"wshub serve did not log {pattern.pattern!r}") from None
-            if line is None:
-                raise AssertionError("wshub serve exited early:\n" + "".join(self.log))
-            self.log.append(line)
-            if match := pattern.search(line):
-                return match.group(1)
-
-    def notify(self, kind: str, body: dict[str, Any]) -> int:
-        """``POST /api/notify/<kind>``; returns the number of clients reached."""
-        request = urllib.request.Request(
-            f"{self.api}/api/notify/{kind}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            recipients: int = json.load(answer)["recipients"]
-        return recipients
-
-    def stop(self) -> None:
-        """SIGTERM, as an operator would; the hub says goodbye and exits 0."""
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                assert self.process.wait(timeout=20) == 0
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            # The pipe ends with the process; close it here, not in the garbage collector
-            # (an unclosed file is a ResourceWarning, and warnings are errors here).
-            self._drainer.join(timeout=5)
-            if self.process.stderr is not None:
-                self.process.stderr.close()
 
 
 @contextmanager
@@ -139,7 +47,7 @@ def hub_process(port: int = 0) -> Iterator[HubProcess]:
     try:
         yield hub
     finally:
-        hub.stop()
+        assert hub.stop() == 0, hub.output
 
 
 def browser_available() -> tuple[bool, bool]:
@@ -378,7 +286,7 @@ def _exercise(page: Page) -> None:
         expect(page.locator('[data-run-id="r-other"]')).to_have_count(0)
 
         # The hub restarts on the same port: reconnecting, then open, still filtered.
-        hub.stop()
+        assert hub.stop() == 0, hub.output
         expect(status).to_have_attribute("data-status", "reconnecting")
         expect(page.get_by_test_id("status-text")).to_contain_text("Reconnecting")
     finally:

@@ -13,12 +13,9 @@ Needs Node.js 20+ and ``npm ci --prefix tests/js``; skipped without them unless
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,85 +24,14 @@ from typing import IO
 import pytest
 
 from .helpers import require_tool
+from .processes import HubProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "tests" / "js"
 SCRIPT = JS / "client_test.mjs"
 
-LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
-API = re.compile(r"internal API on http://127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 20.0
 NODE_TIMEOUT = 180.0
-
-
-class HubProcess:
-    """``python -m wshub serve`` on 127.0.0.1; its log is read by a thread and kept."""
-
-    def __init__(self, port: int = 0, api_port: int = 0) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wshub",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--api-port",
-                str(api_port),
-            ],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        self.log: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port, self.api_port = self._wait_ready()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        with self.process.stderr:
-            for line in self.process.stderr:
-                self.log.append(line)
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_ready(self) -> tuple[int, int]:
-        deadline = time.monotonic() + START_TIMEOUT
-        port = api_port = None
-        while port is None or api_port is None:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.stop()
-                raise AssertionError(f"wshub serve did not start:\n{self.output}") from None
-            if line is None:
-                self.stop()
-                raise AssertionError(f"wshub serve exited early:\n{self.output}")
-            if match := LISTENING.search(line):
-                port = int(match.group(1))
-            if match := API.search(line):
-                api_port = int(match.group(1))
-        return port, api_port
-
-    @property
-    def output(self) -> str:
-        return "".join(self.log)
-
-    def stop(self) -> None:
-        """SIGTERM (a graceful shutdown: clients get 1001), then SIGKILL after a while."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(timeout=5)
 
 
 def restart(hub: HubProcess) -> HubProcess:

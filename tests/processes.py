@@ -1,0 +1,121 @@
+"""``python -m wshub serve`` in a subprocess, for the tests that drive it from outside
+(the dashboard in a browser, wshub.js under Node)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HubProcess"]
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
+API = re.compile(r"internal API on (http://127\.0\.0\.1:(\d+))")
+START_TIMEOUT = 20.0
+
+
+class HubProcess:
+    """A hub on 127.0.0.1, its ports read from its log.
+
+    A thread drains stderr for the life of the process, so a chatty server never blocks on a
+    full pipe, and keeps every line for failure messages.
+    """
+
+    def __init__(self, port: int = 0, api_port: int = 0) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wshub",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api-port",
+                str(api_port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.log: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self.port = int(self._wait_for(LISTENING).group(1))
+            api = self._wait_for(API)
+        except AssertionError:
+            self.stop()
+            raise
+        self.api, self.api_port = api.group(1), int(api.group(2))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"wshub serve did not start:\n{self.output}") from None
+            if line is None:
+                raise AssertionError(f"wshub serve exited early:\n{self.output}")
+            if match := pattern.search(line):
+                return match
+
+    def notify(self, kind: str, body: dict[str, Any]) -> int:
+        """``POST /api/notify/<kind>``; returns the number of clients reached."""
+        request = urllib.request.Request(
+            f"{self.api}/api/notify/{kind}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            recipients: int = json.load(answer)["recipients"]
+        return recipients
+
+    def stop(self) -> int | None:
+        """SIGTERM, as an operator would; SIGKILL if it has not exited in time.
+
+        Returns:
+            The exit code after SIGTERM (0 for a graceful shutdown), or None when it had to
+            be killed.
+        """
+        code: int | None = None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        else:
+            code = self.process.returncode
+        # The pipe ends with the process; close it here, not in the garbage collector (an
+        # unclosed file is a ResourceWarning, and warnings are errors here).
+        self._reader.join(timeout=5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
