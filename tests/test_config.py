@@ -29,6 +29,8 @@ def test_defaults_are_the_seed_defaults() -> None:
     assert config.max_subscriptions == 100
     assert config.allowed_origins is None
     assert config.flush_interval == 0.0
+    assert (config.history_size, config.history_ttl) == (1000, 300.0)
+    assert HubConfig(history_size=0, history_ttl=0).history_size == 0  # 0 disables
 
 
 BAD_VALUES: list[tuple[str, Any]] = [
@@ -56,6 +58,12 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("default_topics", ["t" * 257]),
     ("allowed_origins", "https://a.example"),
     ("allowed_origins", [None]),
+    ("history_size", -1),
+    ("history_size", 2.5),
+    ("history_size", True),
+    ("history_ttl", -1),
+    ("history_ttl", float("nan")),
+    ("history_ttl", "300"),
 ]
 
 

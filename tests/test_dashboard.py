@@ -240,6 +240,7 @@ def _exercise(page: Page) -> None:
         expect(status).to_have_attribute("data-status", "open")
         expect(page.get_by_test_id("status-text")).to_have_text("Live")
         expect(page.get_by_test_id("topics")).to_have_text("*")
+        expect(page.get_by_test_id("resume-notice")).to_be_hidden()
 
         # A run: a row on run_started, its bar following run_progress.
         assert hub.notify("run_started", run("r-220", "eth_call", planned_requests=60_000)) == 1
@@ -294,6 +295,12 @@ def _exercise(page: Page) -> None:
     with hub_process(port) as restarted:
         expect(status).to_have_attribute("data-status", "open")
         expect(page.get_by_test_id("topics")).to_have_text("test:eth_call")
+        # The new hub's history does not know the page's last event: a calm notice.
+        notice = page.get_by_test_id("resume-notice")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text("some events may have been missed while disconnected")
+        page.get_by_test_id("resume-notice-dismiss").click()
+        expect(notice).to_be_hidden()
         restarted.notify("run_started", run("r-230", "eth_call"))
         restarted.notify("run_progress", progress("r-230", "eth_call", 0.1))
         after = page.locator('[data-testid="run"][data-run-id="r-230"]')

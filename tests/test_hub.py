@@ -452,7 +452,7 @@ async def test_start_logs_the_core_at_debug(
 class FaultyHub(wshub.Hub):
     """A hub with a bug in its subscribe handling, to exercise disconnect_on_error."""
 
-    def _subscribe(self, session: Any, topics: tuple[str, ...]) -> None:
+    def _subscribe(self, session: Any, topics: tuple[str, ...], since: str | None) -> None:
         raise RuntimeError("bug")
 
 

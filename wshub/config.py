@@ -47,6 +47,10 @@ class HubConfig:
         allowed_origins: Browser origins allowed to connect; None allows any.
         flush_interval: 0 writes queued frames at the end of the current event-loop iteration;
             more than 0 coalesces writes for up to that many seconds.
+        history_size: Most published messages kept for clients that resume with ``since``;
+            0 disables the history.
+        history_ttl: Seconds a published message is kept for resuming clients; 0 disables
+            the history.
     """
 
     max_clients: int = 100
@@ -66,6 +70,8 @@ class HubConfig:
     max_subscriptions: int = 100
     allowed_origins: Sequence[str] | None = None
     flush_interval: float = 0.0
+    history_size: int = 1000
+    history_ttl: float = 300.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +86,15 @@ class HubConfig:
         for name in ("write_timeout", "read_timeout", "ping_interval", "pong_timeout"):
             _check_number(name, getattr(self, name), allow_zero=False)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
+        _check_number("history_ttl", self.history_ttl, allow_zero=True)
+        if (
+            isinstance(self.history_size, bool)
+            or not isinstance(self.history_size, int)
+            or self.history_size < 0
+        ):
+            raise ValueError(
+                f"history_size must be zero or a positive integer, got {self.history_size!r}"
+            )
         for name in ("enable_ping_pong", "disconnect_on_error", "log_connection_events"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -26,12 +26,14 @@ from . import events
 from .config import HubConfig
 from .events import HistoricRun, Regression
 from .fanout import Implementation, core_module
+from .history import History, MemoryHistory
 from .protocol import (
     PROTOCOL_TYPES,
     MessageClock,
     MessageType,
     ProtocolError,
     parse_client_message,
+    parse_message_id,
     parse_topics,
     rfc3339,
 )
@@ -55,6 +57,8 @@ class _Session:
     remote_addr: str
     user_agent: str | None
     connected_at: float
+    # The last message id issued before the client joined: later messages reached it live.
+    joined_after: str = "0-0"
     last_ping: float | None = None
 
 
@@ -90,6 +94,7 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fanout: Any = None
         self._clock = MessageClock()
+        self._history: History = MemoryHistory(self.config.history_size, self.config.history_ttl)
         self._sessions: dict[str, _Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -212,10 +217,8 @@ class Hub:
             self._rejected += 1
             await self._close(connection, _TRY_AGAIN_LATER, "too many clients")
             return
-        session, topics_error = self._attach(connection)
+        session = self._attach(connection)
         try:
-            if topics_error is not None:
-                self._send_error(session, topics_error)
             await self._serve(session)
         finally:
             self._detach(session)
@@ -258,7 +261,7 @@ class Hub:
         """
         if self._state != "running":
             return 0
-        frame = self._frame_published(message_type, data)
+        frame = self._frame_published(message_type, data, None)
         return int(self._fanout.publish_all(frame))
 
     def broadcast_to_subscribers(
@@ -278,7 +281,7 @@ class Hub:
         if self._state != "running":
             return 0
         topic_list = _topic_list(topics)
-        frame = self._frame_published(message_type, data)
+        frame = self._frame_published(message_type, data, topic_list)
         return int(self._fanout.publish_topics(frame, topic_list))
 
     def publish_threadsafe(
@@ -422,7 +425,10 @@ class Hub:
         frame: bytes = core.build_frame(payload)
         return frame
 
-    def _frame_published(self, message_type: str, data: Any) -> bytes:
+    def _frame_published(
+        self, message_type: str, data: Any, topics: Sequence[str] | None
+    ) -> bytes:
+        """Frame a published message and record it in the history (``topics`` None: to all)."""
         if not isinstance(message_type, str) or not message_type:
             raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
         if message_type in PROTOCOL_TYPES:
@@ -436,6 +442,9 @@ class Hub:
             core.encode_envelope(str(message_type), data, timestamp, message_id)
         )
         self._published += 1
+        # The very frame the core sends (no copy) and the hub's own topic list, which
+        # nothing changes after the publish.
+        self._history.append(message_id, topics, frame)
         return frame
 
     def _send(self, session: _Session, message_type: str, data: Any = None, **extra: Any) -> None:
@@ -448,9 +457,16 @@ class Hub:
 
     # One client's life
 
-    def _attach(self, connection: Any) -> tuple[_Session, ProtocolError | None]:
+    def _attach(self, connection: Any) -> _Session:
+        """Add a client, greet it, replay what it missed (``?since=``) and report bad input.
+
+        One synchronous step: the greeting and the replay are queued before any later
+        publish can reach the client, so a resume has neither gap nor duplicate.
+        """
         client_id = secrets.token_hex(8)
-        topics, topics_error = self._initial_topics(connection)
+        query = self._query(connection)
+        topics, topics_error = self._initial_topics(query)
+        since, since_error = self._initial_since(query)
         client = self._core.Client(client_id, connection)
         request = connection.request
         user_agent = request.headers.get("User-Agent") if request is not None else None
@@ -460,15 +476,29 @@ class Hub:
             remote_addr=_format_address(connection.remote_address),
             user_agent=user_agent,
             connected_at=time.time(),
+            joined_after=self._clock.last_id,
         )
         self._sessions[client_id] = session
         self._fanout.add_client(client)
         self._fanout.subscribe(client, topics)
-        self._send(
-            session,
-            MessageType.CONNECTION,
-            {"client_id": client_id, "status": "connected", "topics": sorted(client.topics)},
-        )
+        greeting: dict[str, Any] = {
+            "client_id": client_id,
+            "status": "connected",
+            "topics": sorted(client.topics),
+        }
+        frames: list[bytes] = []
+        if since is not None:
+            replay = self._history.since(since, client.topics)
+            greeting["recovered"] = replay.recovered
+            if replay.reason is not None:
+                greeting["reason"] = replay.reason
+            frames = replay.frames
+        self._send(session, MessageType.CONNECTION, greeting)
+        # Complaints about the URL come right after the greeting, as without a replay.
+        for error in (topics_error, since_error):
+            if error is not None:
+                self._send_error(session, error)
+        self._replay(session, frames)
         if self.config.log_connection_events:
             self.logger.info(
                 "client %s connected from %s (%d clients)",
@@ -476,17 +506,43 @@ class Hub:
                 session.remote_addr,
                 len(self._sessions),
             )
-        return session, topics_error
+        return session
 
-    def _initial_topics(self, connection: Any) -> tuple[Sequence[str], ProtocolError | None]:
+    @staticmethod
+    def _query(connection: Any) -> dict[str, list[str]]:
+        request = connection.request
+        path = request.path if request is not None else ""
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
+
+    @staticmethod
+    def _initial_since(query: dict[str, list[str]]) -> tuple[str | None, ProtocolError | None]:
+        """The URL's ``?since=`` id; a malformed one resumes nothing and gets an error."""
+        values = query.get("since")
+        if not values:
+            return None, None
+        try:
+            parse_message_id(values[-1])
+        except ProtocolError as exc:
+            exc.message = f"?since= ignored, nothing replayed: {exc.message}"
+            return None, exc
+        return values[-1], None
+
+    def _replay(self, session: _Session, frames: list[bytes]) -> None:
+        """Queue recorded frames for one client, in order, behind what it already has."""
+        send = self._fanout.send
+        client = session.client
+        for frame in frames:
+            if not send(client, frame):
+                break  # the client overflowed (policy "disconnect") or left
+
+    def _initial_topics(
+        self, query: dict[str, list[str]]
+    ) -> tuple[Sequence[str], ProtocolError | None]:
         """The URL's ``?topics=``, or ``default_topics`` when the URL names none.
 
         Invalid ``?topics=`` start the client with no subscriptions and an error: falling back
         to the defaults (``"*"``) would flood a client that asked for a few topics.
         """
-        request = connection.request
-        path = request.path if request is not None else ""
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
         if "topics" not in query:
             return self.config.default_topics, None
         names = [name.strip() for value in query["topics"] for name in value.split(",")]
@@ -557,7 +613,7 @@ class Hub:
         try:
             request = parse_client_message(message)
             if request.type is MessageType.SUBSCRIBE:
-                self._subscribe(session, request.topics)
+                self._subscribe(session, request.topics, request.since)
             elif request.type is MessageType.UNSUBSCRIBE:
                 self._unsubscribe(session, request.topics)
             elif request.type is MessageType.PING:
@@ -568,12 +624,31 @@ class Hub:
         except ProtocolError as exc:
             self._send_error(session, exc)
 
-    def _subscribe(self, session: _Session, topics: tuple[str, ...]) -> None:
+    def _subscribe(self, session: _Session, topics: tuple[str, ...], since: str | None) -> None:
+        """Subscribe, answer and, with ``since``, replay what the client missed: in one
+        synchronous step, so later publishes queue behind the replay."""
         client = session.client
         new = [topic for topic in topics if topic not in client.topics]
         self._check_subscription_limit(len(client.topics), len(new))
+        held = frozenset(client.topics)
         self._fanout.subscribe(client, new)
-        self._send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
+        answer: dict[str, Any] = {"topics": sorted(client.topics)}
+        if since is None:
+            self._send(session, MessageType.SUBSCRIBED, answer)
+            return
+        # What this connection already received live (published after it joined, to all or
+        # to a topic it held) is left out of the replay.
+        replay = self._history.since(
+            since,
+            client.topics,
+            delivered_after=session.joined_after,
+            delivered_topics=held,
+        )
+        answer["recovered"] = replay.recovered
+        if replay.reason is not None:
+            answer["reason"] = replay.reason
+        self._send(session, MessageType.SUBSCRIBED, answer)
+        self._replay(session, replay.frames)
 
     def _unsubscribe(self, session: _Session, topics: tuple[str, ...]) -> None:
         client = session.client

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "MessageType",
     "ProtocolError",
     "parse_client_message",
+    "parse_message_id",
     "parse_topics",
     "rfc3339",
 ]
@@ -95,10 +97,12 @@ class ProtocolError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientRequest:
-    """One parsed client message: its type and, for (un)subscribe, the topics it names."""
+    """One parsed client message: its type and, for (un)subscribe, the topics it names;
+    for subscribe, the ``since`` id to resume after (None when absent)."""
 
     type: MessageType
     topics: tuple[str, ...] = ()
+    since: str | None = None
 
 
 def parse_client_message(raw: str | bytes) -> ClientRequest:
@@ -128,7 +132,12 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
     data = message.get("data")
     if not isinstance(data, dict) or "topics" not in data:
         raise ProtocolError(f'{kind} needs "data": {{"topics": [...]}}')
-    return ClientRequest(request_type, parse_topics(data["topics"]))
+    topics = parse_topics(data["topics"])
+    since = None
+    if request_type is MessageType.SUBSCRIBE and "since" in data:
+        since = data["since"]
+        parse_message_id(since)
+    return ClientRequest(request_type, topics, since)
 
 
 def parse_topics(topics: Any) -> tuple[str, ...]:
@@ -151,6 +160,25 @@ def parse_topics(topics: Any) -> tuple[str, ...]:
                 {"topic": topic[:64] + "...", "length": len(topic)},
             )
     return tuple(dict.fromkeys(topics))
+
+
+# Twenty digits hold any 64-bit value; the bound keeps int() of hostile input cheap.
+_MESSAGE_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def parse_message_id(message_id: object) -> tuple[int, int]:
+    """Split a message id ``"<milliseconds>-<sequence>"`` into the integer pair it compares as.
+
+    Raises:
+        ProtocolError: ``message_id`` is not a string of that form.
+    """
+    match = _MESSAGE_ID.fullmatch(message_id) if isinstance(message_id, str) else None
+    if match is None:
+        shown = message_id[:64] if isinstance(message_id, str) else message_id
+        raise ProtocolError(
+            'since must be a message id "<milliseconds>-<sequence>"', {"since": shown}
+        )
+    return int(match[1]), int(match[2])
 
 
 def rfc3339(epoch_ns: int) -> str:
@@ -189,6 +217,11 @@ class MessageClock:
         else:
             self._sequence += 1
         return f"{self._last_ms}-{self._sequence}", self._timestamp
+
+    @property
+    def last_id(self) -> str:
+        """The id :meth:`next` handed out last; ``"0-0"``, older than any, before the first."""
+        return f"{self._last_ms}-{self._sequence}"
 
     @staticmethod
     def now() -> str:

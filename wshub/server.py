@@ -534,11 +534,8 @@ class HubConnection(asyncio.Protocol):
         # up in between (websockets' server needed the 1013 close for that race).
         self.request = request
         self.last_received = endpoint.loop.time()
-        session, topics_error = hub._attach(self)
-        self.session = session
+        self.session = hub._attach(self)
         _drop_headers(request)
-        if topics_error is not None:
-            hub._send_error(session, topics_error)
         endpoint._opened()
 
     def _handshake_timeout(self) -> None:

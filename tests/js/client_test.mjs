@@ -272,6 +272,49 @@ test("lastId follows the ids of published messages", HUB, async (t) => {
   assert.equal(client.lastId, ids[2]);
 });
 
+test("resumes after its connection drops: the missed messages in order, then live ones", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["resume:a"], minDelay: 300, jitter: 0 });
+  await connected(client);
+  const events = inbox(client, "event");
+  await publish("event", { n: 1 }, ["resume:a"]);
+  await events.until(1);
+  const seen = client.lastId;
+  assert.equal(client.lastResume, null, "nothing to resume on the first connection");
+  const reconnecting = nextStatus(client, "reconnecting");
+  const opened = nextStatus(client, "open");
+  client._ws.terminate(); // the socket drops without a closing handshake; the hub stays up
+  await reconnecting;
+  // Published while the client waits 300 ms to reconnect.
+  await publish("event", { n: 2 }, ["resume:a"]);
+  await publish("event", { n: 3 }, ["resume:elsewhere"]);
+  await publish("event", { n: 4 }); // to every client
+  const { detail } = await opened;
+  assert.deepEqual(detail, { recovered: true, reason: null });
+  assert.deepEqual(client.lastResume, { since: seen, recovered: true, reason: null });
+  await events.until(3);
+  await publish("event", { n: 5 }, ["resume:a"]);
+  await events.until(4);
+  assert.deepEqual(
+    events.messages.map((message) => message.data.n),
+    [1, 2, 4, 5],
+  );
+  const ids = events.messages.map((message) => message.id);
+  assert.ok(ids.every((id, i) => i === 0 || compareIds(ids[i - 1], id) < 0), ids.join());
+  assert.equal(client.lastId, ids[3]);
+});
+
+test("a resume the hub cannot serve is reported with its reason", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["resume:b"] });
+  client.lastId = "1-0"; // an id this hub never issued, as after a hub restart
+  const { detail } = await (async () => {
+    const opened = nextStatus(client, "open");
+    client.connect();
+    return opened;
+  })();
+  assert.deepEqual(detail, { recovered: false, reason: "unknown message id" });
+  assert.deepEqual(client.lastResume, { since: "1-0", recovered: false, reason: "unknown message id" });
+});
+
 test("JSON pings keep a quiet connection alive", HUB, async (t) => {
   const client = makeClient(t, WS_URL, { pingInterval: 100, deadAfter: 400 });
   await connected(client);

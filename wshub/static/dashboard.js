@@ -416,6 +416,19 @@ function showStatus(status, detail) {
   }
 }
 
+// A reconnect resumes after the last event received (wshub.js sends ?since=). When the hub
+// could not replay what was published meanwhile (its history did not reach back that far,
+// or it restarted), say so quietly: the view is live again, but may lack a few events.
+const resumeNotice = $("resume-notice");
+
+function showResume(detail) {
+  if (detail && detail.recovered === false) resumeNotice.hidden = false;
+}
+
+$("resume-notice-dismiss").addEventListener("click", () => {
+  resumeNotice.hidden = true;
+});
+
 const arrivals = []; // receive times (ms) within the rate window
 
 function showRate() {
@@ -478,7 +491,10 @@ const client = new WshubClient(`${scheme}://${location.host}${endpoint}`, {
 
 client.onStatus((status, detail) => {
   showStatus(status, detail);
-  if (status === "open") showTopics();
+  if (status === "open") {
+    showTopics();
+    showResume(detail);
+  }
 });
 client.on("*", () => arrivals.push(performance.now()));
 client.on("run_started", onRunStarted);

@@ -3,7 +3,8 @@
  *
  * It connects, keeps the connection alive with JSON pings, notices a dead connection,
  * reconnects with exponential backoff and jitter, resubscribes atomically on every
- * (re)connect (the topics travel in the URL), and dispatches each message by type.
+ * (re)connect (the topics travel in the URL), resumes after the last message it received
+ * (`?since=<lastId>`, so the hub replays what was missed), and dispatches each message by type.
  * The wire protocol is docs/protocol.md; this module is documented in docs/client.md.
  *
  *     import { WshubClient } from "./wshub.js";
@@ -39,7 +40,8 @@ const DEAD_CODE = 4000;
 /**
  * @typedef {object} WshubOptions
  * @property {Iterable<string>} [topics=["*"]] The subscriptions, sent as `?topics=a,b` on
- *   every (re)connect, so that a reconnect resubscribes atomically.
+ *   every (re)connect, so that a reconnect resubscribes atomically (with `?since=<lastId>`
+ *   once a published message has arrived, so that it also resumes).
  * @property {any} [WebSocket] The WebSocket constructor; defaults to `globalThis.WebSocket`.
  *   In Node 20, pass the `ws` package's `WebSocket`.
  * @property {number} [minDelay=500] First reconnect delay in ms (before jitter).
@@ -83,8 +85,18 @@ const DEAD_CODE = 4000;
  * @param {WshubStatus} status
  * @param {object} [detail] "reconnecting": `{attempt, delay, code, reason}` (the attempt
  *   number from 1, the delay in ms before it starts, and why the last connection ended);
- *   "closed": `{code, reason}`; none for "connecting" and "open".
+ *   "closed": `{code, reason}`; "open": `{recovered, reason}` when the connection resumed
+ *   after `lastId` (see {@link WshubResume}), else none; none for "connecting".
  * @returns {void}
+ */
+
+/**
+ * @typedef {object} WshubResume The outcome of a resume, from the hub's greeting.
+ * @property {string} since The `lastId` the connection asked to resume after.
+ * @property {boolean} recovered True: every missed message matching the topics was replayed
+ *   (they arrive right after the greeting, before live ones). False: some may be lost; refetch.
+ * @property {string | null} reason Why not (e.g. "history does not reach back to <id>",
+ *   "unknown message id" after a hub restart, "history is disabled"); null when recovered.
  */
 
 /** The error a subscribe() or unsubscribe() promise rejects with when the hub refuses. */
@@ -158,6 +170,7 @@ export class WshubClient {
     this._retryTimer = null;
     this._pingTimer = null;
     this._deadTimer = null;
+    this._since = null; // the lastId the current attempt asked to resume after
     /**
      * Requests sent on the current connection, in order; each answer (subscribed,
      * unsubscribed or error) settles the first entry's waiters.
@@ -170,11 +183,16 @@ export class WshubClient {
     /** The id the hub gave this connection in its greeting; null while not connected. */
     this.clientId = null;
     /**
-     * The `id` of the last published message received (kept across reconnects, for a
-     * future resume); null until one arrives.
+     * The `id` of the last published message received, kept across reconnects: the next
+     * (re)connect asks the hub to resume after it. null until one arrives.
      * @type {string | null}
      */
     this.lastId = null;
+    /**
+     * The outcome of the last resume; null until a connection has resumed.
+     * @type {WshubResume | null}
+     */
+    this.lastResume = null;
     /** How many frames were ignored because they were not a JSON object with a `type`. */
     this.invalidFrames = 0;
   }
@@ -332,11 +350,18 @@ export class WshubClient {
     this._armDeadTimer();
   }
 
-  /** The URL of the next attempt: the endpoint with `?topics=` set to the local set. */
+  /**
+   * The URL of the next attempt: the endpoint with `?topics=` set to the local set and, once
+   * a published message has arrived, `?since=` set to its id. Both travel in the handshake,
+   * so the hub subscribes and replays in one step: no gap, no duplicate.
+   */
   _connectUrl() {
     const url = new URL(this.url);
     const topics = this.topics.filter((topic) => !NOT_IN_URL.test(topic));
     url.searchParams.set("topics", topics.join(","));
+    this._since = this.lastId;
+    if (this._since !== null) url.searchParams.set("since", this._since);
+    else url.searchParams.delete("since");
     return url.href;
   }
 
@@ -473,6 +498,15 @@ export class WshubClient {
     this.clientId = data.client_id ?? message.client_id ?? null;
     this._serverTopics = new Set(Array.isArray(data.topics) ? data.topics : []);
     this._greetedAt = now();
+    let detail;
+    if (this._since !== null && typeof data.recovered === "boolean") {
+      this.lastResume = {
+        since: this._since,
+        recovered: data.recovered,
+        reason: data.recovered ? null : String(data.reason ?? "not recovered"),
+      };
+      detail = { recovered: this.lastResume.recovered, reason: this.lastResume.reason };
+    }
     // Topics the URL could not carry, or changed since it was built: one message each way.
     const remove = [...this._serverTopics].filter((topic) => !this._topics.has(topic));
     const add = [...this._topics].filter((topic) => !this._serverTopics.has(topic));
@@ -490,7 +524,7 @@ export class WshubClient {
         this._pending.push(waiting);
       }
     }
-    this._setStatus("open");
+    this._setStatus("open", detail);
   }
 
   _answered(message) {
@@ -506,8 +540,11 @@ export class WshubClient {
 
   _refused(message) {
     const error = message.error ?? {};
-    // The hub's complaint about ?topics= follows the greeting and answers no request.
-    if (this._pending.length === 0 || String(error.message).startsWith("?topics=")) return;
+    // The hub's complaints about ?topics= and ?since= follow the greeting and answer no request.
+    const text = String(error.message);
+    if (this._pending.length === 0 || text.startsWith("?topics=") || text.startsWith("?since=")) {
+      return;
+    }
     const waiters = this._pending.shift();
     if (this._pending.length === 0) this._topics = new Set(this._serverTopics);
     for (const waiter of waiters) {
