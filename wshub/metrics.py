@@ -1,0 +1,129 @@
+"""Prometheus metrics of a hub: its counters read at scrape time, and the latency buckets.
+
+:class:`HubCollector` turns :meth:`Hub.stats <wshub.Hub.stats>` into gauges and counters on
+each scrape. :data:`LATENCY_BUCKETS` are the buckets of the API's
+``wshub_api_publish_to_flush_seconds`` histogram, which :mod:`wshub.api` owns because it
+times HTTP publishes. Both are re-exported by :mod:`wshub.api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ._version import __version__
+from .hub import Hub
+
+__all__ = ["LATENCY_BUCKETS", "HubCollector"]
+
+#: Buckets of ``wshub_api_publish_to_flush_seconds``, in seconds. With the default
+#: ``flush_interval`` of 0 the flush follows within one loop iteration (tens of µs to a few
+#: ms), so the buckets start far below prometheus_client's default 5 ms.
+LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+# stats() key -> (metric name without the _total suffix, help text).
+_COUNTERS: Final = (
+    ("messages_published", "wshub_messages_published", "Messages published through the hub."),
+    (
+        "deliveries",
+        "wshub_deliveries",
+        "Messages queued for a client (one publish to N clients counts N; direct replies "
+        "such as the connection greeting count too).",
+    ),
+    (
+        "drops",
+        "wshub_drops",
+        "Messages dropped for slow or closing clients instead of being written.",
+    ),
+    ("bytes_sent", "wshub_bytes_sent", "Bytes written to client transports by the hub."),
+    ("writes", "wshub_writes", "Transport writes made by the fan-out core."),
+    (
+        "slow_consumer_disconnects",
+        "wshub_slow_consumer_disconnects",
+        "Clients closed with 4008 as slow consumers.",
+    ),
+    (
+        "protocol_errors",
+        "wshub_protocol_errors",
+        "Invalid client messages answered with an error envelope.",
+    ),
+    (
+        "rejected_connections",
+        "wshub_rejected_connections",
+        "Clients closed at registration because the hub was full.",
+    ),
+)
+
+
+class HubCollector(Collector):
+    """Prometheus collector that reads a hub's counters at scrape time.
+
+    Reading :meth:`Hub.stats` on each scrape keeps the hub free of metric bookkeeping: the
+    hub already counts everything, and a scrape costs one ``stats()`` call.
+
+    Args:
+        hub: The hub to describe.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples, so a registry can spot name clashes.
+
+        Returns:
+            An iterator over empty metric families.
+        """
+        yield from self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The hub's current gauges and counters.
+
+        Returns:
+            An iterator over metric families with one sample each.
+        """
+        yield from self._families(self._hub.stats())
+
+    def _families(self, stats: Mapping[str, Any] | None) -> Iterator[Metric]:
+        hub = self._hub
+        info = InfoMetricFamily("wshub", "The hub's version and fan-out core.")
+        clients = GaugeMetricFamily("wshub_clients_connected", "WebSocket clients connected.")
+        running = GaugeMetricFamily(
+            "wshub_hub_running", "1 while the hub accepts clients and messages, else 0."
+        )
+        if stats is not None:
+            info.add_metric([], {"version": __version__, "implementation": hub.implementation})
+            clients.add_metric([], stats["clients"])
+            running.add_metric([], 1 if hub.running else 0)
+        yield info
+        yield clients
+        yield running
+        for key, name, documentation in _COUNTERS:
+            counter = CounterMetricFamily(name, documentation)
+            if stats is not None:
+                counter.add_metric([], stats[key])
+            yield counter
