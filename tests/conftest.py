@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ import pytest
 import wshub
 
 from .helpers import HubServer
+from .redis_server import RedisServer
 
 
 @pytest.fixture
@@ -51,3 +52,10 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path,
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"openssl cannot make a test certificate: {exc}")
     return cert, key
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port of 127.0.0.1, removed afterwards."""
+    with RedisServer() as server:
+        yield server

@@ -1,0 +1,283 @@
+"""A real ``redis-server`` in a subprocess, for the tests that need Redis itself.
+
+Each server gets a free port of 127.0.0.1 and a temporary directory of its own. Writes go to an
+append-only file fsynced on every command, so a server killed with SIGKILL and started again
+on the same port and directory comes back with everything it acknowledged: that is how the
+tests simulate a Redis crash in the middle of a stream. Without ``redis-server`` on the PATH
+the tests that ask for one are skipped, or fail with ``WSHUB_REQUIRE_BROWSER=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .helpers import require_tool
+
+__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+PROBE_TIMEOUT = 0.25
+POLL_INTERVAL = 0.01
+RETRY_INTERVAL = 0.05
+LOG_TAIL_LINES = 30
+ADDRESS_IN_USE = "Address already in use"
+PROCESS_ID = re.compile(rb"^process_id:(\d+)\r?$", re.MULTILINE)
+
+
+class RedisServerError(RuntimeError):
+    """The server did not come up; the message ends with the tail of its log."""
+
+
+def find_redis_server() -> str:
+    """The path of ``redis-server``; skips (or fails) the calling test when it is missing."""
+    path = shutil.which("redis-server")
+    require_tool("redis-server", path is not None, "apt-get install redis-server")
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing was bound to a moment ago.
+
+    Another process may take it before the server binds it; ``RedisServer.start`` retries on
+    another port when that happens.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _answering_pid(port: int, timeout: float) -> int | None:
+    """The process id of the Redis that answers PING on ``port``, or None if none does yet.
+
+    The id matters because when two servers race for one port, the loser can see the winner's
+    PONG in the instant before its own failed bind makes it exit.
+    """
+    try:
+        with (
+            socket.create_connection((HOST, port), timeout=timeout) as connection,
+            connection.makefile("rb") as reader,
+        ):
+            connection.sendall(b"PING\r\n")
+            # Anything else (-LOADING while the append-only file is replayed, or some other
+            # service on the port) means not ready.
+            if reader.readline() != b"+PONG\r\n":
+                return None
+            connection.sendall(b"INFO server\r\n")
+            header = reader.readline()
+            if not header.startswith(b"$"):
+                return None
+            info = reader.read(int(header[1:]) + 2)
+    except (OSError, ValueError):
+        return None
+    match = PROCESS_ID.search(info)
+    return int(match.group(1)) if match else None
+
+
+class RedisServer:
+    """``redis-server`` on a free port of 127.0.0.1, with its data in a temporary directory.
+
+    ``start`` launches it and returns once it answers PING; ``kill`` crashes it (SIGKILL);
+    ``restart`` brings it back on the same port and directory, where it reloads its data;
+    ``stop`` shuts it down and removes the directory. As a context manager it is started on
+    entry and stopped on exit.
+    """
+
+    def __init__(self, start_timeout: float = START_TIMEOUT) -> None:
+        self.binary = find_redis_server()
+        self.start_timeout = start_timeout
+        self.directory = Path(tempfile.mkdtemp(prefix="wshub-redis-"))
+        # One log for every launch, so that an error after a restart can show why the previous
+        # run ended as well.
+        self.log_path = self.directory / "redis-server.log"
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The redis-py URL of database 0."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running server, or None."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (not whether it answers yet)."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Launch the server and wait until it answers PING.
+
+        A port taken by someone else since it was picked is replaced with a fresh one.
+
+        Raises:
+            RedisServerError: the server exited or did not answer within ``start_timeout``.
+        """
+        deadline = time.monotonic() + self.start_timeout
+        while not self._launch(deadline):
+            if time.monotonic() >= deadline:
+                raise RedisServerError(
+                    f"every port tried was taken by another process (last: {self.port})\n"
+                    f"{self._log_tail()}"
+                )
+            self.port = free_port()
+
+    def restart(self) -> None:
+        """Start the server again on the same port and directory, reloading its data.
+
+        A server still running is killed first, as in a crash. The port is retried until
+        ``start_timeout``: it should be free at once (Redis binds with SO_REUSEADDR, so the
+        connections of the previous run in TIME_WAIT do not block it), but a slow kernel or
+        another process may hold it for a moment.
+
+        Raises:
+            RedisServerError: the port stayed busy, or the server exited or did not answer.
+        """
+        self.kill()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._launch(deadline):
+            if time.monotonic() >= deadline:
+                raise RedisServerError(
+                    f"port {self.port} stayed in use; redis-server could not restart on it\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(RETRY_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it: a crash, with no chance to save anything."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        """Shut the server down (SIGTERM, SIGKILL if it lingers) and remove its directory.
+
+        This is the end of it: with the directory gone, neither ``start`` nor ``restart`` can
+        bring it back.
+        """
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=STOP_TIMEOUT)
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises; the directory would be left behind.
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RedisServer {self.url} {state}>"
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.directory),
+            # No RDB snapshots: the append-only file alone must bring the data back, and it is
+            # fsynced before each reply, so whatever a client saw acknowledged survives SIGKILL.
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]
+
+    def _launch(self, deadline: float) -> bool:
+        """Run the server once and wait for it to answer.
+
+        Returns:
+            True once it answers PING, False if it exited because its port was in use.
+        """
+        if self.running:
+            raise RedisServerError(f"{self!r} is already running")
+        # Read back only this launch's part of the shared log when deciding why it exited.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # The server writes to a file, not a pipe, so that nobody has to drain it while it runs.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        process = self._process
+        while True:
+            probe_timeout = min(PROBE_TIMEOUT, max(deadline - time.monotonic(), POLL_INTERVAL))
+            if _answering_pid(self.port, probe_timeout) == process.pid:
+                return True
+            # Checked after the probe, not before: whoever holds the port may accept and never
+            # answer, and the server's exit during that wait is what tells a clash apart.
+            code = process.poll()
+            if code is not None:
+                self.kill()
+                if ADDRESS_IN_USE in self._log_since(offset):
+                    return False
+                raise RedisServerError(
+                    f"redis-server exited with code {code} before answering PING on port "
+                    f"{self.port}\n{self._log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise RedisServerError(
+                    f"redis-server did not answer PING on port {self.port} within "
+                    f"{self.start_timeout:g} s\n{self._log_tail()}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _log_tail(self) -> str:
+        lines = self._log_since(0).splitlines()[-LOG_TAIL_LINES:]
+        if not lines:
+            return f"(nothing in {self.log_path})"
+        return f"last lines of {self.log_path}:\n" + "\n".join(lines)
