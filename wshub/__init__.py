@@ -16,16 +16,19 @@ Embed it in an asyncio service::
 """
 
 from ._version import __version__
+from .backplane import Backplane, BackplaneUnavailable, RedisBackplane
 from .config import HubConfig
 from .connection import serve, server_options
 from .events import HistoricRun, Regression
 from .fanout import IMPLEMENTATION
-from .hub import BroadcastBufferFull, Hub
+from .hub import BroadcastBufferFull, Hub, Published
 from .protocol import MessageType, ProtocolError
 from .publisher import Publisher, PublishError
 
 __all__ = [
     "IMPLEMENTATION",
+    "Backplane",
+    "BackplaneUnavailable",
     "BroadcastBufferFull",
     "HistoricRun",
     "Hub",
@@ -33,7 +36,9 @@ __all__ = [
     "MessageType",
     "ProtocolError",
     "PublishError",
+    "Published",
     "Publisher",
+    "RedisBackplane",
     "Regression",
     "__version__",
     "serve",

@@ -35,6 +35,7 @@ cdef extern from "Python.h":
 __all__ = ["Client", "Fanout", "build_frame", "encode_envelope"]
 
 # Naive datetimes in runner payloads are UTC; RFC 3339 wants the "Z".
+# The same options as the twin's JSON_OPTIONS, which the hub also uses for published data.
 cdef object _JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 cdef object _dumps = orjson.dumps
 cdef object _OPEN = State.OPEN

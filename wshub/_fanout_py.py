@@ -28,7 +28,7 @@ from websockets.protocol import State
 __all__ = ["Client", "Fanout", "build_frame", "encode_envelope"]
 
 # Naive datetimes in runner payloads are UTC; RFC 3339 wants the "Z".
-_JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 _OPEN = State.OPEN
 
 _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
@@ -72,7 +72,7 @@ def encode_envelope(
         envelope["client_id"] = client_id
     if error is not None:
         envelope["error"] = error
-    return orjson.dumps(envelope, option=_JSON_OPTIONS)
+    return orjson.dumps(envelope, option=JSON_OPTIONS)
 
 
 def build_frame(payload: bytes) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ __all__ = ["SLOW_CLIENT_POLICIES", "HubConfig"]
 
 SLOW_CLIENT_POLICIES = ("disconnect", "drop_oldest")
 MAX_TOPIC_LENGTH = 256
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,10 @@ class HubConfig:
             0 disables the history.
         history_ttl: Seconds a published message is kept for resuming clients; 0 disables
             the history.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL of the Redis that joins
+            several hubs into one (see :mod:`wshub.backplane`); None runs this hub alone.
+        redis_stream: The Redis stream key the joined hubs share; hubs on other keys of the
+            same Redis form separate groups.
     """
 
     max_clients: int = 100
@@ -72,6 +78,8 @@ class HubConfig:
     flush_interval: float = 0.0
     history_size: int = 1000
     history_ttl: float = 300.0
+    redis_url: str | None = None
+    redis_stream: str = "wshub:messages"
 
     def __post_init__(self) -> None:
         for name in (
@@ -95,6 +103,16 @@ class HubConfig:
             raise ValueError(
                 f"history_size must be zero or a positive integer, got {self.history_size!r}"
             )
+        if self.redis_url is not None and (
+            not isinstance(self.redis_url, str)
+            or urllib.parse.urlsplit(self.redis_url).scheme not in REDIS_URL_SCHEMES
+        ):
+            raise ValueError(
+                f"redis_url must be a {', '.join(s + '://' for s in REDIS_URL_SCHEMES)} URL, "
+                f"got {self.redis_url!r}"
+            )
+        if not isinstance(self.redis_stream, str) or not self.redis_stream:
+            raise ValueError(f"redis_stream must be a non-empty string, got {self.redis_stream!r}")
         for name in ("enable_ping_pong", "disconnect_on_error", "log_connection_events"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

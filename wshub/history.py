@@ -6,8 +6,9 @@ history is bounded by a count and an age; what a client asks for that has left i
 reported as not recovered, so the client knows to refetch.
 
 :class:`History` is the small interface the hub uses; :class:`MemoryHistory` keeps the
-messages of one hub process. A shared store (Redis streams use the same id form) can provide
-the same two methods.
+messages of one hub process. With a :class:`~wshub.backplane.RedisBackplane` each hub still
+keeps this history of what it delivered, for fast resumes, and what it does not hold is read
+from the Redis stream, whose entry ids are of the same form.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from .protocol import parse_message_id
 
-__all__ = ["History", "MemoryHistory", "Replay"]
+__all__ = ["History", "MemoryHistory", "Replay", "missed"]
 
 _Key = tuple[int, int]
 
@@ -74,6 +75,31 @@ def _matches(message_topics: Sequence[str] | None, topics: Collection[str]) -> b
     if message_topics is None or "*" in topics:
         return True
     return any(topic in topics for topic in message_topics)
+
+
+def missed(
+    key: _Key,
+    message_topics: Sequence[str] | None,
+    topics: Collection[str],
+    delivered_after: _Key | None,
+    delivered_topics: Collection[str],
+) -> bool:
+    """Whether a resuming client missed the message ``key``: the rule of :meth:`History.since`.
+
+    Args:
+        key: The message id as :func:`~wshub.protocol.parse_message_id` gives it.
+        message_topics: Its topics; None when it went to every client.
+        topics: The client's topics now.
+        delivered_after: The id after which the client's connection received messages live.
+        delivered_topics: The topics it held live meanwhile.
+    """
+    if not _matches(message_topics, topics):
+        return False
+    return not (
+        delivered_after is not None
+        and key > delivered_after
+        and _matches(message_topics, delivered_topics)
+    )
 
 
 class MemoryHistory:
@@ -152,15 +178,8 @@ class MemoryHistory:
                 if entry_key != key:  # between two ids this hub issued, or after the newest
                     return Replay(False, "unknown message id", [])
                 break
-            if not _matches(entry_topics, topics):
-                continue
-            if (
-                skip_after is not None
-                and entry_key > skip_after
-                and _matches(entry_topics, delivered_topics)
-            ):
-                continue
-            frames.append(frame)
+            if missed(entry_key, entry_topics, topics, skip_after, delivered_topics):
+                frames.append(frame)
         else:
             # Every retained message is newer than the id: did it leave the history?
             evicted = parse_message_id(self._evicted) if self._evicted is not None else None

@@ -3,6 +3,10 @@
 Publishing is synchronous and never awaits: it serializes and frames the message once and
 hands the frame to the fan-out core, which queues it for every recipient and writes each
 client's queue in one transport write at the end of the event-loop iteration.
+
+Hubs joined by a :class:`~wshub.backplane.RedisBackplane` send each publish to Redis instead,
+and frame and fan out every message when it comes back from the shared stream, in the one
+order all of them see.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
+import orjson
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from . import events
+from ._fanout_py import JSON_OPTIONS
+from .backplane import Backplane, BackplaneUnavailable, Entry, RedisBackplane, StoredEntries
 from .config import HubConfig
 from .events import HistoricRun, Regression
 from .fanout import Implementation, core_module
-from .history import History, MemoryHistory
+from .history import History, MemoryHistory, Replay, missed
 from .protocol import (
     PROTOCOL_TYPES,
     MessageClock,
@@ -38,7 +45,7 @@ from .protocol import (
     rfc3339,
 )
 
-__all__ = ["BroadcastBufferFull", "Hub"]
+__all__ = ["BroadcastBufferFull", "Hub", "Published"]
 
 SLOW_CONSUMER_CLOSE_CODE = 4008
 _TRY_AGAIN_LATER = 1013
@@ -46,6 +53,40 @@ _TRY_AGAIN_LATER = 1013
 
 class BroadcastBufferFull(RuntimeError):
     """``publish_threadsafe`` found ``broadcast_buffer_size`` messages already waiting."""
+
+
+class Published(NamedTuple):
+    """What :meth:`Hub.publish` did.
+
+    Attributes:
+        id: The message's id, global across hubs joined by a backplane.
+        recipients: How many clients of this hub it was queued for; None when this hub had
+            not read it back from the backplane within ``write_timeout``.
+    """
+
+    id: str
+    recipients: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingReplay:
+    """A resume this hub cannot serve from its own history: read from the backplane.
+
+    Until the stored messages arrive, messages the client should get live are held here so
+    they follow the replay instead of overtaking it.
+    """
+
+    since: str
+    until: str  # the last id this hub had delivered when the resume began
+    topics: frozenset[str]  # every topic the client will hold
+    live_topics: frozenset[str] | None  # topics it receives live meanwhile (None: nothing)
+    new_topics: tuple[str, ...]  # subscribed in the core when the replay is sent
+    delivered_after: str | None
+    answer: dict[str, Any]
+    greeting: bool  # True: answers the connection (?since=); False: a subscribe
+    errors: list[ProtocolError]
+    held: list[tuple[tuple[int, int], bytes]] = dataclasses.field(default_factory=list)
+    inbox: list[str | bytes] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,6 +101,7 @@ class _Session:
     # The last message id issued before the client joined: later messages reached it live.
     joined_after: str = "0-0"
     last_ping: float | None = None
+    pending: _PendingReplay | None = None
 
 
 class Hub:
@@ -70,9 +112,13 @@ class Hub:
         logger: Where the hub logs; the ``"wshub"`` logger when None.
         implementation: ``"cython"`` or ``"python"`` to pick a fan-out core; None takes
             :data:`wshub.IMPLEMENTATION`.
+        backplane: Joins this hub with others; None makes a
+            :class:`~wshub.backplane.RedisBackplane` when ``config.redis_url`` is set and
+            runs the hub alone otherwise.
 
     Raises:
-        ImportError: ``implementation="cython"`` and the extension is not built.
+        ImportError: ``implementation="cython"`` and the extension is not built, or
+            ``redis_url`` is set and redis-py is not installed.
     """
 
     def __init__(
@@ -81,6 +127,7 @@ class Hub:
         *,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         implementation: Implementation | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         self.config = config if config is not None else HubConfig()
         if not isinstance(self.config, HubConfig):
@@ -95,6 +142,24 @@ class Hub:
         self._fanout: Any = None
         self._clock = MessageClock()
         self._history: History = MemoryHistory(self.config.history_size, self.config.history_ttl)
+        if backplane is None and self.config.redis_url is not None:
+            backplane = RedisBackplane(
+                self.config.redis_url,
+                stream=self.config.redis_stream,
+                history_size=self.config.history_size,
+                history_ttl=self.config.history_ttl,
+                logger=self.logger,
+            )
+        self._backplane = backplane
+        # With a backplane: publishes awaiting their return.
+        self._origin = secrets.token_hex(6)
+        self._origin_sequence = 0
+        self._returning: dict[str, asyncio.Future[int]] = {}
+        self._timestamp_ms = -1
+        self._timestamp = ""
+        self._pending: dict[str, _Session] = {}
+        self._delivered = asyncio.Event()
+        self._publish_failures = 0
         self._sessions: dict[str, _Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -112,6 +177,16 @@ class Hub:
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`stop`: the hub accepts clients and messages."""
         return self._state == "running"
+
+    @property
+    def ready(self) -> bool:
+        """True while the hub runs and its backplane, if any, takes publishes."""
+        return self._state == "running" and (self._backplane is None or self._backplane.ready)
+
+    @property
+    def backplane(self) -> Backplane | None:
+        """The backplane joining this hub with others; None when it runs alone."""
+        return self._backplane
 
     async def start(self) -> None:
         """Start the hub on the running event loop. Starting a running hub does nothing.
@@ -135,6 +210,8 @@ class Hub:
             on_blocked=self._on_blocked,
         )
         self._state = "running"
+        if self._backplane is not None:
+            await self._backplane.start(self._deliver)
         self.logger.debug("hub started with the %s fan-out core", self.implementation)
 
     async def stop(self) -> None:
@@ -161,6 +238,8 @@ class Hub:
     async def _shut_down(self) -> None:
         fanout = self._fanout
         timeout = self.config.write_timeout
+        if self._backplane is not None:
+            await self._backplane.close()
         goodbye = self._frame(MessageType.DISCONNECTION, {"reason": "server shutdown"})
         fanout.publish_all(goodbye)
         fanout.flush()
@@ -244,12 +323,63 @@ class Hub:
             "slow_consumer_disconnects": self._slow_consumer_disconnects,
             "protocol_errors": self._protocol_errors,
             "rejected_connections": self._rejected,
+            "publish_failures": self._publish_failures
+            + (self._backplane.stats()["publish_failures"] if self._backplane else 0),
+            "backplane": self._backplane.stats() if self._backplane is not None else None,
         }
 
     # Publishing
 
+    async def publish(
+        self,
+        message_type: str,
+        data: Any = None,
+        topics: Iterable[str] | str | None = None,
+    ) -> Published:
+        """Publish to every client subscribed to one of ``topics`` (or to ``"*"``), or to every
+        client when ``topics`` is None, on this hub and on every hub joined with it.
+
+        Alone, the hub queues the message at once. With a backplane, this returns once the
+        backplane took the message and this hub read it back and queued it for its clients.
+
+        Returns:
+            The message's id and how many clients of this hub it was queued for.
+
+        Raises:
+            TypeError: ``data`` cannot be serialized, or a topic is not a string.
+            ValueError: ``message_type`` is one the protocol uses.
+            BackplaneUnavailable: The backplane could not take it (Redis is unreachable);
+                the message was not published.
+            RuntimeError: The hub is not running.
+        """
+        if self._state != "running":
+            raise RuntimeError("the hub is not running")
+        topic_list = _topic_list(topics) if topics is not None else None
+        backplane = self._backplane
+        if backplane is None:
+            return Published(*self._publish_here(message_type, data, topic_list))
+        payload = self._encode_published(message_type, data)
+        self._origin_sequence += 1
+        origin = f"{self._origin}:{self._origin_sequence}"
+        returned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._returning[origin] = returned
+        try:
+            message_id = await backplane.publish(message_type, payload, topic_list, origin)
+            try:
+                async with asyncio.timeout(self.config.write_timeout):
+                    recipients: int | None = await returned
+            except TimeoutError:
+                recipients = None
+        finally:
+            self._returning.pop(origin, None)
+        return Published(message_id, recipients)
+
     def broadcast_to_all(self, message_type: str, data: Any = None) -> int:
         """Queue a message for every connected client, whatever it subscribed to.
+
+        With a backplane the message goes to the backplane and is queued when it comes back,
+        so the count is not known yet: 0 is returned. A failure on the way is logged and
+        counted (``publish_failures``); ``await`` :meth:`publish` to learn of it instead.
 
         Returns:
             How many clients it was queued for; 0 when the hub is not running.
@@ -258,18 +388,22 @@ class Hub:
             TypeError: ``data`` cannot be serialized, or ``message_type`` is not a string.
             ValueError: ``message_type`` is one the protocol uses (``connection``, ``error``,
                 ``subscribed``, ...).
+            BackplaneUnavailable: The backplane is known to be unreachable.
         """
         if self._state != "running":
             return 0
-        frame = self._frame_published(message_type, data, None)
-        return int(self._fanout.publish_all(frame))
+        if self._backplane is not None:
+            self._send_to_backplane(message_type, data, None)
+            return 0
+        return self._publish_here(message_type, data, None)[1]
 
     def broadcast_to_subscribers(
         self, message_type: str, data: Any, topics: Iterable[str] | str
     ) -> int:
         """Queue a message for every client subscribed to one of ``topics`` or to ``"*"``.
 
-        A client matching several topics receives the message once.
+        A client matching several topics receives the message once. With a backplane, see
+        :meth:`broadcast_to_all`.
 
         Returns:
             How many clients it was queued for; 0 when the hub is not running.
@@ -277,12 +411,38 @@ class Hub:
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
             ValueError: ``message_type`` is one the protocol uses.
+            BackplaneUnavailable: The backplane is known to be unreachable.
         """
         if self._state != "running":
             return 0
         topic_list = _topic_list(topics)
-        frame = self._frame_published(message_type, data, topic_list)
-        return int(self._fanout.publish_topics(frame, topic_list))
+        if self._backplane is not None:
+            self._send_to_backplane(message_type, data, topic_list)
+            return 0
+        return self._publish_here(message_type, data, topic_list)[1]
+
+    def _publish_here(
+        self, message_type: str, data: Any, topics: list[str] | None
+    ) -> tuple[str, int]:
+        """Publish without a backplane: id, frame, history and fan-out in one step."""
+        message_id, frame = self._frame_published(message_type, data, topics)
+        if topics is None:
+            return message_id, int(self._fanout.publish_all(frame))
+        return message_id, int(self._fanout.publish_topics(frame, topics))
+
+    def _send_to_backplane(self, message_type: str, data: Any, topics: list[str] | None) -> None:
+        assert self._backplane is not None
+        payload = self._encode_published(message_type, data)
+        future = self._backplane.publish(message_type, payload, topics)
+        future.add_done_callback(self._sent_to_backplane)
+
+    def _sent_to_backplane(self, future: asyncio.Future[str]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            # The caller has returned already; the backplane counted the failure.
+            self.logger.error("a message was not published: %s", exc)
 
     def publish_threadsafe(
         self,
@@ -294,7 +454,8 @@ class Hub:
 
         Returns:
             A future with the number of clients the message was queued for (0 when the hub
-            is not running).
+            is not running). With a backplane, the number of this hub's clients, once it
+            read the message back (see :meth:`publish`), or its failure.
 
         Raises:
             BroadcastBufferFull: ``broadcast_buffer_size`` messages are already waiting for
@@ -331,6 +492,9 @@ class Hub:
     ) -> None:
         with self._threadsafe_lock:
             self._threadsafe_waiting -= 1
+        if self._backplane is not None and self._state == "running":
+            self._spawn(self._publish_for_thread(message_type, data, topics, future))
+            return
         try:
             if topics is None:
                 count = self.broadcast_to_all(message_type, data)
@@ -340,6 +504,20 @@ class Hub:
             future.set_exception(exc)
         else:
             future.set_result(count)
+
+    async def _publish_for_thread(
+        self,
+        message_type: str,
+        data: Any,
+        topics: Iterable[str] | str | None,
+        future: concurrent.futures.Future[int],
+    ) -> None:
+        try:
+            published = await self.publish(message_type, data, topics)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(published.recipients or 0)
 
     # The runner's notifications
 
@@ -427,15 +605,10 @@ class Hub:
 
     def _frame_published(
         self, message_type: str, data: Any, topics: Sequence[str] | None
-    ) -> bytes:
-        """Frame a published message and record it in the history (``topics`` None: to all)."""
-        if not isinstance(message_type, str) or not message_type:
-            raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
-        if message_type in PROTOCOL_TYPES:
-            raise ValueError(
-                f"message_type {message_type!r} is reserved for the protocol; "
-                "publish events under types of their own"
-            )
+    ) -> tuple[str, bytes]:
+        """Id and frame of a published message, recorded in the history (``topics`` None:
+        to all)."""
+        _check_message_type(message_type)
         message_id, timestamp = self._clock.next()
         core = self._core
         frame: bytes = core.build_frame(
@@ -445,7 +618,51 @@ class Hub:
         # The very frame the core sends (no copy) and the hub's own topic list, which
         # nothing changes after the publish.
         self._history.append(message_id, topics, frame)
+        return message_id, frame
+
+    @staticmethod
+    def _encode_published(message_type: str, data: Any) -> bytes | None:
+        """The ``data`` of a message for the backplane, as JSON: serialized once, here."""
+        _check_message_type(message_type)
+        if data is None:
+            return None
+        try:
+            return orjson.dumps(data, option=JSON_OPTIONS)
+        except orjson.JSONEncodeError as exc:
+            raise TypeError(str(exc)) from None
+
+    def _frame_entry(self, entry: Entry) -> bytes:
+        """Frame a message read from the backplane, around its already serialized data."""
+        ms = int(entry.message_id.partition("-")[0])
+        if ms != self._timestamp_ms:  # one strftime per millisecond, not per message
+            self._timestamp_ms = ms
+            self._timestamp = rfc3339(ms * 1_000_000)
+        core = self._core
+        data = orjson.Fragment(entry.data) if entry.data is not None else None
+        frame: bytes = core.build_frame(
+            core.encode_envelope(entry.message_type, data, self._timestamp, entry.message_id)
+        )
         return frame
+
+    def _deliver(self, entry: Entry) -> None:
+        """A message came back from the backplane: frame it once and fan it out here."""
+        if self._state != "running":
+            return
+        frame = self._frame_entry(entry)
+        topics = entry.topics
+        message_id = entry.message_id
+        self._published += 1
+        self._history.append(message_id, topics, frame)
+        if topics is None:
+            recipients = int(self._fanout.publish_all(frame))
+        else:
+            recipients = int(self._fanout.publish_topics(frame, topics))
+        if self._returning and entry.origin is not None:
+            returned = self._returning.get(entry.origin)
+            if returned is not None and not returned.done():
+                returned.set_result(recipients)
+        if self._pending:
+            self._hold(parse_message_id(message_id), topics, frame)
 
     def _send(self, session: _Session, message_type: str, data: Any = None, **extra: Any) -> None:
         frame = self._frame(message_type, data, client_id=session.client.client_id, **extra)
@@ -467,6 +684,7 @@ class Hub:
         query = self._query(connection)
         topics, topics_error = self._initial_topics(query)
         since, since_error = self._initial_since(query)
+        errors = [error for error in (topics_error, since_error) if error is not None]
         client = self._core.Client(client_id, connection)
         request = connection.request
         user_agent = request.headers.get("User-Agent") if request is not None else None
@@ -476,29 +694,41 @@ class Hub:
             remote_addr=_format_address(connection.remote_address),
             user_agent=user_agent,
             connected_at=time.time(),
-            joined_after=self._clock.last_id,
+            joined_after=self._last_id(),
         )
         self._sessions[client_id] = session
-        self._fanout.add_client(client)
-        self._fanout.subscribe(client, topics)
         greeting: dict[str, Any] = {
             "client_id": client_id,
             "status": "connected",
-            "topics": sorted(client.topics),
+            "topics": sorted(set(topics)),
         }
-        frames: list[bytes] = []
-        if since is not None:
-            replay = self._history.since(since, client.topics)
-            greeting["recovered"] = replay.recovered
-            if replay.reason is not None:
-                greeting["reason"] = replay.reason
-            frames = replay.frames
-        self._send(session, MessageType.CONNECTION, greeting)
-        # Complaints about the URL come right after the greeting, as without a replay.
-        for error in (topics_error, since_error):
-            if error is not None:
+        replay = self._history.since(since, topics) if since is not None else None
+        if since is not None and replay is not None and self._needs_store(replay):
+            # Neither in the core nor greeted yet: nothing can overtake the replay.
+            session.pending = _PendingReplay(
+                since=since,
+                until=self._last_id(),
+                topics=frozenset(topics),
+                live_topics=None,
+                new_topics=tuple(topics),
+                delivered_after=None,
+                answer=greeting,
+                greeting=True,
+                errors=errors,
+            )
+            self._fetch_stored(session)
+        else:
+            self._fanout.add_client(client)
+            self._fanout.subscribe(client, topics)
+            frames: list[bytes] = []
+            if replay is not None:
+                _answer_recovery(greeting, replay.recovered, replay.reason)
+                frames = replay.frames
+            self._send(session, MessageType.CONNECTION, greeting)
+            # Complaints about the URL come right after the greeting, as without a replay.
+            for error in errors:
                 self._send_error(session, error)
-        self._replay(session, frames)
+            self._replay(session, frames)
         if self.config.log_connection_events:
             self.logger.info(
                 "client %s connected from %s (%d clients)",
@@ -526,6 +756,112 @@ class Hub:
             exc.message = f"?since= ignored, nothing replayed: {exc.message}"
             return None, exc
         return values[-1], None
+
+    def _last_id(self) -> str:
+        """The newest message id this hub has queued for its clients."""
+        backplane = self._backplane
+        return backplane.position if backplane is not None else self._clock.last_id
+
+    def _needs_store(self, replay: Replay) -> bool:
+        """This hub's history could not serve a resume that the backplane's store may."""
+        return (
+            not replay.recovered
+            and self._backplane is not None
+            and replay.reason != "history is disabled"
+        )
+
+    def _fetch_stored(self, session: _Session) -> None:
+        self._pending[session.client.client_id] = session
+        self._spawn(self._read_stored(session))
+
+    async def _read_stored(self, session: _Session) -> None:
+        """Read a pending resume from the backplane, then send it (see :class:`_PendingReplay`)."""
+        pending = session.pending
+        backplane = self._backplane
+        assert pending is not None and backplane is not None
+        try:
+            stored = await backplane.entries(pending.since, pending.until)
+            # A client back from another hub may have seen messages this one has not read
+            # yet: wait for them, so they are held and skipped rather than sent twice.
+            since_key = parse_message_id(pending.since)
+            async with asyncio.timeout(self.config.write_timeout):
+                while stored.recovered and parse_message_id(self._last_id()) < since_key:
+                    self._delivered.clear()
+                    await self._delivered.wait()
+        except BackplaneUnavailable as exc:
+            stored = StoredEntries(False, f"history unavailable: {exc}", [])
+        except TimeoutError:
+            stored = StoredEntries(False, "the backplane did not deliver the message yet", [])
+        finally:
+            self._pending.pop(session.client.client_id, None)
+        if self._sessions.get(session.client.client_id) is session:
+            self._send_stored(session, pending, stored)
+
+    def _send_stored(
+        self, session: _Session, pending: _PendingReplay, stored: StoredEntries
+    ) -> None:
+        """Answer a resume read from the backplane: the replay, then what was held meanwhile."""
+        client = session.client
+        session.pending = None
+        if pending.greeting:
+            self._fanout.add_client(client)
+            session.joined_after = self._last_id()
+        self._fanout.subscribe(client, pending.new_topics)
+        answer = pending.answer
+        _answer_recovery(answer, stored.recovered, stored.reason)
+        answer["topics"] = sorted(client.topics)
+        self._send(
+            session,
+            MessageType.CONNECTION if pending.greeting else MessageType.SUBSCRIBED,
+            answer,
+        )
+        for error in pending.errors:
+            self._send_error(session, error)
+        frames: list[bytes] = []
+        held = pending.held
+        if stored.recovered:
+            delivered_after = (
+                parse_message_id(pending.delivered_after)
+                if pending.delivered_after is not None
+                else None
+            )
+            live = pending.live_topics or ()
+            frames = [
+                self._frame_entry(entry)
+                for entry in stored.entries
+                if missed(
+                    parse_message_id(entry.message_id),
+                    entry.topics,
+                    pending.topics,
+                    delivered_after,
+                    live,
+                )
+            ]
+            since_key = parse_message_id(pending.since)
+            frames.extend(frame for key, frame in held if key > since_key)
+        else:
+            frames.extend(frame for _, frame in held)
+        self._replay(session, frames)
+        # Messages the client sent meanwhile, in order; one may start another resume.
+        for message in pending.inbox:
+            if not self._receive(session, message):
+                self._spawn(
+                    self._close(session.connection, CloseCode.INTERNAL_ERROR, "internal error")
+                )
+                return
+
+    def _hold(self, key: tuple[int, int], topics: Sequence[str] | None, frame: bytes) -> None:
+        """Keep a delivered message for clients whose resume is still being read."""
+        for session in self._pending.values():
+            pending = session.pending
+            if pending is None:
+                continue
+            live = pending.live_topics
+            if missed(key, topics, pending.topics, None, ()) and not (
+                live is not None and missed(key, topics, live, None, ())
+            ):
+                pending.held.append((key, frame))
+        self._delivered.set()
 
     def _replay(self, session: _Session, frames: list[bytes]) -> None:
         """Queue recorded frames for one client, in order, behind what it already has."""
@@ -596,6 +932,10 @@ class Hub:
         Bad input is answered with an ``error`` envelope by :meth:`_handle`; only a failure
         inside the hub gets here, and ``disconnect_on_error`` decides what it costs the client.
         """
+        if session.pending is not None:
+            # Answered after the resume being read, in the order the client sent them.
+            session.pending.inbox.append(message)
+            return True
         try:
             self._handle(session, message)
         except Exception:
@@ -631,22 +971,37 @@ class Hub:
         new = [topic for topic in topics if topic not in client.topics]
         self._check_subscription_limit(len(client.topics), len(new))
         held = frozenset(client.topics)
-        self._fanout.subscribe(client, new)
-        answer: dict[str, Any] = {"topics": sorted(client.topics)}
         if since is None:
-            self._send(session, MessageType.SUBSCRIBED, answer)
+            self._fanout.subscribe(client, new)
+            self._send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
             return
         # What this connection already received live (published after it joined, to all or
         # to a topic it held) is left out of the replay.
+        every_topic = held.union(new)
         replay = self._history.since(
             since,
-            client.topics,
+            every_topic,
             delivered_after=session.joined_after,
             delivered_topics=held,
         )
-        answer["recovered"] = replay.recovered
-        if replay.reason is not None:
-            answer["reason"] = replay.reason
+        answer: dict[str, Any] = {}
+        if self._needs_store(replay):
+            session.pending = _PendingReplay(
+                since=since,
+                until=self._last_id(),
+                topics=every_topic,
+                live_topics=held,
+                new_topics=tuple(new),
+                delivered_after=session.joined_after,
+                answer=answer,
+                greeting=False,
+                errors=[],
+            )
+            self._fetch_stored(session)
+            return
+        self._fanout.subscribe(client, new)
+        answer["topics"] = sorted(client.topics)
+        _answer_recovery(answer, replay.recovered, replay.reason)
         self._send(session, MessageType.SUBSCRIBED, answer)
         self._replay(session, replay.frames)
 
@@ -731,6 +1086,22 @@ class Hub:
             "messages_dropped": client.messages_dropped,
             "buffered_bytes": client.buffered_bytes + in_transport,
         }
+
+
+def _answer_recovery(answer: dict[str, Any], recovered: bool, reason: str | None) -> None:
+    answer["recovered"] = recovered
+    if reason is not None:
+        answer["reason"] = reason
+
+
+def _check_message_type(message_type: Any) -> None:
+    if not isinstance(message_type, str) or not message_type:
+        raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
+    if message_type in PROTOCOL_TYPES:
+        raise ValueError(
+            f"message_type {message_type!r} is reserved for the protocol; "
+            "publish events under types of their own"
+        )
 
 
 def _topic_list(topics: Iterable[str] | str) -> list[str]:

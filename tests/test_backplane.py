@@ -1,0 +1,282 @@
+"""Hubs joined through a real Redis: one order everywhere, resume on another hub, outages.
+
+The hubs run in the test's process, each behind its own socket; the multi-process
+deployment (``wshub serve --redis-url``, ``--workers``) is tested in test_scale_out.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+import wshub
+from wshub.backplane import RedisBackplane
+
+from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
+from .redis_server import RedisServer
+from .test_resume import nothing_more, published
+
+
+@pytest.fixture
+def joined(hub_server: Any, redis_server: RedisServer) -> Any:
+    """``async with joined(n, **config) as hubs``: n hubs sharing the test's Redis."""
+
+    @contextlib.asynccontextmanager
+    async def start(count: int, **config: Any) -> AsyncIterator[list[HubServer]]:
+        async with contextlib.AsyncExitStack() as stack:
+            hubs = [
+                await stack.enter_async_context(hub_server(redis_url=redis_server.url, **config))
+                for _ in range(count)
+            ]
+            for served in hubs:
+                assert served.hub.ready
+            yield hubs
+
+    return start
+
+
+async def test_every_client_on_every_hub_gets_each_message_once_in_one_order(
+    joined: Any,
+) -> None:
+    async with joined(3) as hubs, contextlib.AsyncExitStack() as stack:
+        sockets: list[ClientConnection] = []
+        for served in hubs:
+            for _ in range(2):
+                ws, _ = await stack.enter_async_context(client(served.url))
+                sockets.append(ws)
+        # Publishes on every hub at once, interleaved: awaited and fire-and-forget.
+        results = await asyncio.gather(
+            *(hubs[n % 3].hub.publish("m", {"n": n}) for n in range(0, 60, 2))
+        )
+        for n in range(1, 60, 2):
+            assert hubs[n % 3].hub.broadcast_to_all("m", {"n": n}) == 0
+        ids = {result.id for result in results}
+        assert len(ids) == 30
+        # Each awaited publish returned once its own hub had queued it for its 2 clients.
+        assert {result.recipients for result in results} == {2}
+        orders = []
+        for ws in sockets:
+            messages = await published(ws, 60)
+            await nothing_more(ws)
+            orders.append([(message["id"], message["data"]["n"]) for message in messages])
+        assert all(order == orders[0] for order in orders)
+        assert sorted(n for _, n in orders[0]) == list(range(60))
+        seen_ids = [message_id for message_id, _ in orders[0]]
+        assert ids <= set(seen_ids)
+        keys = [tuple(map(int, message_id.split("-"))) for message_id in seen_ids]
+        assert keys == sorted(keys) and len(set(keys)) == 60
+
+
+async def test_topics_are_honoured_on_every_hub(joined: Any) -> None:
+    async with joined(2) as hubs:
+        first, second = hubs
+        async with (
+            client(first.url + "?topics=a") as (on_a, _),
+            client(second.url + "?topics=b") as (on_b, _),
+            client(second.url + "?topics=a,b") as (on_both, _),
+        ):
+            await first.hub.publish("m", 1, "a")
+            await second.hub.publish("m", 2, ["b"])
+            await first.hub.publish("m", 3, ["a", "b"])
+            first.hub.notify_run_started("r-1", "t")  # to run:r-1 and test:t, nobody here
+            await first.hub.publish("m", 4)
+            assert [m["data"] for m in await published(on_a, 3)] == [1, 3, 4]
+            assert [m["data"] for m in await published(on_b, 3)] == [2, 3, 4]
+            assert [m["data"] for m in await published(on_both, 4)] == [1, 2, 3, 4]
+            for ws in (on_a, on_b, on_both):
+                await nothing_more(ws)
+
+
+async def test_data_arrives_as_published(joined: Any) -> None:
+    payload = {"run": {"id": "r-1", "scores": [1.5, 2, None], "ok": True}, "name": "é€"}
+    async with joined(2) as (first, second), client(second.url) as (ws, _):
+        published_ = await first.hub.publish("new_run", payload)
+        message = await recv_json(ws)
+        assert message["type"] == "new_run"
+        assert message["data"] == payload
+        assert message["id"] == published_.id
+        assert message["timestamp"].endswith("Z")
+        await second.hub.publish("empty")
+        assert "data" not in await recv_json(ws)
+
+
+async def test_bad_publishes_fail_before_reaching_redis(joined: Any) -> None:
+    async with joined(1) as (served,):
+        with pytest.raises(ValueError, match="reserved"):
+            await served.hub.publish("subscribed", 1)
+        with pytest.raises(TypeError):
+            await served.hub.publish("m", {1, 2})
+        with pytest.raises(TypeError):
+            served.hub.broadcast_to_all("m", object())
+        assert served.hub.stats()["backplane"]["publish_failures"] == 0
+
+
+async def test_resume_on_another_hub_while_publishing_goes_on(joined: Any) -> None:
+    async with joined(2) as (first, second):
+        async with client(first.url + "?topics=a") as (ws, _):
+            await first.hub.publish("m", 0, "a")
+            [seen] = await published(ws, 1)
+        stop = asyncio.Event()
+        sent: list[int] = []
+
+        async def keep_publishing() -> None:
+            n = 1
+            while not stop.is_set():
+                hub = (first if n % 2 else second).hub
+                await hub.publish("m", n, "a" if n % 3 else "b")
+                sent.append(n)
+                n += 1
+                await asyncio.sleep(0)
+
+        publisher = asyncio.create_task(keep_publishing())
+        await wait_until(lambda: len(sent) >= 20)
+        # The second hub never delivered to this client: it reads what it does not hold
+        # from Redis, and holds back live messages until the replay is out.
+        async with client(second.url + f"?topics=a&since={seen['id']}") as (ws, hello):
+            assert hello["data"]["recovered"] is True
+            await wait_until(lambda: len(sent) >= 60)
+            stop.set()
+            await publisher
+            expected = [n for n in sent if n % 3]
+            received = [m["data"] for m in await published(ws, len(expected))]
+            assert received == expected
+            await nothing_more(ws)
+
+
+async def test_subscribe_with_since_on_another_hub(joined: Any) -> None:
+    async with joined(2) as (first, second):
+        results = [await first.hub.publish("m", n, "a") for n in range(5)]
+        async with client(second.url + "?topics=") as (ws, _):
+            await send_json(
+                ws, {"type": "subscribe", "data": {"topics": ["a"], "since": results[1].id}}
+            )
+            # Sent before the answer arrives: answered after it and its replay, in order.
+            await send_json(ws, {"type": "ping"})
+            answer = await recv_json(ws)
+            assert answer["type"] == "subscribed", answer
+            assert answer["data"]["recovered"] is True
+            assert answer["data"]["topics"] == ["a"]
+            assert [m["data"] for m in await published(ws, 3)] == [2, 3, 4]
+            assert (await recv_json(ws))["type"] == "pong"
+            await first.hub.publish("m", 5, "a")
+            assert [m["data"] for m in await published(ws, 1)] == [5]
+            await nothing_more(ws)
+
+
+async def test_resume_beyond_the_history_is_not_recovered(joined: Any) -> None:
+    async with joined(2, history_size=5) as (first, second):
+        results = [await first.hub.publish("m", n) for n in range(12)]
+        url = second.url + f"?since={results[0].id}"
+        async with client(url) as (ws, hello):
+            assert hello["data"]["recovered"] is False
+            assert hello["data"]["reason"] == f"history does not reach back to {results[0].id}"
+            await nothing_more(ws)
+        # Within the last five: recovered from Redis by a hub that delivered them, or not.
+        async with client(second.url + f"?since={results[7].id}") as (ws, hello):
+            assert hello["data"]["recovered"] is True
+            assert [m["data"] for m in await published(ws, 4)] == [8, 9, 10, 11]
+
+
+async def test_unknown_ids_are_not_recovered(joined: Any) -> None:
+    async with joined(2) as (first, second):
+        result = await first.hub.publish("m", 1)
+        ms, _ = map(int, result.id.split("-"))
+        for since in (f"{ms + 60_000}-0", f"{ms}-999"):
+            async with client(second.url + f"?since={since}") as (ws, hello):
+                assert hello["data"]["recovered"] is False
+                assert hello["data"]["reason"] == "unknown message id"
+                await first.hub.publish("m", 2)
+                assert [m["data"] for m in await published(ws, 1)] == [2]
+
+
+async def test_a_client_ahead_of_its_new_hub_gets_no_duplicates(
+    hub_server: Any, redis_server: RedisServer
+) -> None:
+    # The new hub starts after the messages: the client has seen ids it never delivered.
+    async with hub_server(redis_url=redis_server.url) as first:
+        results = [await first.hub.publish("m", n) for n in range(3)]
+        async with (
+            hub_server(redis_url=redis_server.url) as second,
+            client(second.url + f"?since={results[2].id}") as (ws, hello),
+        ):
+            assert hello["data"]["recovered"] is True
+            await nothing_more(ws)
+            await first.hub.publish("m", 3)
+            assert [m["data"] for m in await published(ws, 1)] == [3]
+
+
+async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
+    joined: Any, redis_server: RedisServer
+) -> None:
+    async with joined(2) as (first, second):
+        async with client(first.url) as (ws, _), client(second.url) as (other, _):
+            before = await second.hub.publish("m", "before")
+            assert (await recv_json(ws))["data"] == "before"
+            assert (await recv_json(other))["data"] == "before"
+            redis_server.kill()
+            await wait_until(lambda: not first.hub.ready and not second.hub.ready)
+            with pytest.raises(wshub.BackplaneUnavailable, match="unreachable"):
+                await first.hub.publish("m", "lost")
+            with pytest.raises(wshub.BackplaneUnavailable):
+                second.hub.broadcast_to_all("m", "lost")
+            with pytest.raises(wshub.BackplaneUnavailable):
+                await asyncio.wrap_future(second.hub.publish_threadsafe("m", "lost"))
+            # The clients are still served.
+            await send_json(ws, {"type": "ping"})
+            assert (await recv_json(ws))["type"] == "pong"
+            stats = first.hub.stats()["backplane"]
+            assert stats["ready"] is False and stats["disconnects"] == 1
+            assert stats["publish_failures"] >= 1
+            redis_server.restart()
+            await wait_until(lambda: first.hub.ready and second.hub.ready, timeout=15)
+            after = await first.hub.publish("m", "after")
+            assert (await recv_json(ws))["data"] == "after"
+            assert (await recv_json(other))["data"] == "after"
+            assert first.hub.stats()["backplane"]["reconnects"] == 1
+            await nothing_more(ws)
+        # History kept by Redis (append-only file) survives the restart.
+        async with client(second.url + f"?since={before.id}") as (ws, hello):
+            assert hello["data"]["recovered"] is True
+            [message] = await published(ws, 1)
+            assert message["id"] == after.id
+
+
+async def test_a_hub_starts_while_redis_is_down_and_joins_later(
+    hub_server: Any, redis_server: RedisServer
+) -> None:
+    redis_server.kill()
+    async with hub_server(redis_url=redis_server.url) as served:
+        assert served.hub.running and not served.hub.ready
+        async with client(served.url) as (ws, _):
+            with pytest.raises(wshub.BackplaneUnavailable):
+                await served.hub.publish("m", 1)
+            redis_server.restart()
+            await wait_until(lambda: served.hub.ready, timeout=15)
+            await served.hub.publish("m", 2)
+            assert (await recv_json(ws))["data"] == 2
+
+
+async def test_a_bad_redis_url_names_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"^redis_url must be"):
+        wshub.HubConfig(redis_url="http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match=r"^redis_stream must be"):
+        wshub.HubConfig(redis_stream="")
+
+
+async def test_hubs_on_other_streams_stay_apart(joined: Any, hub_server: Any) -> None:
+    async with joined(1) as (first,):
+        assert isinstance(first.hub.backplane, RedisBackplane)
+        url = first.hub.config.redis_url
+        async with (
+            hub_server(redis_url=url, redis_stream="other") as other,
+            client(other.url) as (ws, _),
+        ):
+            await first.hub.publish("m", 1)
+            await other.hub.publish("m", 2)
+            assert (await recv_json(ws, TIMEOUT))["data"] == 2
+            await nothing_more(ws)

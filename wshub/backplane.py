@@ -1,0 +1,477 @@
+"""Backplanes: how several hub processes share one ordered stream of published messages.
+
+By default a hub is its own backplane: it orders messages with its
+:class:`~wshub.protocol.MessageClock`, keeps them in a
+:class:`~wshub.history.MemoryHistory` and fans them out at once. Hubs that should act as
+one (several processes on a machine, several machines behind a load balancer) share a
+:class:`RedisBackplane` instead:
+
+- A publish on any hub is appended to one Redis stream (``XADD``); the stream's entry id is
+  the message id, so ids are global and there is one order for every hub.
+- Each hub reads the stream (``XREAD``) and hands every entry, its own included, to its
+  fan-out core: each hub serializes and frames a message once for its own clients, and a
+  client receives each message once, in stream order, on whichever hub it is.
+- The stream is the history: a client that reconnects to another hub resumes from its last
+  id (``XRANGE``), as far back as the stream reaches.
+
+When Redis is unreachable the hubs keep serving their clients, report
+:attr:`RedisBackplane.ready` False, refuse publishes with :class:`BackplaneUnavailable` and
+reconnect with a growing delay; once back, each hub goes on reading where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
+
+import orjson
+
+from .protocol import parse_message_id
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "Backplane",
+    "BackplaneUnavailable",
+    "Entry",
+    "RedisBackplane",
+    "StoredEntries",
+]
+
+#: Most entries one ``XREAD`` or one pipelined batch of ``XADD`` carries.
+BATCH_SIZE: Final = 512
+#: How long one ``XREAD`` blocks waiting for entries, in milliseconds; bounds how long a hub
+#: takes to notice a Redis that vanished without closing the connection.
+READ_BLOCK_MS: Final = 1000
+#: First and longest wait between reconnection attempts, in seconds.
+RECONNECT_DELAY: Final = (0.05, 5.0)
+#: Fewest entries the stream keeps, even with the history disabled, so a hub that falls
+#: briefly behind still finds what it has not read.
+MIN_STREAM_LENGTH: Final = 1000
+
+
+class BackplaneUnavailable(RuntimeError):
+    """The backplane cannot take a publish now (Redis is unreachable); it was not published."""
+
+
+class Entry(NamedTuple):
+    """One published message as the backplane carries it.
+
+    Attributes:
+        message_id: The global id, ``"<milliseconds>-<sequence>"``.
+        message_type: The envelope's ``type``.
+        data: The envelope's ``data`` as JSON, or None.
+        topics: The topics it was published to; None when it goes to every client.
+        origin: An opaque token of the publishing hub, so it knows its own messages.
+    """
+
+    message_id: str
+    message_type: str
+    data: bytes | None
+    topics: tuple[str, ...] | None
+    origin: str | None
+
+
+class StoredEntries(NamedTuple):
+    """What :meth:`Backplane.entries` found.
+
+    Attributes:
+        recovered: True when every message after the id is still stored.
+        reason: Why not, for people (None when recovered).
+        entries: The stored entries after the id, oldest first.
+    """
+
+    recovered: bool
+    reason: str | None
+    entries: list[Entry]
+
+
+Deliver = Callable[[Entry], None]
+
+
+class Backplane(Protocol):
+    """What a hub needs from a shared backplane."""
+
+    @property
+    def ready(self) -> bool:
+        """True while publishes can be taken and entries are being read."""
+        ...
+
+    @property
+    def position(self) -> str:
+        """The id of the last entry given to ``deliver``; before any, the newest id stored
+        when reading began (``"0-0"`` until then)."""
+        ...
+
+    async def start(self, deliver: Deliver) -> None:
+        """Begin reading: ``deliver`` gets every entry published from now on, in order.
+
+        Returns after the first attempt to reach the store, whether it answered or not:
+        :attr:`ready` tells, and reading goes on in the background either way.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop reading; publishes still waiting fail with :class:`BackplaneUnavailable`."""
+        ...
+
+    def publish(
+        self,
+        message_type: str,
+        data: bytes | None,
+        topics: Sequence[str] | None,
+        origin: str | None = None,
+    ) -> asyncio.Future[str]:
+        """Queue a message for the store, in call order; the future gets its id.
+
+        Raises:
+            BackplaneUnavailable: At once when the store is known to be unreachable; through
+                the future when it fails while the message is on its way.
+        """
+        ...
+
+    async def entries(self, after: str, until: str) -> StoredEntries:
+        """The stored entries after ``after`` up to ``until`` included, oldest first.
+
+        Raises:
+            BackplaneUnavailable: The store cannot be asked.
+        """
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: disconnects, failed publishes and the like."""
+        ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Outgoing:
+    fields: dict[bytes, bytes]
+    future: asyncio.Future[str]
+
+
+def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+    topics = fields.get(b"topics")
+    origin = fields.get(b"origin")
+    return Entry(
+        entry_id.decode(),
+        fields[b"type"].decode(),
+        fields.get(b"data"),
+        tuple(orjson.loads(topics)) if topics is not None else None,
+        origin.decode() if origin is not None else None,
+    )
+
+
+def _id_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBackplane:
+    """Hubs joined through one Redis stream (Redis 7 or newer).
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+        stream: The stream key the joined hubs share.
+        history_size: Most recent messages a resuming client may have missed; 0 disables
+            resuming. The stream itself keeps at least :data:`MIN_STREAM_LENGTH`.
+        history_ttl: Seconds a message is kept for resuming clients; 0 disables resuming.
+        logger: Where connection trouble is logged.
+
+    Raises:
+        ImportError: redis-py is not installed (``pip install "wshub[redis]"``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: str = "wshub:messages",
+        history_size: int = 1000,
+        history_ttl: float = 300.0,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        try:
+            import redis.asyncio  # noqa: F401  (fail here, at construction, not at start)
+        except ImportError as exc:  # pragma: no cover - redis is in the test extra
+            raise ImportError('redis_url needs redis-py: pip install "wshub[redis]"') from exc
+        self.url = url
+        self.stream = stream
+        self.history_enabled = history_size > 0 and history_ttl > 0
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.max_length = max(history_size, MIN_STREAM_LENGTH)
+        self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
+        self._redis: Redis | None = None
+        self._ready = False
+        self._deliver: Deliver | None = None
+        self._last_id: str | None = None
+        self._outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._last_error: str | None = None
+        self._disconnects = 0
+        self._reconnects = 0
+        self._publish_failures = 0
+        self._delay = RECONNECT_DELAY[0]
+        self._attempted = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """True while Redis answers: publishes are taken and entries read."""
+        return self._ready and not self._closed
+
+    @property
+    def position(self) -> str:
+        """The last entry delivered, or the stream's end when reading began."""
+        return self._last_id if self._last_id is not None else "0-0"
+
+    @property
+    def last_error(self) -> str | None:
+        """Why Redis was last found unreachable, for ``/readyz`` and logs."""
+        return self._last_error
+
+    def stats(self) -> dict[str, Any]:
+        """``ready``, ``disconnects``, ``reconnects`` and ``publish_failures`` since start."""
+        return {
+            "ready": self.ready,
+            "disconnects": self._disconnects,
+            "reconnects": self._reconnects,
+            "publish_failures": self._publish_failures,
+        }
+
+    async def start(self, deliver: Deliver) -> None:
+        """Deliver every entry added from now on; returns once Redis answered or failed to."""
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._deliver = deliver
+        # No retries inside redis-py: a publish must fail at once and visibly, and the
+        # reader has its own reconnection loop with backoff.
+        self._redis = Redis.from_url(
+            self.url,
+            socket_connect_timeout=2.0,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+        await self._attempted.wait()
+
+    async def close(self) -> None:
+        """Stop reading and writing, fail waiting publishes, close the connections."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        self._tasks = []
+        self._fail_outgoing("the hub is stopping")
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # Publishing
+
+    def publish(
+        self,
+        message_type: str,
+        data: bytes | None,
+        topics: Sequence[str] | None,
+        origin: str | None = None,
+    ) -> asyncio.Future[str]:
+        """Queue a message for ``XADD`` (see :meth:`Backplane.publish`)."""
+        if not self.ready:
+            self._publish_failures += 1
+            raise BackplaneUnavailable(self._unavailable())
+        fields: dict[bytes, bytes] = {b"type": message_type.encode()}
+        if data is not None:
+            fields[b"data"] = data
+        if topics is not None:
+            fields[b"topics"] = orjson.dumps(list(topics))
+        if origin is not None:
+            fields[b"origin"] = origin.encode()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._outgoing.put_nowait(_Outgoing(fields, future))
+        return future
+
+    async def _write(self) -> None:
+        """Send queued publishes in order, as pipelined batches on one connection."""
+        outgoing = self._outgoing
+        while True:
+            batch = [await outgoing.get()]
+            while len(batch) < BATCH_SIZE and not outgoing.empty():
+                batch.append(outgoing.get_nowait())
+            batch = [item for item in batch if not item.future.done()]
+            if not batch:
+                continue
+            try:
+                ids = await self._add(batch)
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BackplaneUnavailable("the hub is stopping"))
+                raise
+            except Exception as exc:  # redis-py's errors, OSError and timeouts alike
+                self._lost(exc)
+                self._publish_failures += len(batch)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BackplaneUnavailable(self._unavailable()))
+                continue
+            for item, entry_id in zip(batch, ids, strict=True):
+                if not item.future.done():
+                    item.future.set_result(_id_text(entry_id))
+
+    async def _add(self, batch: list[_Outgoing]) -> list[Any]:
+        redis = self._redis
+        assert redis is not None
+        pipe = redis.pipeline(transaction=False)
+        for item in batch:
+            pipe.xadd(self.stream, item.fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
+        ids: list[Any] = await pipe.execute()
+        return ids
+
+    def _fail_outgoing(self, why: str) -> None:
+        while not self._outgoing.empty():
+            item = self._outgoing.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(BackplaneUnavailable(why))
+
+    def _unavailable(self) -> str:
+        if self._closed:
+            return "the hub is stopping"
+        reason = f": {self._last_error}" if self._last_error else ""
+        return f"Redis at {self._safe_url()} is unreachable{reason}"
+
+    def _safe_url(self) -> str:
+        # Never log a password that rode in the URL.
+        if "@" not in self.url:
+            return self.url
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+    # Reading
+
+    async def _read(self) -> None:
+        """Read the stream for ever: deliver entries, and reconnect with backoff on errors."""
+        while True:
+            try:
+                await self._read_until_error()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._lost(exc)
+            # Jitter spreads the reconnections of many hubs after a Redis restart.
+            await asyncio.sleep(self._delay * random.uniform(0.5, 1.0))
+            self._delay = min(self._delay * 2, RECONNECT_DELAY[1])
+
+    async def _read_until_error(self) -> None:
+        redis = self._redis
+        assert redis is not None and self._deliver is not None
+        if self._last_id is None:
+            # Start at the end: a new hub delivers what is published from now on.
+            self._last_id = await self._stream_end(redis)
+        self._found()
+        deliver = self._deliver
+        streams: dict[Any, Any] = {self.stream: self._last_id}
+        while True:
+            response: Any = await redis.xread(streams, count=BATCH_SIZE, block=READ_BLOCK_MS)
+            self._found()
+            for _key, entries in response:
+                for entry_id, fields in entries:
+                    entry = _decode_entry(entry_id, fields)
+                    self._last_id = entry.message_id
+                    try:
+                        deliver(entry)
+                    except Exception:
+                        self.logger.exception("delivering message %s failed", entry.message_id)
+                streams[self.stream] = self._last_id
+
+    async def _stream_end(self, redis: Redis) -> str:
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await redis.xinfo_stream(self.stream)
+        except ResponseError:  # no such key: nothing was ever published
+            return "0-0"
+        return _id_text(info["last-generated-id"])
+
+    def _found(self) -> None:
+        self._attempted.set()
+        self._delay = RECONNECT_DELAY[0]
+        if not self._ready:
+            if self._disconnects:
+                self._reconnects += 1
+                self.logger.warning("Redis at %s is reachable again", self._safe_url())
+            else:
+                self.logger.info("joined Redis stream %s at %s", self.stream, self._safe_url())
+            self._ready = True
+            self._last_error = None
+
+    def _lost(self, exc: BaseException) -> None:
+        self._attempted.set()
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._ready or not self._disconnects:
+            self._disconnects += 1
+            self.logger.error(
+                "Redis at %s is unreachable (%s); serving connected clients, publishes "
+                "fail until it is back",
+                self._safe_url(),
+                self._last_error,
+            )
+        self._ready = False
+
+    # History
+
+    async def entries(self, after: str, until: str) -> StoredEntries:
+        """The entries in ``(after, until]`` and whether the stream still reaches ``after``."""
+        from redis.exceptions import ResponseError
+
+        if not self.history_enabled:
+            return StoredEntries(False, "history is disabled", [])
+        redis = self._redis
+        if redis is None or not self.ready:
+            raise BackplaneUnavailable(self._unavailable())
+        after_key = parse_message_id(after)
+        oldest_kept = int((time.time() - self.history_ttl) * 1000)
+        try:
+            # One transaction: the trim, the bounds and the range see the same stream.
+            pipe = redis.pipeline(transaction=True)
+            pipe.xtrim(self.stream, minid=f"{max(oldest_kept, 0)}-0", approximate=False)
+            pipe.xinfo_stream(self.stream)
+            pipe.xrange(self.stream, min=after, max=after)
+            # One more than the history holds tells a client that missed too many.
+            pipe.xrange(self.stream, min=f"({after}", max="+", count=self.history_size + 1)
+            _, info, found, entries = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            self._lost(exc)
+            raise BackplaneUnavailable(self._unavailable()) from exc
+        if isinstance(info, ResponseError):  # no stream: nothing kept, or Redis lost it
+            return StoredEntries(False, f"history does not reach back to {after}", [])
+        for result in (info, found, entries):
+            if isinstance(result, Exception):
+                raise BackplaneUnavailable(f"Redis refused a history query: {result}")
+        last_key = parse_message_id(_id_text(info["last-generated-id"]))
+        deleted_key = parse_message_id(_id_text(info.get("max-deleted-entry-id", b"0-0")))
+        if after_key > last_key:
+            return StoredEntries(False, "unknown message id", [])
+        if after_key < deleted_key:
+            return StoredEntries(False, f"history does not reach back to {after}", [])
+        if not found and after_key != deleted_key:
+            return StoredEntries(False, "unknown message id", [])
+        if len(entries) > self.history_size:
+            return StoredEntries(False, f"history does not reach back to {after}", [])
+        until_key = parse_message_id(until)
+        kept = [_decode_entry(entry_id, fields) for entry_id, fields in entries]
+        return StoredEntries(
+            True,
+            None,
+            [entry for entry in kept if parse_message_id(entry.message_id) <= until_key],
+        )
