@@ -29,6 +29,7 @@ from wshub.api import (
 )
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, wait_until
+from .redis_server import RedisServer
 
 TOKEN = "s3cret-token"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -109,6 +110,13 @@ def api(hub_server: Any) -> ApiFactory:
     return start
 
 
+def recipients_of(body: Any) -> Any:
+    """The ``recipients`` of a publish answer, after checking that the rest is its id."""
+    assert isinstance(body, dict) and set(body) == {"id", "recipients"}, body
+    assert re.fullmatch(r"\d+-\d+", body["id"]), body
+    return body["recipients"]
+
+
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of an exposition, keyed by name and sorted labels."""
     return {
@@ -141,7 +149,10 @@ async def test_healthz_and_readyz_follow_the_hub(api: ApiFactory) -> None:
         await running.hub.stop()
 
         ready = await running.get("/readyz")
-        assert (ready.status, ready.body) == (503, {"status": "not ready"})
+        assert (ready.status, ready.body) == (
+            503,
+            {"status": "not ready", "reason": "the hub is not running"},
+        )
         health = await running.get("/healthz")
         assert (health.status, health.body) == (200, {"status": "ok"})
 
@@ -163,7 +174,7 @@ async def test_publish_without_topics_reaches_every_client(api: ApiFactory) -> N
         client(running.ws_url(topics="")) as (ws, _),  # subscribed to nothing
     ):
         reply = await running.post("/api/publish", {"type": "note", "data": {"n": [1, "two"]}})
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
         assert reply.headers["Content-Type"] == "application/json"
         message = await recv_json(ws)
         assert (message["type"], message["data"]) == ("note", {"n": [1, "two"]})
@@ -172,7 +183,7 @@ async def test_publish_without_topics_reaches_every_client(api: ApiFactory) -> N
 
         # No data, and topics null: a broadcast without a "data" key.
         reply = await running.post("/api/publish", {"type": "bare", "topics": None})
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
         message = await recv_json(ws)
         assert message["type"] == "bare"
         assert "data" not in message
@@ -189,11 +200,11 @@ async def test_publish_with_topics_reaches_only_their_subscribers(api: ApiFactor
         reply = await running.post(
             "/api/publish", {"type": "note", "data": "to alpha", "topics": ["alpha", "gamma"]}
         )
-        assert (reply.status, reply.body) == (200, {"recipients": 2})
+        assert (reply.status, recipients_of(reply.body)) == (200, 2)
         reply = await running.post(
             "/api/publish", {"type": "note", "data": "to beta", "topics": ["beta"]}
         )
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
 
         assert (await recv_json(alpha))["data"] == "to alpha"
         assert (await recv_json(both))["data"] == "to alpha"  # once, though two topics match
@@ -201,7 +212,7 @@ async def test_publish_with_topics_reaches_only_their_subscribers(api: ApiFactor
         assert (await recv_json(beta))["data"] == "to beta"
 
         reply = await running.post("/api/publish", {"type": "end", "topics": []})
-        assert reply.body == {"recipients": 0}  # only "*" subscribers match no topic at all
+        assert recipients_of(reply.body) == 0  # only "*" subscribers match no topic at all
 
 
 async def test_any_content_type_is_accepted_when_the_body_is_json(api: ApiFactory) -> None:
@@ -212,7 +223,7 @@ async def test_any_content_type_is_accepted_when_the_body_is_json(api: ApiFactor
             data=b'{"type": "plain"}',
             headers={"Content-Type": "application/x-www-form-urlencoded"},
         )
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
         assert (await recv_json(ws))["type"] == "plain"
 
 
@@ -397,7 +408,7 @@ async def test_notify_reaches_subscribers_of_its_type_run_and_test(
     ):
         auth = {"Authorization": f"Bearer {TOKEN}"}
         reply = await running.post(f"/api/notify/{kind}", body, headers=auth)
-        assert (reply.status, reply.body) == (200, {"recipients": 3})
+        assert (reply.status, recipients_of(reply.body)) == (200, 3)
         for ws in (by_type, by_run, by_test):
             message = await recv_json(ws)
             assert message["type"] == kind
@@ -410,7 +421,7 @@ async def test_notify_reaches_subscribers_of_its_type_run_and_test(
         reply = await running.post(
             "/api/publish", {"type": "marker", "topics": ["run:other"]}, headers=auth
         )
-        assert reply.body == {"recipients": 1}
+        assert recipients_of(reply.body) == 1
         assert (await recv_json(other))["type"] == "marker"
 
 
@@ -477,7 +488,7 @@ async def test_api_routes_need_the_bearer_token(api: ApiFactory) -> None:
 
         auth = {"Authorization": f"Bearer {TOKEN}"}
         reply = await running.post("/api/publish", {"type": "note"}, headers=auth)
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
         assert (await recv_json(ws))["type"] == "note"
         lower_scheme = {"Authorization": f"bearer {TOKEN}"}
         assert (await running.get("/api/stats", headers=lower_scheme)).status == 200
@@ -585,7 +596,7 @@ async def test_bad_bodies_are_400_naming_the_field(api: ApiFactory) -> None:
         # Nothing reached the hub: its counters and the client's queue are untouched.
         assert running.hub.stats()["messages_published"] == 0
         reply = await running.post("/api/publish", {"type": "after"})
-        assert reply.body == {"recipients": 1}
+        assert recipients_of(reply.body) == 1
         assert (await recv_json(ws))["type"] == "after"
 
 
@@ -597,7 +608,7 @@ async def test_bodies_over_max_body_size_are_413(api: ApiFactory) -> None:
         exact = orjson.dumps({"type": "fits", "data": "x" * padding})
         assert len(exact) == limit
         reply = await running.request("POST", "/api/publish", data=exact)
-        assert (reply.status, reply.body) == (200, {"recipients": 1})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
         assert (await recv_json(ws))["type"] == "fits"
 
         too_big = orjson.dumps({"type": "fits", "data": "x" * (padding + 1)})
@@ -653,7 +664,7 @@ async def test_a_client_leaving_mid_body_is_no_server_error(
 
 
 class ExplodingHub(wshub.Hub):
-    def notify_run_failed(self, run_id: str, test_name: str, error: str, **details: Any) -> int:
+    async def publish(self, message_type: str, data: Any = None, topics: Any = None) -> Any:
         raise RuntimeError("boom")
 
 
@@ -678,9 +689,9 @@ async def test_metrics_report_the_hub_counters_and_the_latency_histogram(
     async with api() as running, client(running.ws_url(topics="alpha")) as (ws, _):
         for n in range(3):
             reply = await running.post("/api/publish", {"type": "note", "data": n})
-            assert reply.body == {"recipients": 1}
+            assert recipients_of(reply.body) == 1
         reply = await running.post("/api/publish", {"type": "nobody", "topics": ["beta"]})
-        assert reply.body == {"recipients": 0}  # published, but nothing to flush: not timed
+        assert recipients_of(reply.body) == 0  # published, but nothing to flush: not timed
         for n in range(3):
             assert (await recv_json(ws))["data"] == n
 
@@ -748,7 +759,7 @@ async def test_notifications_are_timed_too_and_flush_interval_delays_the_observa
         count = "wshub_api_publish_to_flush_seconds_count"
         body = {"run_id": "r", "test_name": "t", "error": "x"}
         reply = await running.post("/api/notify/run_failed", body)
-        assert reply.body == {"recipients": 1}
+        assert recipients_of(reply.body) == 1
         assert (await recv_json(ws))["type"] == "run_failed"
         await wait_until(lambda: registry.get_sample_value(count) == 1)
         # Observed from a timer due flush_interval after the publish; the bound is half the
@@ -769,3 +780,46 @@ async def test_apps_have_registries_of_their_own(api: ApiFactory) -> None:
             await second.close()
         with pytest.raises(ValueError):
             create_api_app(first.hub, registry=first.server.app[REGISTRY_KEY])
+
+
+# Joined through Redis
+
+
+async def test_api_with_redis_publishes_through_it_and_answers_503_while_it_is_down(
+    api: ApiFactory, redis_server: RedisServer
+) -> None:
+    async with (
+        api(redis_url=redis_server.url) as running,
+        client(running.ws_url()) as (ws, _),
+    ):
+        reply = await running.post(
+            "/api/notify/run_failed", {"run_id": "r", "test_name": "t", "error": "x"}
+        )
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
+        message = await recv_json(ws)
+        assert (message["type"], message["id"]) == ("run_failed", reply.body["id"])
+        assert (await running.get("/readyz")).status == 200
+
+        redis_server.kill()
+        await wait_until(lambda: not running.hub.ready)
+        ready = await running.get("/readyz")
+        assert ready.status == 503
+        assert ready.body["status"] == "not ready"
+        assert ready.body["reason"].startswith("backplane: ")
+        reply = await running.post("/api/publish", {"type": "note", "data": 1})
+        assert reply.status == 503
+        assert "not published: Redis at" in reply.body["error"]["message"]
+        samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_backplane_ready", ())] == 0
+        assert samples[("wshub_backplane_disconnects_total", ())] == 1
+        assert samples[("wshub_publish_failures_total", ())] == 1
+
+        redis_server.restart()
+        await wait_until(lambda: running.hub.ready, timeout=15)
+        assert (await running.get("/readyz")).status == 200
+        reply = await running.post("/api/publish", {"type": "note", "data": 2})
+        assert (reply.status, recipients_of(reply.body)) == (200, 1)
+        assert (await recv_json(ws))["data"] == 2
+        samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_backplane_ready", ())] == 1
+        assert samples[("wshub_backplane_reconnects_total", ())] == 1

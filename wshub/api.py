@@ -24,7 +24,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -35,10 +35,12 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from . import events
+from .backplane import BackplaneUnavailable
 from .config import MAX_TOPIC_LENGTH
 from .hub import Hub
 from .metrics import LATENCY_BUCKETS, HubCollector
-from .protocol import PROTOCOL_TYPES
+from .protocol import PROTOCOL_TYPES, MessageType
 
 __all__ = [
     "DEFAULT_HOST",
@@ -237,90 +239,107 @@ def _serializable(field: str, value: Any, depth: int) -> None:
         raise _bad(field, f"{field} cannot be serialized: {exc}") from None
 
 
-# The notifications: validate the body, then return a call of the matching hub.notify_*.
+# The notifications: validate the body, then build the event the matching hub.notify_*
+# would publish.
 
-_Publish = Callable[[], int]
+# (type, data, topics): what the hub publishes; topics None sends to every client.
+_Publish = tuple[str, Any, Sequence[str] | None]
 
 
-def _new_run(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _new_run(body: Mapping[str, Any]) -> _Publish:
     run = _record(body, "run")
     _serializable("run", run, 2)  # run.performance_scores -> data.summary.performance_scores
-    return lambda: hub.notify_new_run(run)
+    return (MessageType.NEW_RUN, *events.new_run_event(run))
 
 
-def _regression_detected(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _regression_detected(body: Mapping[str, Any]) -> _Publish:
     regression = _record(body, "regression")
     run = _record(body, "run")
     _serializable("regression", regression, 1)  # its values land in data
     _serializable("run", run, 2)  # its values land in data.run_info
-    return lambda: hub.notify_regression(regression, run)
+    return (MessageType.REGRESSION_DETECTED, *events.regression_event(regression, run))
 
 
-def _baseline_updated(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _baseline_updated(body: Mapping[str, Any]) -> _Publish:
     baseline_name = _string(body, "baseline_name")
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
-    return lambda: hub.notify_baseline_updated(baseline_name, run_id, test_name)
+    return (
+        MessageType.BASELINE_UPDATED,
+        *events.baseline_updated_event(baseline_name, run_id, test_name),
+    )
 
 
-def _analysis_complete(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _analysis_complete(body: Mapping[str, Any]) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     if "analysis_results" not in body:
         raise _bad("analysis_results", "analysis_results is required")
     results = body["analysis_results"]
     _serializable("analysis_results", results, 2)  # data.analysis_results
-    return lambda: hub.notify_analysis_complete(run_id, test_name, results)
+    return (
+        MessageType.ANALYSIS_COMPLETE,
+        *events.analysis_complete_event(run_id, test_name, results),
+    )
 
 
-def _run_started(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _run_started(body: Mapping[str, Any]) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
-    details = {
+    details: dict[str, Any] = {
         "git_commit": _optional_string(body, "git_commit"),
         "git_branch": _optional_string(body, "git_branch"),
         "clients": _string_list(body, "clients"),
         "methods": _string_list(body, "methods"),
         "planned_requests": _integer(body, "planned_requests", required=False),
     }
-    return lambda: hub.notify_run_started(run_id, test_name, **details)
+    return (MessageType.RUN_STARTED, *events.run_started_event(run_id, test_name, **details))
 
 
-def _run_progress(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _run_progress(body: Mapping[str, Any]) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     progress = _number(body, "progress", required=True, maximum=1.0)
     assert progress is not None  # required
-    details = {
+    details: dict[str, Any] = {
         "elapsed_s": _number(body, "elapsed_s", required=True),
         "requests_done": _integer(body, "requests_done", required=True),
         "current_rps": _number(body, "current_rps", required=True),
         "error_rate": _number(body, "error_rate", required=True),
     }
-    return lambda: hub.notify_run_progress(run_id, test_name, progress, **details)
+    return (
+        MessageType.RUN_PROGRESS,
+        *events.run_progress_event(run_id, test_name, progress, **details),
+    )
 
 
-def _run_complete(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _run_complete(body: Mapping[str, Any]) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
-    details = {
+    details: dict[str, Any] = {
         "duration_s": _number(body, "duration_s", required=False),
         "total_requests": _integer(body, "total_requests", required=False),
         "total_errors": _integer(body, "total_errors", required=False),
         "error_rate": _number(body, "error_rate", required=False),
     }
-    return lambda: hub.notify_run_complete(run_id, test_name, **details)
+    return (
+        MessageType.RUN_COMPLETE,
+        *events.run_complete_event(run_id, test_name, **details),
+    )
 
 
-def _run_failed(hub: Hub, body: Mapping[str, Any]) -> _Publish:
+def _run_failed(body: Mapping[str, Any]) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     error = _string(body, "error")
     elapsed_s = _number(body, "elapsed_s", required=False)
-    return lambda: hub.notify_run_failed(run_id, test_name, error, elapsed_s=elapsed_s)
+    return (
+        MessageType.RUN_FAILED,
+        *events.run_failed_event(run_id, test_name, error, elapsed_s=elapsed_s),
+    )
 
 
-_NOTIFIERS: Final[Mapping[str, Callable[[Hub, Mapping[str, Any]], _Publish]]] = {
+_NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any]], _Publish]]] = {
     "new_run": _new_run,
     "regression_detected": _regression_detected,
     "baseline_updated": _baseline_updated,
@@ -433,16 +452,28 @@ class _Api:
 
     # Publishing
 
-    def _publish(self, publish: _Publish) -> web.Response:
-        """Call the hub, schedule the latency observation and answer with the count."""
+    async def _publish(self, publish: _Publish) -> web.Response:
+        """Publish, schedule the latency observation and answer with the id and the count.
+
+        Through :meth:`Hub.publish`: with a backplane the answer comes once the message is in
+        Redis and this hub has queued it, and a Redis outage is a 503, not a lost message.
+        """
         if not self.hub.running:
             raise _ApiError(503, "the hub is not running")
+        message_type, data, topics = publish
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            recipients = publish()
+            published = await self.hub.publish(message_type, data, topics)
+        except BackplaneUnavailable as exc:
+            raise _ApiError(503, f"not published: {exc}") from None
+        except RuntimeError as exc:
+            if self.hub.running:
+                raise  # a fault inside the hub: the error middleware's 500
+            raise _ApiError(503, str(exc)) from None  # the hub stopped meanwhile
         except (TypeError, ValueError) as exc:  # validation above should have caught it
             raise _bad("body", str(exc)) from None
+        recipients = published.recipients
         if recipients:
             # The core schedules its flush with call_soon (or call_later(flush_interval))
             # from inside publish(), so a callback queued now runs after that flush. With a
@@ -453,7 +484,7 @@ class _Api:
                 loop.call_later(interval, loop.call_soon, self._observe, started)
             else:
                 loop.call_soon(self._observe, started)
-        return _json_response({"recipients": recipients})
+        return _json_response({"id": published.id, "recipients": recipients})
 
     def _observe(self, started: float) -> None:
         self.latency.observe(time.perf_counter() - started)
@@ -469,10 +500,7 @@ class _Api:
         topics = _topics(body)
         data = body.get("data")
         _serializable("data", data, 1)
-        hub = self.hub
-        if topics is None:
-            return self._publish(lambda: hub.broadcast_to_all(message_type, data))
-        return self._publish(lambda: hub.broadcast_to_subscribers(message_type, data, topics))
+        return await self._publish((message_type, data, topics))
 
     async def notify(self, request: web.Request) -> web.Response:
         """``POST /api/notify/{kind}``."""
@@ -481,7 +509,7 @@ class _Api:
         if notifier is None:
             raise _ApiError(404, f"unknown notify kind {kind!r}; known: {', '.join(NOTIFY_KINDS)}")
         body = await self._body(request)
-        return self._publish(notifier(self.hub, body))
+        return await self._publish(notifier(body))
 
     # Introspection
 
@@ -498,10 +526,15 @@ class _Api:
         return _json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """``GET /readyz``: 200 while the hub runs, else 503."""
-        if self.hub.running:
+        """``GET /readyz``: 200 while the hub runs and its backplane answers, else 503."""
+        hub = self.hub
+        if hub.ready:
             return _json_response({"status": "ready"})
-        return _json_response({"status": "not ready"}, 503)
+        if not hub.running:
+            return _json_response({"status": "not ready", "reason": "the hub is not running"}, 503)
+        backplane = hub.backplane
+        why = getattr(backplane, "last_error", None) or "the backplane is not connected"
+        return _json_response({"status": "not ready", "reason": f"backplane: {why}"}, 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics``: the registry in the format the scraper asks for."""
@@ -613,6 +646,7 @@ async def start_api(
     publish_token: str | None = None,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     registry: CollectorRegistry | None = None,
+    reuse_port: bool = False,
 ) -> ApiServer:
     """Serve the internal API of ``hub`` on ``host:port`` on the running event loop.
 
@@ -623,6 +657,8 @@ async def start_api(
         publish_token: See :func:`create_api_app`.
         max_body_size: See :func:`create_api_app`.
         registry: See :func:`create_api_app`.
+        reuse_port: Bind with ``SO_REUSEPORT``, so that several processes share the port
+            and the kernel spreads connections over them (``wshub serve --workers``).
 
     Returns:
         The started server; the caller stops it with ``await server.close()``.
@@ -638,7 +674,7 @@ async def start_api(
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
         await site.start()
         bound_port: int = runner.addresses[0][1]
     except BaseException:

@@ -22,6 +22,7 @@ reconnect with a growing delay; once back, each hub goes on reading where it sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -368,6 +369,11 @@ class RedisBackplane:
                 raise
             except Exception as exc:
                 self._lost(exc)
+                # Every pooled connection went down with Redis: drop them all, or the
+                # writer's first batch after Redis returns would fail on a dead socket.
+                if self._redis is not None:
+                    with contextlib.suppress(Exception):
+                        await self._redis.connection_pool.disconnect()
             # Jitter spreads the reconnections of many hubs after a Redis restart.
             await asyncio.sleep(self._delay * random.uniform(0.5, 1.0))
             self._delay = min(self._delay * 2, RECONNECT_DELAY[1])

@@ -159,7 +159,6 @@ class Hub:
         self._timestamp = ""
         self._pending: dict[str, _Session] = {}
         self._delivered = asyncio.Event()
-        self._publish_failures = 0
         self._sessions: dict[str, _Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -310,8 +309,10 @@ class Hub:
         return [self._describe(session) for session in self._sessions.values()]
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: clients, messages and bytes, drops and errors."""
+        """Counters since start: clients, messages and bytes, drops and errors, and the
+        backplane's (None when the hub runs alone)."""
         fanout = self._fanout
+        backplane = self._backplane.stats() if self._backplane is not None else None
         return {
             "implementation": self.implementation,
             "clients": len(self._sessions),
@@ -323,9 +324,8 @@ class Hub:
             "slow_consumer_disconnects": self._slow_consumer_disconnects,
             "protocol_errors": self._protocol_errors,
             "rejected_connections": self._rejected,
-            "publish_failures": self._publish_failures
-            + (self._backplane.stats()["publish_failures"] if self._backplane else 0),
-            "backplane": self._backplane.stats() if self._backplane is not None else None,
+            "publish_failures": backplane["publish_failures"] if backplane is not None else 0,
+            "backplane": backplane,
         }
 
     # Publishing

@@ -72,6 +72,11 @@ _COUNTERS: Final = (
         "Invalid client messages answered with an error envelope.",
     ),
     (
+        "publish_failures",
+        "wshub_publish_failures",
+        "Publishes the backplane could not take (Redis unreachable); 0 without a backplane.",
+    ),
+    (
         "rejected_connections",
         "wshub_rejected_connections",
         "Clients closed at registration because the hub was full.",
@@ -127,3 +132,24 @@ class HubCollector(Collector):
             if stats is not None:
                 counter.add_metric([], stats[key])
             yield counter
+        if hub.backplane is not None:
+            yield from _backplane_families(stats["backplane"] if stats is not None else None)
+
+
+def _backplane_families(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
+    ready = GaugeMetricFamily(
+        "wshub_backplane_ready", "1 while Redis answers and publishes are taken, else 0."
+    )
+    disconnects = CounterMetricFamily(
+        "wshub_backplane_disconnects", "Times the hub found Redis unreachable."
+    )
+    reconnects = CounterMetricFamily(
+        "wshub_backplane_reconnects", "Times the hub reached Redis again after losing it."
+    )
+    if stats is not None:
+        ready.add_metric([], 1 if stats["ready"] else 0)
+        disconnects.add_metric([], stats["disconnects"])
+        reconnects.add_metric([], stats["reconnects"])
+    yield ready
+    yield disconnects
+    yield reconnects
