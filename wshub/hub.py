@@ -154,7 +154,7 @@ class Hub:
         # With a backplane: publishes awaiting their return.
         self._origin = secrets.token_hex(6)
         self._origin_sequence = 0
-        self._returning: dict[str, asyncio.Future[int]] = {}
+        self._returning: dict[str, asyncio.Future[int | None]] = {}
         self._timestamp_ms = -1
         self._timestamp = ""
         self._pending: dict[str, _Session] = {}
@@ -239,6 +239,9 @@ class Hub:
         timeout = self.config.write_timeout
         if self._backplane is not None:
             await self._backplane.close()
+            for returned in self._returning.values():
+                if not returned.done():  # published, but it will not come back here
+                    returned.set_result(None)
         goodbye = self._frame(MessageType.DISCONNECTION, {"reason": "server shutdown"})
         fanout.publish_all(goodbye)
         fanout.flush()
@@ -361,7 +364,7 @@ class Hub:
         payload = self._encode_published(message_type, data)
         self._origin_sequence += 1
         origin = f"{self._origin}:{self._origin_sequence}"
-        returned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        returned: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._returning[origin] = returned
         try:
             message_id = await backplane.publish(message_type, payload, topic_list, origin)
@@ -895,6 +898,7 @@ class Hub:
         client = session.client
         if self._sessions.pop(client.client_id, None) is None:
             return
+        self._pending.pop(client.client_id, None)
         self._fanout.remove_client(client)
         drain = self._drain_tasks.pop(client.client_id, None)
         if drain is not None:
