@@ -105,6 +105,14 @@ async def test_data_arrives_as_published(joined: Any) -> None:
         assert "data" not in await recv_json(ws)
 
 
+async def test_publish_threadsafe_goes_through_redis(joined: Any) -> None:
+    async with joined(2) as (first, second), client(second.url) as (ws, _):
+        future = await asyncio.to_thread(first.hub.publish_threadsafe, "m", 1)
+        # The count is the publishing hub's clients: none on the first hub.
+        assert await asyncio.wrap_future(future) == 0
+        assert (await recv_json(ws))["data"] == 1
+
+
 async def test_bad_publishes_fail_before_reaching_redis(joined: Any) -> None:
     async with joined(1) as (served,):
         with pytest.raises(ValueError, match="reserved"):

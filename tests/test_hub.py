@@ -346,6 +346,29 @@ async def test_bad_publish_arguments_raise_and_publish_nothing(hub_server: Any) 
         assert (await recv_json(ws))["type"] == "ok"
 
 
+async def test_awaited_publish_returns_the_id_and_the_recipients(hub_server: Any) -> None:
+    async with (
+        hub_server(default_topics=("t",)) as served,
+        client(served.url) as (ws, _),
+        client(served.url + "?topics=u") as (other, _),
+    ):
+        hub = served.hub
+        to_t = await hub.publish("a", {"n": 1}, "t")
+        to_all = await hub.publish("b")
+        to_nobody = await hub.publish("c", 3, ["v"])
+        assert (to_t.recipients, to_all.recipients, to_nobody.recipients) == (1, 2, 0)
+        first, second = await recv_json(ws), await recv_json(ws)
+        assert (first["id"], first["data"], second["id"]) == (to_t.id, {"n": 1}, to_all.id)
+        assert "data" not in second
+        assert (await recv_json(other))["id"] == to_all.id
+        with pytest.raises(ValueError, match="reserved"):
+            await hub.publish("error", 1)
+        with pytest.raises(TypeError):
+            await hub.publish("x", object())
+    with pytest.raises(RuntimeError, match="not running"):
+        await hub.publish("x")
+
+
 async def test_publish_threadsafe_from_another_thread(hub_server: Any) -> None:
     async with hub_server(default_topics=("t",)) as served, client(served.url) as (ws, _):
         hub = served.hub
@@ -431,6 +454,8 @@ async def test_stats_and_client_info_count_traffic(hub_server: Any) -> None:
         assert stats["protocol_errors"] == 1
         assert stats["deliveries"] == 4  # greeting, two messages, the error
         assert stats["bytes_sent"] > 0 and stats["drops"] == 0
+        assert (stats["publish_failures"], stats["backplane"]) == (0, None)
+        assert hub.ready and hub.backplane is None
         [info] = hub.client_info()
         assert info["id"] == hello["client_id"]
         assert info["remote_addr"].startswith("127.0.0.1:")
