@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 import wshub
@@ -288,3 +289,16 @@ async def test_hubs_on_other_streams_stay_apart(joined: Any, hub_server: Any) ->
             await other.hub.publish("m", 2)
             assert (await recv_json(ws, TIMEOUT))["data"] == 2
             await nothing_more(ws)
+
+
+async def test_foreign_stream_entries_are_skipped(joined: Any, redis_server: RedisServer) -> None:
+    async with joined(1) as (served,), client(served.url) as (ws, _):
+        redis = Redis.from_url(redis_server.url)
+        try:
+            await redis.xadd("wshub:messages", {"unrelated": "1"})
+            await redis.xadd("wshub:messages", {"type": "m", "topics": "not json"})
+        finally:
+            await redis.aclose()
+        await served.hub.publish("m", "after")
+        assert (await recv_json(ws))["data"] == "after"
+        assert served.hub.ready

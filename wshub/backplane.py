@@ -392,8 +392,16 @@ class RedisBackplane:
             self._found()
             for _key, entries in response:
                 for entry_id, fields in entries:
-                    entry = _decode_entry(entry_id, fields)
-                    self._last_id = entry.message_id
+                    self._last_id = _id_text(entry_id)
+                    try:
+                        entry = _decode_entry(entry_id, fields)
+                    except (KeyError, ValueError):  # UnicodeDecodeError and JSON errors too
+                        # Written by something else than a hub: skip it rather than stall
+                        # every hub on it.
+                        self.logger.warning(
+                            "skipped stream entry %s: not a hub message", self._last_id
+                        )
+                        continue
                     try:
                         deliver(entry)
                     except Exception:
