@@ -183,3 +183,49 @@ async def test_unreadable_certificate_stops_start_up(tmp_path: Any) -> None:
     _, error = await process.communicate()
     assert process.returncode == 2
     assert "certfile/keyfile: cannot load them" in error.decode()
+
+
+async def test_workers_need_redis() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wshub", "serve", "--workers", "2", stderr=asyncio.subprocess.PIPE
+    )
+    _, error = await process.communicate()
+    assert process.returncode == 2
+    assert "workers must be 1 unless redis_url is set" in error.decode()
+    assert "(from --workers)" in error.decode()
+
+
+STARTED = re.compile(r"started worker (\d)/2 \(pid (\d+)\)")
+
+
+async def test_a_worker_that_dies_stops_the_others_and_fails_the_server() -> None:
+    # Nothing answers on port 1: the workers serve without Redis, waiting for it.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "wshub",
+        "serve",
+        *("--host", "127.0.0.1", "--port", "0", "--api-port", "0"),
+        *("--workers", "2", "--redis-url", "redis://127.0.0.1:1/0"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    workers: dict[int, int] = {}
+    try:
+        async with asyncio.timeout(20):
+            while not LISTENING.search(line := (await process.stderr.readline()).decode()):
+                assert line, "wshub serve exited early"
+                if started := STARTED.search(line):
+                    workers[int(started.group(1))] = int(started.group(2))
+            assert set(workers) == {1, 2}
+            os.kill(workers[2], signal.SIGKILL)
+            rest = (await process.stderr.read()).decode()
+            assert await process.wait() == 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert f"worker 2/2 (pid {workers[2]}) ended unexpectedly (killed by SIGKILL)" in rest
+    assert "worker 1/2: stopped" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(workers[1], 0)

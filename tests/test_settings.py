@@ -55,6 +55,9 @@ def test_every_hub_field_has_a_setting() -> None:
         ({"slow_client_policy": "ignore"}, {}, r"^slow_client_policy must be one of"),
         ({"certfile": "cert.pem"}, {}, r"certfile and keyfile must be given together"),
         ({"log_format": "xml"}, {}, r"^log_format must be text or json"),
+        ({"workers": "0"}, {}, r"^workers must be a positive integer, got 0 \(from --workers\)"),
+        ({}, {"WSHUB_WORKERS": "two"}, r"^workers \(from WSHUB_WORKERS\): expected a whole"),
+        ({}, {"WSHUB_WORKERS": "2"}, r"^workers must be 1 unless redis_url is set .*WSHUB_WORK"),
     ],
 )
 def test_bad_values_name_the_setting_and_its_source(
@@ -75,3 +78,14 @@ def test_bad_config_files_are_refused(tmp_path: Path) -> None:
     config.write_text("max_clients = \n")
     with pytest.raises(SettingsError, match="config file"):
         load_settings({}, config_file=config, environ={})
+
+
+def test_workers_from_every_source(tmp_path: Path) -> None:
+    assert load_settings({}, environ={}).workers == 1
+    config = tmp_path / "wshub.toml"
+    config.write_text('workers = 3\nredis_url = "redis://127.0.0.1:6379/0"\n')
+    assert load_settings({}, config_file=config, environ={}).workers == 3
+    from_environment = load_settings({}, config_file=config, environ={"WSHUB_WORKERS": "4"})
+    assert from_environment.workers == 4
+    flags = {"workers": "2", "redis_url": "redis://127.0.0.1:6379/0"}
+    assert load_settings(flags, environ={}).workers == 2

@@ -1,19 +1,31 @@
 """``python -m wshub`` (and the ``wshub`` command): ``serve`` runs a standalone hub,
-``publish`` sends it a message through its internal API."""
+``publish`` sends it a message through its internal API.
+
+``serve --workers N`` runs N hub processes on the same two ports: the parent starts them,
+forwards SIGINT and SIGTERM, and ends when they have; the kernel spreads connections over
+them (``SO_REUSEPORT``) and Redis joins them into one hub (``redis_url``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .api import start_api
 from .config import HubConfig
@@ -30,7 +42,7 @@ from .settings import (
     setting_kinds,
 )
 
-__all__ = ["main", "run_server"]
+__all__ = ["Listening", "main", "run_server"]
 
 logger = logging.getLogger("wshub")
 
@@ -47,6 +59,7 @@ HELP = {
     "publish_token": "bearer token the internal API requires",
     "log_format": "text or json",
     "log_level": "debug, info, warning or error",
+    "workers": "processes sharing both ports (SO_REUSEPORT, Linux); more than 1 needs --redis-url",
 }
 
 
@@ -156,11 +169,49 @@ def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     return context
 
 
-async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
+class Listening(NamedTuple):
+    """Where a started server listens.
+
+    Attributes:
+        url: The WebSocket endpoint, ``ws://host:port/path`` (``wss://`` with TLS).
+        dashboard: The dashboard's page on the same port.
+        api: The internal API, ``http://host:port``.
+        implementation: The fan-out core, ``"cython"`` or ``"python"``.
+    """
+
+    url: str
+    dashboard: str
+    api: str
+    implementation: str
+
+
+def _log_listening(listening: Listening, workers: int = 1) -> None:
+    # Scripts and tests read the ports from these lines (tests/processes.py): keep them so.
+    shared = f" in {workers} workers" if workers > 1 else ""
+    logger.info(
+        "listening on %s with the %s core%s", listening.url, listening.implementation, shared
+    )
+    logger.info("dashboard on %s", listening.dashboard)
+    logger.info("internal API on %s", listening.api)
+
+
+async def run_server(
+    settings: ServerSettings,
+    stop: asyncio.Event | None = None,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[Listening], None] | None = None,
+) -> None:
     """Serve until ``stop`` is set, or SIGINT/SIGTERM; then shut down gracefully.
 
     The public port also serves the browser dashboard (``GET /``): a standalone hub is
     what an operator opens in a browser.
+
+    Args:
+        settings: What to serve, and where.
+        stop: Set it to shut down; None shuts down on SIGINT and SIGTERM.
+        reuse_port: Bind both ports with ``SO_REUSEPORT``, shared with other processes.
+        on_ready: Called once both ports listen; None logs where they are.
     """
     loop = asyncio.get_running_loop()
     if stop is None:
@@ -169,25 +220,32 @@ async def run_server(settings: ServerSettings, stop: asyncio.Event | None = None
             loop.add_signal_handler(signum, stop.set)
     context = _ssl_context(settings)
     hub = Hub(settings.hub, logger=logger)
+    options: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
     async with serve(
-        hub, settings.host, settings.port, path=settings.path, ssl=context, dashboard=True
+        hub,
+        settings.host,
+        settings.port,
+        path=settings.path,
+        ssl=context,
+        dashboard=True,
+        **options,
     ) as server:
         port = server.sockets[0].getsockname()[1]
-        scheme = "wss" if context else "ws"
-        logger.info(
-            "listening on %s://%s:%d%s with the %s core",
-            scheme,
-            settings.host,
-            port,
-            settings.path,
+        api = await start_api(
+            hub,
+            settings.api_host,
+            settings.api_port,
+            publish_token=settings.publish_token,
+            reuse_port=reuse_port,
+        )
+        scheme, web = ("wss", "https") if context else ("ws", "http")
+        listening = Listening(
+            f"{scheme}://{settings.host}:{port}{settings.path}",
+            f"{web}://{settings.host}:{port}/",
+            api.url,
             hub.implementation,
         )
-        web = "https" if context else "http"
-        logger.info("dashboard on %s://%s:%d/", web, settings.host, port)
-        api = await start_api(
-            hub, settings.api_host, settings.api_port, publish_token=settings.publish_token
-        )
-        logger.info("internal API on %s", api.url)
+        (on_ready or _log_listening)(listening)
         try:
             await stop.wait()
         finally:
@@ -209,8 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        return _supervise(settings)
+    return _serve(run_server(settings))
+
+
+def _serve(server: Coroutine[Any, Any, None]) -> int:
+    """Run ``server`` to its end; the exit code."""
     try:
-        _run(run_server(settings))
+        _run(server)
     except SettingsError as exc:
         print(f"wshub: error: {exc}", file=sys.stderr)
         return 2
@@ -227,3 +292,226 @@ def _run(coroutine: Any) -> None:
         asyncio.run(coroutine)
     else:
         uvloop.run(coroutine)
+
+
+# serve --workers N
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _supervise(settings: ServerSettings) -> int:
+    """Run ``settings.workers`` hub processes on shared ports; the exit code."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("wshub: error: workers above 1 need SO_REUSEPORT (Linux)", file=sys.stderr)
+        return 2
+    try:
+        # Once here rather than once per worker: a bad certificate is one message.
+        _ssl_context(settings)
+    except SettingsError as exc:
+        print(f"wshub: error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as reservations:
+        try:
+            settings = _reserve_ports(settings, reservations)
+        except OSError as exc:
+            logger.error("cannot serve: %s", exc)
+            return 1
+        return _Supervisor(settings).run()
+
+
+def _reserve_ports(settings: ServerSettings, reservations: contextlib.ExitStack) -> ServerSettings:
+    """The settings with each port 0 replaced by a free port, reserved until the end.
+
+    Workers bind their ports themselves, so with port 0 each would get a different one. The
+    parent binds port 0 with ``SO_REUSEPORT`` and keeps the socket without listening on it:
+    the kernel hands connections only to listening sockets, so the workers, binding the same
+    port with ``SO_REUSEPORT``, get them all, and no other program can take the port in the
+    meantime (only sockets of the same user with ``SO_REUSEPORT`` may share it). Handing one
+    listening socket to every worker would also work, but then the workers would share one
+    accept queue and bind differently with port 0 than with a given port.
+    """
+    ports = {}
+    for name, host in (("port", settings.host), ("api_port", settings.api_host)):
+        if getattr(settings, name) != 0:
+            continue
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        reservation = reservations.enter_context(socket.socket(family, kind, proto))
+        # The options asyncio and aiohttp set on the workers' sockets: the kernel lets
+        # sockets share a port only when their options agree.
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            reservation.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        reservation.bind(address)
+        ports[name] = reservation.getsockname()[1]
+    return dataclasses.replace(settings, **ports)
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    number: int
+    process: SpawnProcess
+    # The parent's end of a pipe: the worker says where it listens through it, and sees
+    # the parent's end of it close when the parent is gone.
+    connection: Connection
+    listening: Listening | None = None
+
+
+class _Supervisor:
+    """Starts the workers, forwards stop signals to them and watches them end.
+
+    A worker that ends on its own (a crash, the OOM killer, a stray signal) stops them all
+    and makes the exit code non-zero: a supervisor (systemd, Kubernetes) restarts the whole
+    server, and clients resume on the new workers through Redis without a gap. Restarting
+    one worker here would hide the failure.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.count = settings.workers
+        self.workers: list[_Worker] = []
+        self.stopping = False
+        self.exit_code = 0
+
+    def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        try:
+            # Spawn, not fork: a forked worker would inherit the parent's logging handlers,
+            # locks and any thread some import started, and fork under threads is unsafe. A
+            # spawned worker is a fresh interpreter, as if started by hand, and
+            # multiprocessing still hands it the settings already validated here (nothing
+            # is parsed twice) and a pipe, which a plain subprocess would not.
+            context = multiprocessing.get_context("spawn")
+            for number in range(1, self.count + 1):
+                if not self.stopping:
+                    self._start(context, number)
+            self._watch()
+        except BaseException:
+            self._stop(signal.SIGTERM)
+            for worker in self.workers:
+                worker.process.join()
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            for worker in self.workers:
+                worker.connection.close()
+        logger.info("stopped")
+        return self.exit_code
+
+    def _name(self, worker: _Worker) -> str:
+        return f"worker {worker.number}/{self.count} (pid {worker.process.pid})"
+
+    def _start(self, context: SpawnContext, number: int) -> None:
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_work,
+            args=(self.settings, number, self.count, theirs),
+            name=f"wshub worker {number}/{self.count}",
+        )
+        process.start()
+        # Only the worker holds its end now, so ours reads end-of-file when it is gone.
+        theirs.close()
+        worker = _Worker(number, process, ours)
+        self.workers.append(worker)
+        logger.info("started %s", self._name(worker))
+
+    def _watch(self) -> None:
+        """Wait until every worker has ended; log where they listen once all do."""
+        running = {worker.process.sentinel: worker for worker in self.workers}
+        starting = {worker.connection: worker for worker in self.workers}
+        while running:
+            for ready in multiprocessing.connection.wait([*running, *starting]):
+                if isinstance(ready, int):
+                    worker = running.pop(ready)
+                    worker.process.join()
+                    self._ended(worker)
+                    continue
+                assert isinstance(ready, Connection)
+                worker = starting.pop(ready)
+                try:
+                    worker.listening = worker.connection.recv()
+                except EOFError:  # it ended before listening: its sentinel says how
+                    continue
+                if not starting and not self.stopping:
+                    assert worker.listening is not None
+                    _log_listening(worker.listening, self.count)
+
+    def _ended(self, worker: _Worker) -> None:
+        code = worker.process.exitcode
+        assert code is not None
+        # A stop signal that arrives before a worker has set up its handlers ends it by the
+        # signal's default action: that is a stop too.
+        if self.stopping and code in (0, *(-signum for signum in STOP_SIGNALS)):
+            return
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if self.stopping:
+            logger.error("%s failed while stopping (%s)", self._name(worker), how)
+        else:
+            logger.error(
+                "%s ended unexpectedly (%s); stopping the others", self._name(worker), how
+            )
+        if not self.exit_code:
+            self.exit_code = code if code > 0 else 1
+        self._stop(signal.SIGTERM)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            logger.info("%s: stopping the workers", signal.Signals(signum).name)
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if worker.process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signum)  # type: ignore[arg-type]
+
+
+class _WorkerLabel(logging.Filter):
+    """Starts each log message of a worker with ``worker <n>/<count>: ``, text or JSON."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.prefix = label + ": "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + record.getMessage()
+        record.args = None
+        return True
+
+
+def _work(settings: ServerSettings, number: int, count: int, parent: Connection) -> None:
+    """A worker process: one hub on the shared ports, until a stop signal or the parent ends."""
+    configure_logging(settings.log_format, settings.log_level)
+    label = f"worker {number}/{count}"
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerLabel(label))
+    raise SystemExit(_serve(_work_until_stopped(settings, parent)))
+
+
+async def _work_until_stopped(settings: ServerSettings, parent: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+
+    def parent_gone() -> None:
+        # The parent never writes: readable means its end closed. A worker left behind by
+        # a killed parent would hold the ports with nobody to stop it.
+        loop.remove_reader(parent.fileno())
+        logger.error("the parent process is gone; stopping")
+        stop.set()
+
+    def ready(listening: Listening) -> None:
+        # Not the "listening on" line: the parent logs that once every worker listens.
+        logger.info("serving %s and %s", listening.url, listening.api)
+        parent.send(listening)
+
+    loop.add_reader(parent.fileno(), parent_gone)
+    try:
+        await run_server(settings, stop, reuse_port=True, on_ready=ready)
+    finally:
+        loop.remove_reader(parent.fileno())

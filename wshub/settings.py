@@ -48,6 +48,8 @@ class ServerSettings:
         publish_token: Bearer token the internal API requires, when set.
         log_format: ``"text"`` for people, ``"json"`` for machines.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        workers: Processes serving the same ports (``SO_REUSEPORT``, Linux); more than 1
+            needs ``hub.redis_url``, or each would see only its own publishes.
         hub: The hub's configuration.
     """
 
@@ -61,6 +63,7 @@ class ServerSettings:
     publish_token: str | None = None
     log_format: str = "text"
     log_level: str = "info"
+    workers: int = 1
     hub: HubConfig = dataclasses.field(default_factory=HubConfig)
 
     def __post_init__(self) -> None:
@@ -80,6 +83,15 @@ class ServerSettings:
             )
         if self.publish_token is not None and not self.publish_token:
             raise SettingsError("publish_token must not be empty")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise SettingsError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.workers > 1 and self.hub.redis_url is None:
+            # Each worker is a hub of its own: without a backplane, a publish through the
+            # API reaches only the clients of the worker that happened to take the request.
+            raise SettingsError(
+                f"workers must be 1 unless redis_url is set (each worker would see only the "
+                f"messages published through it), got {self.workers}"
+            )
 
 
 SERVER_FIELDS = tuple(
