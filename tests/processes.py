@@ -1,5 +1,5 @@
 """``python -m wshub serve`` in a subprocess, for the tests that drive it from outside
-(the dashboard in a browser, wshub.js under Node)."""
+(the dashboard in a browser, wshub.js under Node, hubs joined through Redis)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,33 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HubProcess"]
+__all__ = ["ApiError", "HubProcess"]
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on ws://127\.0\.0\.1:(\d+)/api/ws")
 API = re.compile(r"internal API on (http://127\.0\.0\.1:(\d+))")
 START_TIMEOUT = 20.0
+REQUEST_TIMEOUT = 10.0
+
+
+class ApiError(Exception):
+    """The internal API answered with an error status.
+
+    Attributes:
+        status: The HTTP status.
+        answer: The decoded JSON body (``{"error": ...}``), or None when there was none.
+    """
+
+    def __init__(self, status: int, answer: Any) -> None:
+        super().__init__(f"HTTP {status}: {answer}")
+        self.status = status
+        self.answer = answer
 
 
 class HubProcess:
@@ -28,9 +45,14 @@ class HubProcess:
 
     A thread drains stderr for the life of the process, so a chatty server never blocks on a
     full pipe, and keeps every line for failure messages.
+
+    Args:
+        port: The public port; 0 picks a free one.
+        api_port: The internal API's port; 0 picks a free one.
+        extra: More arguments for ``wshub serve``, such as ``["--redis-url", url]``.
     """
 
-    def __init__(self, port: int = 0, api_port: int = 0) -> None:
+    def __init__(self, port: int = 0, api_port: int = 0, extra: Sequence[str] = ()) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -43,6 +65,7 @@ class HubProcess:
                 str(port),
                 "--api-port",
                 str(api_port),
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -86,15 +109,50 @@ class HubProcess:
 
     def notify(self, kind: str, body: dict[str, Any]) -> int:
         """``POST /api/notify/<kind>``; returns the number of clients reached."""
-        request = urllib.request.Request(
-            f"{self.api}/api/notify/{kind}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            recipients: int = json.load(answer)["recipients"]
+        status, answer = self._request("POST", f"/api/notify/{kind}", body)
+        if status != 200:
+            raise ApiError(status, answer)
+        recipients: int = answer["recipients"]
         return recipients
+
+    def publish(
+        self, message_type: str, data: Any = None, topics: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """``POST /api/publish``; returns the answer, ``{"id": ..., "recipients": ...}``.
+
+        Raises:
+            ApiError: The API refused it (503 while Redis is unreachable, 400, ...).
+        """
+        body: dict[str, Any] = {"type": message_type, "data": data}
+        if topics is not None:
+            body["topics"] = list(topics)
+        status, answer = self._request("POST", "/api/publish", body)
+        if status != 200:
+            raise ApiError(status, answer)
+        result: dict[str, Any] = answer
+        return result
+
+    def ready(self) -> int:
+        """The status of ``GET /readyz``: 200 when ready, 503 when not."""
+        status, _ = self._request("GET", "/readyz")
+        return status
+
+    def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """The status and the decoded JSON answer of one request to the internal API."""
+        request = urllib.request.Request(
+            self.api + path,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as error:
+            # An HTTPError holds the response open: close it, or it warns when collected.
+            with error:
+                text = error.read()
+            return error.code, json.loads(text) if text else None
 
     def stop(self) -> int | None:
         """SIGTERM, as an operator would; SIGKILL if it has not exited in time.
