@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from wshub.bench import main
 from wshub.bench.servers import VARIANTS
+
+from ..helpers import require_tool
+from ..redis_server import RedisServer, free_port
 
 SMALL = ["--clients", "12", "--repetitions", "1", "--workers", "2", "--sources", "2"]
 
@@ -58,9 +65,87 @@ def test_topics_and_clients_that_stop_reading(tmp_path: Path) -> None:
         assert row["delivered"] == row["expected"], row
 
 
+def _joined_rows(report: Path, workloads: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of the joined nodes in a ``--nodes 2`` report, after checking that every
+    client got every message and that the joined figures are there."""
+    summary = json.loads(report.read_text())["summary"]
+    assert {(row["workload"], row["variant"]) for row in summary} == {
+        (workload, variant)
+        for workload in workloads
+        for variant in ("wshub-cython", "wshub-cython-2-nodes")
+    }
+    for row in summary:
+        assert row["delivered"] == row["expected"] > 0, row
+        assert row["timed_out_rounds"] == 0 and row["delivered_per_s"] > 0
+    joined = [row for row in summary if row["variant"] == "wshub-cython-2-nodes"]
+    for row in joined:
+        assert row["nodes"] == 2 and row["publish_failures"] == 0
+        assert row["latency_p99_cross_node_ms"] >= 0
+        assert row["rate_vs_single_node"] > 0 and row["cross_node_p99_vs_single_node"] > 0
+    return joined
+
+
+NODES = [*SMALL, "--quick", "--nodes", "2", "--variants", "wshub-cython"]
+NODES += ["--bursts", "3", "--burst", "10", "--messages", "30"]
+
+
+def test_two_nodes_over_a_redis_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_tool(
+        "redis-server", shutil.which("redis-server") is not None, "apt-get install redis-server"
+    )
+    report = tmp_path / "bench.json"
+    assert main([*NODES, "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "joined over Redis, against one wshub-cython node" in printed
+    assert "cross-node p99 ms" in printed and "wshub-cython-2-nodes" in printed
+    for row in _joined_rows(report, ("burst", "stream")):
+        # Redis is the benchmark's own, so its CPU time is counted.
+        assert not math.isnan(row["redis_cpu_us_per_message"])
+
+
+def test_two_nodes_over_a_given_redis_leave_nothing_in_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    report = tmp_path / "bench.json"
+    arguments = [*NODES, "--workload", "burst", "--redis-url", redis_server.url]
+    assert main([*arguments, "--json", str(report)]) == 0
+    (joined,) = _joined_rows(report, ("burst",))
+    assert math.isnan(joined["redis_cpu_us_per_message"])  # not the benchmark's to measure
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.keys("wshub-bench:*") == []
+
+
+def test_nodes_without_redis_server_stop_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--nodes", "2"])
+    assert stopped.value.code == 2
+    assert "redis-server" in capsys.readouterr().err
+
+
+def test_nodes_with_an_unreachable_redis_stop_with_a_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    assert main([*NODES, "--redis-url", url]) == 1
+    assert f"Redis at {url} does not answer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "arguments",
-    [["--slow", "1.5"], ["--variants", "nope"], ["--burst", "0"], ["--clients", ""]],
+    [
+        ["--slow", "1.5"],
+        ["--variants", "nope"],
+        ["--burst", "0"],
+        ["--clients", ""],
+        ["--nodes", "1"],
+        ["--redis-url", "redis://127.0.0.1:6379/0"],
+        ["--nodes", "2", "--redis-url", "http://127.0.0.1:6379"],
+    ],
 )
 def test_bad_options_stop_with_a_message(
     arguments: list[str], capsys: pytest.CaptureFixture[str]

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+from wshub.config import REDIS_URL_SCHEMES
+
+from .redis_server import RedisUnavailable, find_redis_server
 from .report import summarize, table, write_json, write_plot
 from .runner import Plan, Runner
-from .servers import ALL_VARIANTS, VARIANTS
+from .servers import ALL_VARIANTS, BASELINE, SINGLE_NODE, VARIANTS, nodes_variant
 
 __all__ = ["main", "parse_plan"]
 
 DELIVERIES_PER_ROUND = 50_000
+#: The variants of a ``--nodes`` run unless ``--variants`` names others: the single node the
+#: joined ones are compared with, and the usual yardstick.
+NODES_VARIANTS = (SINGLE_NODE, BASELINE)
 
 
 def _csv(kind: type, allowed: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
@@ -47,8 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--variants",
         type=_csv(str, ALL_VARIANTS),
-        default=VARIANTS,
-        help=f"servers to measure (default: {','.join(VARIANTS)}; also: {ALL_VARIANTS[-1]})",
+        default=None,
+        help=(
+            f"servers to measure (default: {','.join(VARIANTS)}; with --nodes: "
+            f"{','.join(NODES_VARIANTS)}; also: {ALL_VARIANTS[-1]})"
+        ),
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help=(
+            f"also measure N {SINGLE_NODE} hubs, a process each, joined over Redis (N >= 2), "
+            f"beside one {SINGLE_NODE} hub: clients spread evenly, node 0 publishes"
+        ),
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="the Redis 7 that joins --nodes (default: a redis-server of its own on 127.0.0.1)",
     )
     parser.add_argument(
         "--clients", type=_csv(int), default=None, help="client counts (default: 100,1000)"
@@ -130,9 +154,10 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         parser.error("--flush-interval must not be negative")
     if args.sources > 250:
         parser.error("--sources must be at most 250")
+    variants = _variants(parser, args)
     deliveries = args.deliveries or DELIVERIES_PER_ROUND // (4 if args.quick else 1)
     plan = Plan(
-        variants=tuple(args.variants),
+        variants=variants,
         clients=tuple(clients),
         workloads=tuple(args.workload),
         burst=args.burst,
@@ -151,8 +176,36 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         loop=args.loop,
         timeout=args.timeout,
         flush_interval=args.flush_interval,
+        nodes=args.nodes,
+        redis_url=args.redis_url,
     )
     return plan, args
+
+
+def _variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The variants to measure: with ``--nodes``, the joined nodes and the single node they
+    are compared with, whatever ``--variants`` says."""
+    if not args.nodes:
+        if args.redis_url is not None:
+            parser.error("--redis-url joins --nodes: give --nodes too")
+        return tuple(args.variants or VARIANTS)
+    if args.nodes < 2:
+        parser.error(f"--nodes must be at least 2 (one node is {SINGLE_NODE})")
+    if args.redis_url is None and find_redis_server() is None:
+        parser.error(
+            "--nodes needs redis-server on the PATH to start its own Redis "
+            "(apt-get install redis-server), or --redis-url of a running Redis 7"
+        )
+    if args.redis_url is not None and (
+        urllib.parse.urlsplit(args.redis_url).scheme not in REDIS_URL_SCHEMES
+    ):
+        parser.error(f"--redis-url must be a {', '.join(REDIS_URL_SCHEMES)} URL")
+    if importlib.util.find_spec("redis") is None:
+        parser.error('--nodes needs redis-py: pip install "redis>=5"')
+    variants = tuple(args.variants or NODES_VARIANTS)
+    if SINGLE_NODE not in variants:
+        variants = (SINGLE_NODE, *variants)
+    return (*variants, nodes_variant(args.nodes))
 
 
 def _progress(done: int, total: int, text: str) -> None:
@@ -174,12 +227,16 @@ async def _run(plan: Plan) -> list:  # type: ignore[type-arg]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     plan, args = parse_plan(argv)
-    if plan.loop == "uvloop":
-        import uvloop
+    try:
+        if plan.loop == "uvloop":
+            import uvloop
 
-        rounds = uvloop.run(_run(plan))
-    else:
-        rounds = asyncio.run(_run(plan))
+            rounds = uvloop.run(_run(plan))
+        else:
+            rounds = asyncio.run(_run(plan))
+    except RedisUnavailable as exc:
+        print(f"python -m wshub.bench: error: {exc}", file=sys.stderr)
+        return 1
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     rows = summarize(rounds)
@@ -191,6 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a client reads; KiB/conn: server RSS growth per connected client; lost: messages "
         "reading clients did not receive; 4008s: slow-consumer disconnects."
     )
+    if plan.nodes:
+        print(
+            f"\n{plan.nodes} nodes: {plan.nodes} {SINGLE_NODE} hub processes joined by one Redis "
+            "stream, clients spread evenly, every message published on node 0; cross-node "
+            "p99: latency of the clients on the other nodes only; x 1 node: paired ratio to "
+            f"{SINGLE_NODE} alone in the same run. Their CPU us/msg counts every node"
+            + (" and Redis." if plan.redis_url is None else " (not the given Redis).")
+        )
     if args.json:
         write_json(args.json, plan, rows, rounds)
         print(f"wrote {args.json}")

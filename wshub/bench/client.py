@@ -7,10 +7,13 @@ message of the chunk being the one that waited longest). No JSON decoding, no pe
 objects: the client must cost far less per message than any server it measures, or it would be
 what is measured.
 
-The parent drives each worker over a pipe with tuples: ``("connect", host, port, path,
-topics_by_client, source_addresses, slow)``, ``("arm", expected)``, ``("disarm",)``,
-``("close",)``, ``("exit",)``; the worker answers ``("connected", opened, failed)``,
-``("armed",)``, ``("done", last_arrival, received, latencies_ms)`` and ``("closed",)``.
+The parent drives each worker over a pipe with tuples: ``("connect", host, ports, path,
+topics_by_client, source_addresses, slow, node_by_client)``, ``("arm", expected)``,
+``("disarm",)``, ``("close",)``, ``("exit",)``; the worker answers ``("connected", opened,
+failed, opened_by_node)``, ``("armed",)``, ``("done", last_arrival, received,
+latencies_ms_by_node)`` and ``("closed",)``. ``ports`` has one port per server node (one,
+except with ``--nodes``); latencies are kept per node so that the benchmark can tell those
+measured on the publishing node from those that crossed to another.
 """
 
 from __future__ import annotations
@@ -45,14 +48,23 @@ def raise_open_files_limit() -> int:
 class Tally:
     """One worker's counters, shared by its readers."""
 
-    __slots__ = ("armed", "expected", "last_arrival", "latencies", "on_done", "received")
+    __slots__ = (
+        "armed",
+        "expected",
+        "last_arrival",
+        "latencies",
+        "nodes",
+        "on_done",
+        "received",
+    )
 
     def __init__(self) -> None:
         self.armed = False
         self.expected = 0
         self.received = 0
         self.last_arrival = 0.0
-        self.latencies: list[float] = []
+        self.nodes = 1
+        self.latencies: list[list[float]] = [[]]
         self.on_done: Any = None
 
     def arm(self, expected: int, on_done: Any) -> None:
@@ -60,7 +72,7 @@ class Tally:
         self.expected = expected
         self.received = 0
         self.last_arrival = 0.0
-        self.latencies = []
+        self.latencies = [[] for _ in range(self.nodes)]
         self.on_done = on_done
         if expected == 0:
             self.finish()
@@ -75,12 +87,24 @@ class Tally:
 class Reader(asyncio.Protocol):
     """One lean WebSocket client connection that counts the frames it receives."""
 
-    __slots__ = ("buffer", "closed", "handshake", "opened", "request", "tally", "transport")
+    __slots__ = (
+        "buffer",
+        "closed",
+        "handshake",
+        "node",
+        "opened",
+        "request",
+        "tally",
+        "transport",
+    )
 
-    def __init__(self, request: bytes, tally: Tally, opened: asyncio.Future[bool]) -> None:
+    def __init__(
+        self, request: bytes, tally: Tally, opened: asyncio.Future[bool], node: int = 0
+    ) -> None:
         self.request = request
         self.tally = tally
         self.opened = opened
+        self.node = node
         self.buffer = bytearray()
         self.handshake = True
         self.closed = False
@@ -170,7 +194,7 @@ class Reader(asyncio.Protocol):
             sent_at = float(buffer[start:end])
         except ValueError:
             return
-        self.tally.latencies.append((time.time() - sent_at) * 1000.0)
+        self.tally.latencies[self.node].append((time.time() - sent_at) * 1000.0)
 
     def pong(self, payload: bytes) -> None:
         # Client frames are masked (RFC 6455 5.3); a zero mask leaves the payload as it is.
@@ -200,24 +224,28 @@ class Worker:
     async def connect(
         self,
         host: str,
-        port: int,
+        ports: list[int],
         path: str,
         topics: list[str | None],
         sources: list[str],
         slow: list[bool],
-    ) -> tuple[int, int]:
+        nodes: list[int],
+    ) -> tuple[int, int, list[int]]:
         loop = asyncio.get_running_loop()
         limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        self.tally.nodes = len(ports)
 
         async def open_one(index: int) -> Reader | None:
             query = f"?topics={topics[index]}" if topics[index] is not None else ""
+            node = nodes[index]
+            port = ports[node]
             request = handshake_request(host, port, path + query)
             opened: asyncio.Future[bool] = loop.create_future()
             source = sources[index % len(sources)]
             async with limit:
                 try:
                     _, reader = await loop.create_connection(
-                        lambda: Reader(request, self.tally, opened),
+                        lambda: Reader(request, self.tally, opened, node),
                         host,
                         port,
                         local_addr=(source, 0),
@@ -233,7 +261,10 @@ class Worker:
 
         results = await asyncio.gather(*(open_one(index) for index in range(len(topics))))
         self.readers = [reader for reader in results if reader is not None]
-        return len(self.readers), len(results) - len(self.readers)
+        opened_by_node = [0] * len(ports)
+        for reader in self.readers:
+            opened_by_node[reader.node] += 1
+        return len(self.readers), len(results) - len(self.readers), opened_by_node
 
     def close(self) -> None:
         for reader in self.readers:
@@ -250,8 +281,8 @@ async def _serve_commands(pipe: Connection) -> None:
         command = await channel.next()
         kind = command[0]
         if kind == "connect":
-            opened, failed = await worker.connect(*command[1:])
-            channel.send("connected", opened, failed)
+            opened, failed, opened_by_node = await worker.connect(*command[1:])
+            channel.send("connected", opened, failed, opened_by_node)
         elif kind == "arm":
             channel.send("armed")  # before any counted frame can be reported
             tally.arm(

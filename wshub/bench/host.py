@@ -6,6 +6,11 @@ is the server's alone. Driven over a pipe: ``("await_clients", count)``, ``("pub
 workload)``, ``("finish",)``, ``("stop",)``; it answers ``("listening", port)``,
 ``("ready", connected, rss_growth)``, ``("published", started)``, ``("finished",
 cpu_seconds, counters)`` and ``("stopped",)``.
+
+Joined nodes (``--nodes``) are one host each, given a :class:`~wshub.bench.servers.NodeRole`.
+Only node 0 publishes; on the others ``("publish", workload)`` only starts the CPU clock, so
+that every node's CPU time covers the same stretch: from just before the first publish to
+the end of the round.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from .channel import Channel
 from .client import raise_open_files_limit
-from .servers import make_variant
+from .servers import NodeRole, make_variant
 from .workload import schedule, shape
 
 __all__ = ["host_main", "rss_bytes"]
@@ -33,11 +38,19 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * PAGE_SIZE
 
 
-async def _host(pipe: Connection, name: str, clients: int, plan: Any, workload: str) -> None:
+async def _host(
+    pipe: Connection,
+    name: str,
+    clients: int,
+    plan: Any,
+    workload: str,
+    role: NodeRole | None,
+) -> None:
     channel = Channel(pipe, "the benchmark")
     messages, _ = shape(plan, workload, clients)
-    variant = make_variant(name, clients, messages, plan.flush_interval)
-    batches = schedule(plan, workload, clients)
+    variant = make_variant(name, clients, messages, plan.flush_interval, role)
+    publishes = role is None or role.publishes
+    batches = schedule(plan, workload, clients) if publishes else []
     gc.collect()
     rss_before = rss_bytes()
     await variant.start(plan.host)
@@ -75,11 +88,17 @@ async def _host(pipe: Connection, name: str, clients: int, plan: Any, workload: 
 
 
 def host_main(
-    pipe: Connection, name: str, clients: int, plan: Any, workload: str, loop_name: str
+    pipe: Connection,
+    name: str,
+    clients: int,
+    plan: Any,
+    workload: str,
+    loop_name: str,
+    role: NodeRole | None = None,
 ) -> None:
-    """Entry point of a host process."""
+    """Entry point of a host process; ``clients`` is the round's total, over every node."""
     raise_open_files_limit()
-    coroutine = _host(pipe, name, clients, plan, workload)
+    coroutine = _host(pipe, name, clients, plan, workload, role)
     if loop_name == "uvloop":
         import uvloop
 

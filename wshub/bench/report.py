@@ -11,26 +11,39 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .redis_server import safe_url
 from .runner import RoundResult, median, percentile
-from .servers import BASELINE
+from .servers import BASELINE, SINGLE_NODE
 
 __all__ = ["summarize", "table", "write_json", "write_plot"]
+
+NAN = float("nan")
+
+
+def _paired_rate_ratios(rounds: list[RoundResult], against: list[RoundResult]) -> list[float]:
+    """``rounds``' rates over those of ``against`` in the same repetition."""
+    by_repetition = {r.repetition: r for r in against}
+    return [
+        r.rate / by_repetition[r.repetition].rate
+        for r in rounds
+        if r.repetition in by_repetition and by_repetition[r.repetition].rate > 0
+    ]
 
 
 def summarize(results: Iterable[RoundResult]) -> list[dict[str, Any]]:
     """One row per (workload, clients, variant): medians over repetitions, pooled latencies,
-    and ratios to ``websockets.broadcast`` paired by repetition."""
+    and ratios to ``websockets.broadcast`` (and, for joined nodes, to one ``wshub-cython``
+    node) paired by repetition."""
     groups: dict[tuple[str, int, str], list[RoundResult]] = {}
     for result in results:
         groups.setdefault((result.workload, result.clients, result.variant), []).append(result)
     rows = []
     for (workload, clients, variant), rounds in groups.items():
         baseline = {r.repetition: r for r in groups.get((workload, clients, BASELINE), [])}
-        rate_ratios = [
-            r.rate / baseline[r.repetition].rate
-            for r in rounds
-            if r.repetition in baseline and baseline[r.repetition].rate > 0
-        ]
+        rate_ratios = _paired_rate_ratios(rounds, list(baseline.values()))
+        single_node = groups.get((workload, clients, SINGLE_NODE), [])
+        single_node_p99 = percentile([s for r in single_node for s in r.latencies_ms], 0.99)
+        cross_node_p99 = percentile([s for r in rounds for s in r.cross_node_latencies_ms], 0.99)
         cpu_ratios = [
             r.cpu_us_per_message / baseline[r.repetition].cpu_us_per_message
             for r in rounds
@@ -56,6 +69,20 @@ def summarize(results: Iterable[RoundResult]) -> list[dict[str, Any]]:
                 "slow_consumer_disconnects": sum(r.slow_consumer_disconnects for r in rounds),
                 "timed_out_rounds": sum(r.timed_out for r in rounds),
                 "repetitions": len(rounds),
+                "nodes": rounds[0].nodes,
+                "latency_p99_cross_node_ms": cross_node_p99,
+                "rate_vs_single_node": median(_paired_rate_ratios(rounds, single_node)),
+                "cross_node_p99_vs_single_node": cross_node_p99 / single_node_p99
+                if single_node_p99 > 0
+                else NAN,
+                "redis_cpu_us_per_message": median(
+                    [
+                        r.redis_cpu_seconds * 1e6 / r.delivered
+                        for r in rounds
+                        if r.redis_cpu_seconds is not None and r.delivered
+                    ]
+                ),
+                "publish_failures": sum(r.publish_failures for r in rounds),
             }
         )
     return rows
@@ -92,7 +119,39 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{row['slow_consumer_disconnects']:>7,}"
                 + ("  timed out" if row["timed_out_rounds"] else "")
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _nodes_table(rows))
+
+
+def _nodes_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Joined nodes beside the single node of the same run; nothing without joined nodes."""
+    joined = [row for row in rows if row["nodes"] > 1]
+    if not joined:
+        return []
+    header = (
+        f"{'workload, clients':<22}{'variant':<24}{'msg/s':>12}{'x 1 node':>10}"
+        f"{'p99 ms':>9}{'cross-node p99 ms':>19}{'x 1 node':>10}{'lost':>8}"
+    )
+    lines = ["", f"joined over Redis, against one {SINGLE_NODE} node", header, "-" * len(header)]
+
+    def line(label: str, row: dict[str, Any], rate_ratio: float, p99_ratio: float) -> str:
+        return (
+            f"{label:<22}{row['variant']:<24}{_number(row['delivered_per_s'], 0):>12}"
+            f"{_number(rate_ratio, 2):>10}{_number(row['latency_p99_ms']):>9}"
+            f"{_number(row['latency_p99_cross_node_ms']):>19}{_number(p99_ratio, 2):>10}"
+            f"{row['expected'] - row['delivered']:>8,}"
+        )
+
+    singles = {(r["workload"], r["clients"]): r for r in rows if r["variant"] == SINGLE_NODE}
+    for row in joined:
+        label = f"{row['workload']}, {row['clients']:,}"
+        single = singles.get((row["workload"], row["clients"]))
+        if single is not None:
+            lines.append(line(label, single, 1.0, NAN))
+            label = ""
+        lines.append(
+            line(label, row, row["rate_vs_single_node"], row["cross_node_p99_vs_single_node"])
+        )
+    return lines
 
 
 def environment() -> dict[str, Any]:
@@ -115,12 +174,25 @@ def environment() -> dict[str, Any]:
 def write_json(
     path: Path, plan: Any, rows: list[dict[str, Any]], rounds: list[RoundResult]
 ) -> None:
+    recorded_plan = dataclasses.asdict(plan)
+    if recorded_plan.get("redis_url"):
+        recorded_plan["redis_url"] = safe_url(recorded_plan["redis_url"])
     document = {
         "environment": environment(),
-        "plan": dataclasses.asdict(plan),
+        "plan": recorded_plan,
         "summary": rows,
+        # Not dataclasses.asdict: it would deep-copy millions of latency samples to drop them.
         "rounds": [
-            {**dataclasses.asdict(r), "latencies_ms": None, "rate": r.rate} for r in rounds
+            {
+                **{
+                    field.name: None
+                    if field.name.endswith("latencies_ms")
+                    else getattr(r, field.name)
+                    for field in dataclasses.fields(r)
+                },
+                "rate": r.rate,
+            }
+            for r in rounds
         ],
     }
     path.write_text(json.dumps(document, indent=2, allow_nan=True))

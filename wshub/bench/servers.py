@@ -18,11 +18,17 @@ apart; what differs is how the server gets those bytes to N sockets:
 ``wshub-cython-unbatched`` (only when asked for)
     The Cython hub flushing after every publish: one write per client per message, all else
     equal. Against ``wshub-cython`` it shows what coalescing writes buys.
+``wshub-cython-N-nodes`` (``--nodes N``)
+    N Cython hubs, each in a process of its own, joined by a Redis backplane; the clients are
+    spread over them and node 0 publishes. Each node has the settings of ``wshub-cython``,
+    except a history (and so a Redis stream) long enough for a whole round, so the two differ
+    only in the backplane and in the number of processes sharing the work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 import urllib.parse
@@ -37,14 +43,54 @@ import wshub
 from wshub import _fanout_py
 from wshub.protocol import MessageClock
 
-__all__ = ["ALL_VARIANTS", "VARIANTS", "Variant", "make_variant"]
+__all__ = [
+    "ALL_VARIANTS",
+    "SINGLE_NODE",
+    "VARIANTS",
+    "NodeRole",
+    "Variant",
+    "make_variant",
+    "nodes_of",
+    "nodes_variant",
+]
 
 VARIANTS = ("wshub-cython", "wshub-python", "websockets.broadcast", "naive", "raw-write")
 UNBATCHED = "wshub-cython-unbatched"
 ALL_VARIANTS = (*VARIANTS, UNBATCHED)
 BASELINE = "websockets.broadcast"
+#: What joined nodes are compared with: the same hub, alone in one process.
+SINGLE_NODE = "wshub-cython"
+NODES_PREFIX, NODES_SUFFIX = "wshub-cython-", "-nodes"
 MESSAGE_TYPE = "run_progress"
 KEEPALIVE_OFF = 3600.0  # no ping lands inside a measured round
+
+
+def nodes_variant(nodes: int) -> str:
+    """The name of ``nodes`` Cython hubs joined over Redis."""
+    return f"{NODES_PREFIX}{nodes}{NODES_SUFFIX}"
+
+
+def nodes_of(name: str) -> int:
+    """How many hub processes variant ``name`` runs: N for joined nodes, else 1."""
+    middle = name.removeprefix(NODES_PREFIX).removesuffix(NODES_SUFFIX)
+    if name.startswith(NODES_PREFIX) and name.endswith(NODES_SUFFIX) and middle.isdigit():
+        return int(middle)
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRole:
+    """How one of several joined hub nodes takes part in a round.
+
+    Attributes:
+        redis_url: The Redis that joins the nodes.
+        stream: The round's own stream key, so that no round reads another's messages.
+        publishes: True on the node that publishes the round's messages (node 0).
+    """
+
+    redis_url: str
+    stream: str
+    publishes: bool
 
 
 class Variant:
@@ -85,10 +131,21 @@ class HubVariant(Variant):
         implementation: str,
         unbatched: bool = False,
         flush_interval: float = 0.0,
+        role: NodeRole | None = None,
     ) -> None:
         super().__init__(clients, batch_capacity)
         self.name = UNBATCHED if unbatched else f"wshub-{implementation}"
         self.unbatched = unbatched
+        self.joined = role is not None
+        joined: dict[str, Any] = {}
+        if role is not None:
+            joined = {
+                "redis_url": role.redis_url,
+                "redis_stream": role.stream,
+                # The stream is trimmed to the history's length; a node that falls behind
+                # within a round must still find the round's messages there.
+                "history_size": max(1000, batch_capacity),
+            }
         config = wshub.HubConfig(
             max_clients=clients + 100,
             # Room for a whole round, so that a publisher outpacing the clients is measured
@@ -100,6 +157,7 @@ class HubVariant(Variant):
             log_connection_events=False,
             default_topics=(),
             flush_interval=flush_interval,
+            **joined,
         )
         self.hub = wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
         self._serving: contextlib.AbstractAsyncContextManager[Any] | None = None
@@ -108,6 +166,10 @@ class HubVariant(Variant):
         self._serving = wshub.serve(self.hub, host, 0)
         server = await self._serving.__aenter__()
         self.port = server.sockets[0].getsockname()[1]
+        if self.joined and not self.hub.ready:
+            backplane = self.hub.backplane
+            why = getattr(backplane, "last_error", None) or "no answer"
+            raise RuntimeError(f"this node cannot reach its Redis: {why}")
 
     async def stop(self) -> None:
         if self._serving is not None:
@@ -132,6 +194,7 @@ class HubVariant(Variant):
         return {
             "drops": stats["drops"],
             "slow_consumer_disconnects": stats["slow_consumer_disconnects"],
+            "publish_failures": stats["publish_failures"],
         }
 
 
@@ -204,10 +267,25 @@ class WebsocketsVariant(Variant):
 
 
 def make_variant(
-    name: str, clients: int, batch_capacity: int, flush_interval: float = 0.0
+    name: str,
+    clients: int,
+    batch_capacity: int,
+    flush_interval: float = 0.0,
+    role: NodeRole | None = None,
 ) -> Variant:
     """The server for ``name``, sized for ``clients`` and a round of ``batch_capacity``;
-    ``flush_interval`` is the wshub variants' ``HubConfig.flush_interval``."""
+    ``flush_interval`` is the wshub variants' ``HubConfig.flush_interval``; ``role`` joins
+    one node of ``wshub-cython-N-nodes`` to the others.
+
+    Raises:
+        ValueError: ``name`` is unknown, or names joined nodes without a ``role``.
+    """
+    if nodes_of(name) > 1:
+        if role is None:
+            raise ValueError(f"{name} is one of several joined nodes: give its role")
+        return HubVariant(
+            clients, batch_capacity, "cython", flush_interval=flush_interval, role=role
+        )
     if name == UNBATCHED:
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
     if name.startswith("wshub-"):
