@@ -201,7 +201,7 @@ def _variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     ):
         parser.error(f"--redis-url must be a {', '.join(REDIS_URL_SCHEMES)} URL")
     if importlib.util.find_spec("redis") is None:
-        parser.error('--nodes needs redis-py: pip install "redis>=5"')
+        parser.error('--nodes needs redis-py: pip install "wshub[redis]"')
     variants = tuple(args.variants or NODES_VARIANTS)
     if SINGLE_NODE not in variants:
         variants = (SINGLE_NODE, *variants)

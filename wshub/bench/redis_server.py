@@ -205,7 +205,7 @@ async def check_redis(url: str) -> None:
     try:
         from redis.asyncio import Redis
     except ImportError:
-        raise RedisUnavailable('--nodes needs redis-py: pip install "redis>=5"') from None
+        raise RedisUnavailable('--nodes needs redis-py: pip install "wshub[redis]"') from None
     client = Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
         info = await client.info("server")
