@@ -353,18 +353,21 @@ def _reserve_ports(settings: ServerSettings, reservations: contextlib.ExitStack)
 class _Worker:
     number: int
     process: SpawnProcess
-    # The parent's end of a pipe: the worker says where it listens through it, and sees
-    # the parent's end of it close when the parent is gone.
+    # The parent's end of a pipe to the worker: the worker says where it listens through
+    # it, and sees it close when the parent is gone.
     connection: Connection
     listening: Listening | None = None
+    # Set before it is reaped: until then its pid cannot be another process's, so signalling
+    # it is safe, and the signal handler need not reap anything itself.
+    ended: bool = False
 
 
 class _Supervisor:
     """Starts the workers, forwards stop signals to them and watches them end.
 
     A worker that ends on its own (a crash, the OOM killer, a stray signal) stops them all
-    and makes the exit code non-zero: a supervisor (systemd, Kubernetes) restarts the whole
-    server, and clients resume on the new workers through Redis without a gap. Restarting
+    and makes the exit code non-zero: the service manager (systemd, Kubernetes) restarts the
+    whole server, and clients resume on the new workers through Redis without a gap. Restarting
     one worker here would hide the failure.
     """
 
@@ -380,9 +383,10 @@ class _Supervisor:
         try:
             # Spawn, not fork: a forked worker would inherit the parent's logging handlers,
             # locks and any thread some import started, and fork under threads is unsafe. A
-            # spawned worker is a fresh interpreter, as if started by hand, and
-            # multiprocessing still hands it the settings already validated here (nothing
-            # is parsed twice) and a pipe, which a plain subprocess would not.
+            # spawned worker is a fresh interpreter, as if started by hand. Multiprocessing
+            # rather than a subprocess running wshub serve again: it hands the worker the
+            # settings already validated here, with no second round of flags, environment
+            # and file, and a pipe to report on, with no fd plumbing.
             context = multiprocessing.get_context("spawn")
             for number in range(1, self.count + 1):
                 if not self.stopping:
@@ -417,6 +421,8 @@ class _Supervisor:
         worker = _Worker(number, process, ours)
         self.workers.append(worker)
         logger.info("started %s", self._name(worker))
+        if self.stopping:  # the signal came while it was starting, before it was listed
+            os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
 
     def _watch(self) -> None:
         """Wait until every worker has ended; log where they listen once all do."""
@@ -426,6 +432,7 @@ class _Supervisor:
             for ready in multiprocessing.connection.wait([*running, *starting]):
                 if isinstance(ready, int):
                     worker = running.pop(ready)
+                    worker.ended = True
                     worker.process.join()
                     self._ended(worker)
                     continue
@@ -465,7 +472,7 @@ class _Supervisor:
     def _stop(self, signum: int) -> None:
         self.stopping = True
         for worker in self.workers:
-            if worker.process.exitcode is None:
+            if not worker.ended:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signum)  # type: ignore[arg-type]
 
