@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 import wshub
+from wshub.bench.redis_server import RedisServer, find_redis_server
 
-from .helpers import HubServer
-from .redis_server import RedisServer
+from .helpers import HubServer, require_tool
 
 
 @pytest.fixture
@@ -55,7 +55,20 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path,
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of the test's own on a free port of 127.0.0.1, removed afterwards."""
-    with RedisServer() as server:
+def redis_server_binary() -> str:
+    """The path of ``redis-server``; without it the test is skipped, or fails under
+    ``WSHUB_REQUIRE_BROWSER=1``."""
+    path = find_redis_server()
+    require_tool("redis-server", path is not None, "apt-get install redis-server")
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def redis_server(redis_server_binary: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port of 127.0.0.1, removed afterwards.
+
+    Persistent, so that a test can crash it (``kill``) and ``restart`` it with its data.
+    """
+    with RedisServer(persistent=True) as server:
         yield server

@@ -27,9 +27,9 @@ from wshub.api import (
     create_api_app,
     start_api,
 )
+from wshub.bench.redis_server import RedisServer
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, wait_until
-from .redis_server import RedisServer
 
 TOKEN = "s3cret-token"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

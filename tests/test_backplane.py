@@ -17,9 +17,9 @@ from websockets.asyncio.client import ClientConnection
 
 import wshub
 from wshub.backplane import RedisBackplane
+from wshub.bench.redis_server import RedisServer
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
-from .redis_server import RedisServer
 from .test_resume import nothing_more, published
 
 

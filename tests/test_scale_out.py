@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from wshub.bench.redis_server import RedisServer
+
 from .helpers import client, recv_json, send_json
 from .processes import ApiError, HubProcess
-from .redis_server import RedisServer
 from .test_resume import nothing_more
 
 # The hubs run in processes of their own, on uvloop; the test's loop only drives clients,

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
@@ -43,6 +44,7 @@ __all__ = [
     "Entry",
     "RedisBackplane",
     "StoredEntries",
+    "redact_url",
 ]
 
 #: Most entries one ``XREAD`` or one pipelined batch of ``XADD`` carries.
@@ -154,6 +156,26 @@ class Backplane(Protocol):
 class _Outgoing:
     fields: dict[bytes, bytes]
     future: asyncio.Future[str]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user information hidden, for logs, error messages and reports.
+
+    Everything before the ``@`` of the authority becomes ``***``: the password, and the user
+    name too, since some services take a token there. Scheme, host, port, path and query stay.
+
+    Args:
+        url: A URL such as ``redis://:secret@redis.example:6379/0``.
+
+    Returns:
+        The URL without its user information (``redis://***@redis.example:6379/0``), or
+        ``url`` itself when it has none.
+    """
+    parts = urllib.parse.urlsplit(url)
+    _, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
@@ -349,14 +371,7 @@ class RedisBackplane:
         if self._closed:
             return "the hub is stopping"
         reason = f": {self._last_error}" if self._last_error else ""
-        return f"Redis at {self._safe_url()} is unreachable{reason}"
-
-    def _safe_url(self) -> str:
-        # Never log a password that rode in the URL.
-        if "@" not in self.url:
-            return self.url
-        scheme, _, rest = self.url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+        return f"Redis at {redact_url(self.url)} is unreachable{reason}"
 
     # Reading
 
@@ -423,9 +438,9 @@ class RedisBackplane:
         if not self._ready:
             if self._disconnects:
                 self._reconnects += 1
-                self.logger.warning("Redis at %s is reachable again", self._safe_url())
+                self.logger.warning("Redis at %s is reachable again", redact_url(self.url))
             else:
-                self.logger.info("joined Redis stream %s at %s", self.stream, self._safe_url())
+                self.logger.info("joined Redis stream %s at %s", self.stream, redact_url(self.url))
             self._ready = True
             self._last_error = None
 
@@ -437,7 +452,7 @@ class RedisBackplane:
             self.logger.error(
                 "Redis at %s is unreachable (%s); serving connected clients, publishes "
                 "fail until it is back",
-                self._safe_url(),
+                redact_url(self.url),
                 self._last_error,
             )
         self._ready = False

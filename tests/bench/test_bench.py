@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,8 @@ import pytest
 import redis
 
 from wshub.bench import main
+from wshub.bench.redis_server import RedisServer, free_port
 from wshub.bench.servers import VARIANTS
-
-from ..helpers import require_tool
-from ..redis_server import RedisServer, free_port
 
 SMALL = ["--clients", "12", "--repetitions", "1", "--workers", "2", "--sources", "2"]
 
@@ -89,12 +86,10 @@ NODES = [*SMALL, "--quick", "--nodes", "2", "--variants", "wshub-cython"]
 NODES += ["--bursts", "3", "--burst", "10", "--messages", "30"]
 
 
+@pytest.mark.usefixtures("redis_server_binary")
 def test_two_nodes_over_a_redis_of_its_own(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    require_tool(
-        "redis-server", shutil.which("redis-server") is not None, "apt-get install redis-server"
-    )
     report = tmp_path / "bench.json"
     assert main([*NODES, "--json", str(report)]) == 0
     printed = capsys.readouterr().out
@@ -133,6 +128,16 @@ def test_nodes_with_an_unreachable_redis_stop_with_a_message(
     url = f"redis://127.0.0.1:{free_port()}/0"
     assert main([*NODES, "--redis-url", url]) == 1
     assert f"Redis at {url} does not answer" in capsys.readouterr().err
+
+
+def test_a_password_in_the_redis_url_is_never_printed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()
+    assert main([*NODES, "--redis-url", f"redis://:hunter2@127.0.0.1:{port}/0"]) == 1
+    printed = capsys.readouterr()
+    assert f"Redis at redis://***@127.0.0.1:{port}/0 does not answer" in printed.err
+    assert "hunter2" not in printed.out + printed.err
 
 
 @pytest.mark.parametrize(

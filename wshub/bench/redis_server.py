@@ -1,10 +1,14 @@
-"""The Redis that joins the benchmark's hub nodes (``--nodes``).
+"""A ``redis-server`` of our own: the Redis that joins the benchmark's nodes, and the tests'.
 
-Unless ``--redis-url`` names one, the benchmark runs its own ``redis-server`` on a free port
-of 127.0.0.1, with its files in a temporary directory and persistence off (``--save ""
---appendonly no``): a round's messages need to live only as long as the round, and a disk
-write per message would measure the disk. Its CPU time is read from ``/proc`` so that a
-round can count what Redis spent alongside what the nodes spent.
+Unless ``--redis-url`` names one, the benchmark runs its own ``redis-server``; the tests that
+need Redis itself run one each. Each server gets a free port of 127.0.0.1 and a temporary
+directory of its own. Persistence is off unless asked for (``--save "" --appendonly no``): a
+benchmark round's messages need to live only as long as the round, and a disk write per
+message would measure the disk. With ``persistent=True`` writes go to an append-only file
+fsynced on every command, so a server killed with SIGKILL and started again on the same port
+and directory comes back with everything it acknowledged: that is how the tests simulate a
+Redis crash in the middle of a stream. The server's CPU time is read from ``/proc`` so that a
+benchmark round can count what Redis spent alongside what the nodes spent.
 """
 
 from __future__ import annotations
@@ -12,50 +16,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
+from types import TracebackType
+
+from wshub.backplane import redact_url
 
 __all__ = [
-    "BenchRedis",
+    "RedisServer",
     "RedisUnavailable",
     "check_redis",
     "delete_stream",
     "find_redis_server",
+    "free_port",
     "process_cpu_seconds",
-    "safe_url",
     "start_redis",
 ]
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
-LAUNCH_ATTEMPTS = 5
+PROBE_TIMEOUT = 0.25
+POLL_INTERVAL = 0.01
+RETRY_INTERVAL = 0.05
+LOG_TAIL_LINES = 30
 ADDRESS_IN_USE = "Address already in use"
+PROCESS_ID = re.compile(rb"^process_id:(\d+)\r?$", re.MULTILINE)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class RedisUnavailable(RuntimeError):
-    """No Redis to join the nodes: it could not be started, or the given one does not answer."""
+    """No Redis to use: ``redis-server`` is missing or did not come up (the message ends with
+    the tail of its log), or a given Redis does not answer."""
 
 
 def find_redis_server() -> str | None:
     """The path of ``redis-server``, or None when it is not on the PATH."""
     return shutil.which("redis-server")
-
-
-def safe_url(url: str) -> str:
-    """``url`` without a password, for messages and the JSON report."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -77,63 +80,178 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing was bound to a moment ago.
+
+    Another process may take it before the server binds it; ``RedisServer.start`` retries on
+    another port when that happens.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((HOST, 0))
         port: int = probe.getsockname()[1]
     return port
 
 
-def _answers(port: int) -> bool:
+def _answering_pid(port: int, timeout: float) -> int | None:
+    """The process id of the Redis that answers PING on ``port``, or None if none does yet.
+
+    The id matters because when two servers race for one port, the loser can see the winner's
+    PONG in the instant before its own failed bind makes it exit.
+    """
     try:
-        with socket.create_connection((HOST, port), timeout=0.25) as connection:
+        with (
+            socket.create_connection((HOST, port), timeout=timeout) as connection,
+            connection.makefile("rb") as reader,
+        ):
             connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+            # Anything else (-LOADING while the append-only file is replayed, or some other
+            # service on the port) means not ready.
+            if reader.readline() != b"+PONG\r\n":
+                return None
+            connection.sendall(b"INFO server\r\n")
+            header = reader.readline()
+            if not header.startswith(b"$"):
+                return None
+            info = reader.read(int(header[1:]) + 2)
+    except (OSError, ValueError):
+        return None
+    match = PROCESS_ID.search(info)
+    return int(match.group(1)) if match else None
 
 
-class BenchRedis:
-    """A throwaway ``redis-server`` on a free port of 127.0.0.1.
+class RedisServer:
+    """``redis-server`` on a free port of 127.0.0.1, with its data in a temporary directory.
+
+    ``start`` launches it and returns once it answers PING; ``kill`` crashes it (SIGKILL);
+    ``restart`` brings it back on the same port and directory, where a persistent server
+    reloads its data; ``stop`` shuts it down and removes the directory. As a context manager
+    it is started on entry and stopped on exit.
+
+    Args:
+        persistent: Keep the data in an append-only file fsynced before each reply, so that
+            it survives ``kill`` and ``restart``; off, the server keeps nothing on disk.
+        start_timeout: How long ``start`` and ``restart`` wait for the server to answer, in
+            seconds.
 
     Raises:
         RedisUnavailable: ``redis-server`` is not on the PATH.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False, start_timeout: float = START_TIMEOUT) -> None:
         binary = find_redis_server()
         if binary is None:
             raise RedisUnavailable(
-                "--nodes needs redis-server on the PATH (apt-get install redis-server), "
-                "or --redis-url of a running Redis 7"
+                "redis-server is not on the PATH (apt-get install redis-server)"
             )
         self.binary = binary
-        self.directory = Path(tempfile.mkdtemp(prefix="wshub-bench-redis-"))
+        self.persistent = persistent
+        self.start_timeout = start_timeout
+        self.directory = Path(tempfile.mkdtemp(prefix="wshub-redis-"))
+        # One log for every launch, so that an error after a restart can show why the previous
+        # run ended as well.
         self.log_path = self.directory / "redis-server.log"
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The redis-py URL of database 0."""
         return f"redis://{HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        """The process id of the running server, or None."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (not whether it answers yet)."""
+        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Launch it and return once it answers PING; another port if the first was taken.
+        """Launch the server and wait until it answers PING.
+
+        A port taken by someone else since it was picked is replaced with a fresh one.
 
         Raises:
-            RedisUnavailable: It exited or stayed silent; the message ends with its log.
+            RedisUnavailable: the server exited or did not answer within ``start_timeout``.
         """
-        for _ in range(LAUNCH_ATTEMPTS):
-            self.port = _free_port()
-            if self._launch():
-                return
-        raise RedisUnavailable(f"redis-server found no free port\n{self._log_tail()}")
+        deadline = time.monotonic() + self.start_timeout
+        while not self._launch(deadline):
+            if time.monotonic() >= deadline:
+                raise RedisUnavailable(
+                    f"every port tried was taken by another process (last: {self.port})\n"
+                    f"{self._log_tail()}"
+                )
+            self.port = free_port()
 
-    def _launch(self) -> bool:
+    def restart(self) -> None:
+        """Start the server again on the same port and directory, reloading its data.
+
+        A server still running is killed first, as in a crash. The port is retried until
+        ``start_timeout``: it should be free at once (Redis binds with SO_REUSEADDR, so the
+        connections of the previous run in TIME_WAIT do not block it), but a slow kernel or
+        another process may hold it for a moment.
+
+        Raises:
+            RedisUnavailable: the port stayed busy, or the server exited or did not answer.
+        """
+        self.kill()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._launch(deadline):
+            if time.monotonic() >= deadline:
+                raise RedisUnavailable(
+                    f"port {self.port} stayed in use; redis-server could not restart on it\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(RETRY_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it: a crash, with no chance to save anything."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        """Shut the server down (SIGTERM, SIGKILL if it lingers) and remove its directory.
+
+        This is the end of it: with the directory gone, neither ``start`` nor ``restart`` can
+        bring it back.
+        """
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=STOP_TIMEOUT)
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises; the directory would be left behind.
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RedisServer {self.url} {state}>"
+
+    def _command(self) -> list[str]:
         command = [
             self.binary,
             "--port",
@@ -146,54 +264,71 @@ class BenchRedis:
             "no",
             "--dir",
             str(self.directory),
+            # No RDB snapshots: persistent or not, the append-only file alone decides what
+            # comes back after a restart.
             "--save",
             "",
-            "--appendonly",
-            "no",
         ]
-        # Only this launch's part of the log tells why it exited.
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.process = None
-                with self.log_path.open("rb") as log:
-                    log.seek(offset)
-                    if ADDRESS_IN_USE.encode() in log.read():
-                        return False
-                raise RedisUnavailable(f"redis-server exited at start\n{self._log_tail()}")
-            if _answers(self.port):
-                return True
-            time.sleep(0.01)
-        self.process.kill()
-        self.process.wait()
-        self.process = None
-        raise RedisUnavailable(
-            f"redis-server did not answer within {START_TIMEOUT:g} s\n{self._log_tail()}"
-        )
+        if not self.persistent:
+            return [*command, "--appendonly", "no"]
+        # Fsynced before each reply, so whatever a client saw acknowledged survives SIGKILL.
+        return [*command, "--appendonly", "yes", "--appendfsync", "always"]
 
-    def stop(self) -> None:
-        """Shut it down and remove its directory."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def _launch(self, deadline: float) -> bool:
+        """Run the server once and wait for it to answer.
+
+        Returns:
+            True once it answers PING, False if it exited because its port was in use.
+        """
+        if self.running:
+            raise RedisUnavailable(f"{self!r} is already running")
+        # Read back only this launch's part of the shared log when deciding why it exited.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # The server writes to a file, not a pipe, so that nobody has to drain it while it runs.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        process = self._process
+        while True:
+            probe_timeout = min(PROBE_TIMEOUT, max(deadline - time.monotonic(), POLL_INTERVAL))
+            if _answering_pid(self.port, probe_timeout) == process.pid:
+                return True
+            # Checked after the probe, not before: whoever holds the port may accept and never
+            # answer, and the server's exit during that wait is what tells a clash apart.
+            code = process.poll()
+            if code is not None:
+                self.kill()
+                if ADDRESS_IN_USE in self._log_since(offset):
+                    return False
+                raise RedisUnavailable(
+                    f"redis-server exited with code {code} before answering PING on port "
+                    f"{self.port}\n{self._log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise RedisUnavailable(
+                    f"redis-server did not answer PING on port {self.port} within "
+                    f"{self.start_timeout:g} s\n{self._log_tail()}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()[-20:]
-        except OSError:
-            lines = []
-        return "\n".join(lines) or f"(nothing in {self.log_path})"
+        lines = self._log_since(0).splitlines()[-LOG_TAIL_LINES:]
+        if not lines:
+            return f"(nothing in {self.log_path})"
+        return f"last lines of {self.log_path}:\n" + "\n".join(lines)
 
 
 async def check_redis(url: str) -> None:
@@ -210,14 +345,14 @@ async def check_redis(url: str) -> None:
     try:
         info = await client.info("server")
     except Exception as exc:  # redis-py's errors, OSError and timeouts alike
-        raise RedisUnavailable(f"Redis at {safe_url(url)} does not answer: {exc}") from None
+        raise RedisUnavailable(f"Redis at {redact_url(url)} does not answer: {exc}") from None
     finally:
         await client.aclose()
     # The backplane reads max-deleted-entry-id from XINFO STREAM, which Redis 7 added.
     major = int(str(info.get("redis_version", "0")).partition(".")[0] or 0)
     if major < 7:
         raise RedisUnavailable(
-            f"Redis at {safe_url(url)} is {info.get('redis_version')}; the nodes need 7 or newer"
+            f"Redis at {redact_url(url)} is {info.get('redis_version')}; the nodes need 7 or newer"
         )
 
 
@@ -233,13 +368,13 @@ async def delete_stream(url: str, stream: str) -> None:
         await client.aclose()
 
 
-async def start_redis() -> BenchRedis:
-    """A started :class:`BenchRedis`, launched off the event loop.
+async def start_redis() -> RedisServer:
+    """A started :class:`RedisServer` without persistence, launched off the event loop.
 
     Raises:
-        RedisUnavailable: See :class:`BenchRedis`.
+        RedisUnavailable: See :class:`RedisServer` and :meth:`RedisServer.start`.
     """
-    server = BenchRedis()
+    server = RedisServer()
     try:
         await asyncio.to_thread(server.start)
     except BaseException:

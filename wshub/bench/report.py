@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .redis_server import safe_url
+from wshub.backplane import redact_url
+
 from .runner import RoundResult, median, percentile
 from .servers import BASELINE, SINGLE_NODE
 
@@ -176,7 +177,7 @@ def write_json(
 ) -> None:
     recorded_plan = dataclasses.asdict(plan)
     if recorded_plan.get("redis_url"):
-        recorded_plan["redis_url"] = safe_url(recorded_plan["redis_url"])
+        recorded_plan["redis_url"] = redact_url(recorded_plan["redis_url"])
     document = {
         "environment": environment(),
         "plan": recorded_plan,

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from .channel import Channel, ChannelClosed
 from .client import raise_open_files_limit, worker_main
 from .host import host_main
-from .redis_server import BenchRedis, check_redis, delete_stream, process_cpu_seconds, start_redis
+from .redis_server import RedisServer, check_redis, delete_stream, process_cpu_seconds, start_redis
 from .servers import NodeRole, nodes_of
 from .workload import expected_messages, topic_of_client
 
@@ -112,7 +112,7 @@ class Runner:
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[Channel] = []
         self.processes: list[Any] = []
-        self.redis: BenchRedis | None = None
+        self.redis: RedisServer | None = None
         self.redis_url = plan.redis_url
 
     async def __aenter__(self) -> Runner:

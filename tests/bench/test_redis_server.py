@@ -1,16 +1,18 @@
-"""The ``redis-server`` test helper: it answers, keeps its data across a crash, and never
-shares a port."""
+"""The ``redis-server`` launcher: it answers, keeps its data across a crash only when
+persistent, and never shares a port."""
 
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio
 
-from . import redis_server as module
-from .redis_server import RedisServer, RedisServerError
+from wshub.bench import redis_server as module
+from wshub.bench.redis_server import RedisServer, RedisUnavailable
 
 
 def raw_ping(port: int) -> bytes:
@@ -69,6 +71,7 @@ async def test_data_survives_kill_and_restart(redis_server: RedisServer) -> None
     assert history == [(id_, {b"n": str(n).encode()}) for n, id_ in enumerate(ids)]
 
 
+@pytest.mark.usefixtures("redis_server_binary")
 def test_two_servers_get_different_ports() -> None:
     with RedisServer() as first, RedisServer() as second:
         assert first.port != second.port
@@ -76,6 +79,7 @@ def test_two_servers_get_different_ports() -> None:
         assert raw_ping(first.port) == raw_ping(second.port) == b"+PONG\r\n"
 
 
+@pytest.mark.usefixtures("redis_server_binary")
 def test_stop_removes_the_directory() -> None:
     with RedisServer() as server:
         directory = server.directory
@@ -90,6 +94,7 @@ def blocker() -> Iterator[socket.socket]:
         yield sock
 
 
+@pytest.mark.usefixtures("redis_server_binary")
 def test_a_port_taken_before_start_is_replaced(
     monkeypatch: pytest.MonkeyPatch, blocker: socket.socket
 ) -> None:
@@ -103,6 +108,7 @@ def test_a_port_taken_before_start_is_replaced(
         assert "Address already in use" in server.log_path.read_text()
 
 
+@pytest.mark.usefixtures("redis_server_binary")
 def test_restart_on_a_port_held_by_another_process_fails_clearly() -> None:
     with RedisServer(start_timeout=0.5) as server:
         server.kill()
@@ -111,7 +117,35 @@ def test_restart_on_a_port_held_by_another_process_fails_clearly() -> None:
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             squatter.bind(("127.0.0.1", server.port))
             squatter.listen()
-            with pytest.raises(RedisServerError, match="stayed in use") as failure:
+            with pytest.raises(RedisUnavailable, match="stayed in use") as failure:
                 server.restart()
         assert "Address already in use" in str(failure.value)
         assert not server.running
+
+
+@pytest.mark.usefixtures("redis_server_binary")
+async def test_without_persistence_a_restart_starts_empty() -> None:
+    with RedisServer() as server:
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await client.set("greeting", "hello")
+        finally:
+            await client.aclose()
+        server.restart()
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            assert await client.get("greeting") is None
+            assert await client.config_get("appendonly") == {"appendonly": "no"}
+        finally:
+            await client.aclose()
+        assert [path.name for path in server.directory.iterdir()] == ["redis-server.log"]
+
+
+def test_without_redis_server_on_the_path_no_directory_is_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RedisUnavailable, match="redis-server is not on the PATH"):
+        RedisServer()
+    assert list(tmp_path.iterdir()) == []
