@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
@@ -302,3 +303,62 @@ async def test_foreign_stream_entries_are_skipped(joined: Any, redis_server: Red
         await served.hub.publish("m", "after")
         assert (await recv_json(ws))["data"] == "after"
         assert served.hub.ready
+
+
+async def test_messages_trimmed_before_a_hub_read_them_are_counted_and_logged(
+    joined: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with joined(1) as (served,), client(served.url) as (ws, _):
+        # A blocking client: the hub's loop cannot read while the stream is written and
+        # trimmed (as if the hub had fallen far behind).
+        writer = SyncRedis.from_url(redis_server.url)
+        try:
+            for n in range(20):
+                writer.xadd(
+                    "wshub:messages", {"type": "m", "data": str(n)}, maxlen=5, approximate=False
+                )
+        finally:
+            writer.close()
+        received: list[int] = []
+        while not received or received[-1] != 19:
+            received.append((await recv_json(ws))["data"])
+        assert received[-5:] == [15, 16, 17, 18, 19]
+        assert received == sorted(received) and len(received) < 20
+        # Exactly the messages it did not receive are counted.
+        assert served.hub.stats()["backplane"]["missed"] == 20 - len(received)
+        assert "left Redis stream wshub:messages before this hub read them" in caplog.text
+        await served.hub.publish("m", 20)
+        assert (await recv_json(ws))["data"] == 20
+        assert served.hub.stats()["backplane"]["missed"] == 20 - len(received)
+
+
+@pytest.mark.usefixtures("redis_server_binary")
+async def test_a_redis_that_lost_its_data_is_joined_again(hub_server: Any) -> None:
+    with RedisServer(persistent=False) as redis_server:
+        async with (
+            hub_server(redis_url=redis_server.url) as first,
+            hub_server(redis_url=redis_server.url) as second,
+            client(second.url) as (ws, _),
+        ):
+            before = await first.hub.publish("m", "before")
+            assert (await recv_json(ws))["data"] == "before"
+            redis_server.kill()
+            await wait_until(lambda: not first.hub.ready)
+            redis_server.restart()  # empty: the stream and its history are gone
+            await wait_until(lambda: first.hub.ready and second.hub.ready, timeout=15)
+            for n in range(3):
+                await first.hub.publish("m", n)
+            assert [m["data"] for m in await published(ws, 3)] == [0, 1, 2]
+            await nothing_more(ws)
+            assert second.hub.stats()["backplane"]["missed"] == 0
+            # A hub that delivered them still holds them in its own history...
+            async with client(second.url + f"?since={before.id}") as (resumed, hello):
+                assert hello["data"]["recovered"] is True
+                assert [m["data"] for m in await published(resumed, 3)] == [0, 1, 2]
+            # ...a hub that did not must ask Redis, which has lost them.
+            async with (
+                hub_server(redis_url=redis_server.url) as third,
+                client(third.url + f"?since={before.id}") as (_, hello),
+            ):
+                assert hello["data"]["recovered"] is False
+                assert hello["data"]["reason"] == f"history does not reach back to {before.id}"

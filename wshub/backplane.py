@@ -56,7 +56,7 @@ READ_BLOCK_MS: Final = 1000
 RECONNECT_DELAY: Final = (0.05, 5.0)
 #: Fewest entries the stream keeps, even with the history disabled, so a hub that falls
 #: briefly behind still finds what it has not read.
-MIN_STREAM_LENGTH: Final = 1000
+MIN_STREAM_LENGTH: Final = 10_000
 
 
 class BackplaneUnavailable(RuntimeError):
@@ -240,6 +240,9 @@ class RedisBackplane:
         self._disconnects = 0
         self._reconnects = 0
         self._publish_failures = 0
+        self._missed = 0
+        # The stream's entries-added as of this hub's position (see _check_gap).
+        self._read_count = 0
         self._delay = RECONNECT_DELAY[0]
         self._attempted = asyncio.Event()
 
@@ -259,12 +262,14 @@ class RedisBackplane:
         return self._last_error
 
     def stats(self) -> dict[str, Any]:
-        """``ready``, ``disconnects``, ``reconnects`` and ``publish_failures`` since start."""
+        """``ready``, and since start: ``disconnects``, ``reconnects``, ``publish_failures``
+        and ``missed`` (messages that left the stream before this hub read them)."""
         return {
             "ready": self.ready,
             "disconnects": self._disconnects,
             "reconnects": self._reconnects,
             "publish_failures": self._publish_failures,
+            "missed": self._missed,
         }
 
     async def start(self, deliver: Deliver) -> None:
@@ -398,16 +403,28 @@ class RedisBackplane:
         assert redis is not None and self._deliver is not None
         if self._last_id is None:
             # Start at the end: a new hub delivers what is published from now on.
-            self._last_id = await self._stream_end(redis)
+            self._last_id, self._read_count = await self._stream_end(redis)
         self._found()
         deliver = self._deliver
         streams: dict[Any, Any] = {self.stream: self._last_id}
         while True:
-            response: Any = await redis.xread(streams, count=BATCH_SIZE, block=READ_BLOCK_MS)
+            # XINFO in the same round trip, just before XREAD: an entry after this hub's
+            # position that had already left the stream is one its clients never get.
+            pipe = redis.pipeline(transaction=False)
+            pipe.xinfo_stream(self.stream)
+            pipe.xread(streams, count=BATCH_SIZE, block=READ_BLOCK_MS)
+            info, response = await pipe.execute(raise_on_error=False)
+            if isinstance(response, Exception):
+                raise response
             self._found()
+            if isinstance(info, dict):
+                self._check_gap(info)
+            else:  # no stream (yet, or Redis lost it): the next one counts from zero
+                self._read_count = 0
             for _key, entries in response:
                 for entry_id, fields in entries:
                     self._last_id = _id_text(entry_id)
+                    self._read_count += 1
                     try:
                         entry = _decode_entry(entry_id, fields)
                     except (KeyError, ValueError):  # UnicodeDecodeError and JSON errors too
@@ -423,14 +440,52 @@ class RedisBackplane:
                         self.logger.exception("delivering message %s failed", entry.message_id)
                 streams[self.stream] = self._last_id
 
-    async def _stream_end(self, redis: Redis) -> str:
+    def _check_gap(self, info: dict[str, Any]) -> None:
+        """Count the messages trimmed from the stream before this hub read them.
+
+        ``entries-added`` counts every entry the stream ever took, and this hub counts what
+        it read (``_read_count``, the stream's count as of its position). Once the stream's
+        first entry is past the position, every entry left is unread, so any other entry
+        added since the position was trimmed unread.
+        """
+        added = int(info["entries-added"])
+        first = info.get("first-entry")
+        if first and parse_message_id(_id_text(first[0])) <= parse_message_id(self.position):
+            return  # the stream still holds this hub's position: nothing after it was trimmed
+        unread = int(info["length"])
+        if added < self._read_count:
+            # A new stream under the same key: Redis lost its data (restarted without
+            # persistence) or someone deleted the key. Count from the new stream on.
+            self.logger.warning(
+                "Redis stream %s was created anew; messages published before that may be lost",
+                self.stream,
+            )
+            self._read_count = added - unread
+            return
+        missed = added - self._read_count - unread
+        if missed <= 0:
+            return
+        self._read_count += missed
+        self._missed += missed
+        self.logger.error(
+            "%d messages left Redis stream %s before this hub read them (it had read up to "
+            "%s): its clients missed them. The stream keeps max(history_size, %d) messages, "
+            "and this hub fell further behind",
+            missed,
+            self.stream,
+            self.position,
+            MIN_STREAM_LENGTH,
+        )
+
+    async def _stream_end(self, redis: Redis) -> tuple[str, int]:
+        """The stream's newest id and how many entries it took, as a new reader's start."""
         from redis.exceptions import ResponseError
 
         try:
             info = await redis.xinfo_stream(self.stream)
         except ResponseError:  # no such key: nothing was ever published
-            return "0-0"
-        return _id_text(info["last-generated-id"])
+            return "0-0", 0
+        return _id_text(info["last-generated-id"]), int(info["entries-added"])
 
     def _found(self) -> None:
         self._attempted.set()
@@ -488,12 +543,15 @@ class RedisBackplane:
             if isinstance(result, Exception):
                 raise BackplaneUnavailable(f"Redis refused a history query: {result}")
         last_key = parse_message_id(_id_text(info["last-generated-id"]))
-        deleted_key = parse_message_id(_id_text(info.get("max-deleted-entry-id", b"0-0")))
         if after_key > last_key:
             return StoredEntries(False, "unknown message id", [])
-        if after_key < deleted_key:
-            return StoredEntries(False, f"history does not reach back to {after}", [])
-        if not found and after_key != deleted_key:
+        # Trimming leaves no trace of what it removed, so an id the stream no longer holds is
+        # known to be covered only when it is the newest: anything older than the first
+        # entry may have had successors trimmed with it. That side errs towards a refetch.
+        if not found and after_key != last_key:
+            first = info.get("first-entry")
+            if not first or after_key < parse_message_id(_id_text(first[0])):
+                return StoredEntries(False, f"history does not reach back to {after}", [])
             return StoredEntries(False, "unknown message id", [])
         if len(entries) > self.history_size:
             return StoredEntries(False, f"history does not reach back to {after}", [])

@@ -146,10 +146,16 @@ def _backplane_families(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
     reconnects = CounterMetricFamily(
         "wshub_backplane_reconnects", "Times the hub reached Redis again after losing it."
     )
+    missed = CounterMetricFamily(
+        "wshub_backplane_missed",
+        "Messages that left the Redis stream before the hub read them: its clients missed them.",
+    )
     if stats is not None:
         ready.add_metric([], 1 if stats["ready"] else 0)
         disconnects.add_metric([], stats["disconnects"])
         reconnects.add_metric([], stats["reconnects"])
+        missed.add_metric([], stats["missed"])
     yield ready
     yield disconnects
     yield reconnects
+    yield missed
