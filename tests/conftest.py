@@ -20,14 +20,20 @@ from .helpers import HubServer, require_tool
 def hub_server(
     implementation: str,
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
-    """Start a hub with the given config fields, served on a free port of 127.0.0.1."""
+    """Start a hub with the given config fields, served on a free port of 127.0.0.1.
+
+    ``hub_class``, ``backplane`` and ``serve_options`` go to the hub and ``serve``.
+    """
 
     @contextlib.asynccontextmanager
     async def start(**config: Any) -> AsyncIterator[HubServer]:
         config.setdefault("log_connection_events", False)
         serve_options = config.pop("serve_options", {})
         hub_class = config.pop("hub_class", wshub.Hub)
-        hub = hub_class(wshub.HubConfig(**config), implementation=implementation)
+        backplane = config.pop("backplane", None)
+        hub = hub_class(
+            wshub.HubConfig(**config), implementation=implementation, backplane=backplane
+        )
         async with wshub.serve(hub, "127.0.0.1", 0, **serve_options) as server:
             port = server.sockets[0].getsockname()[1]
             yield HubServer(hub, server, f"ws://127.0.0.1:{port}/api/ws")

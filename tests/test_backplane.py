@@ -1,14 +1,17 @@
-"""Hubs joined through a real Redis: one order everywhere, resume on another hub, outages.
+"""Joined hubs: one order everywhere, resume on another hub, and Redis's outages.
 
-The hubs run in the test's process, each behind its own socket; the multi-process
-deployment (``wshub serve --redis-url``, ``--workers``) is tested in test_scale_out.py.
+The behaviour every backplane owes the hub runs against a real Redis and against a
+MemoryStream (the ``joined`` fixture); what only Redis does (outages, trimming, foreign
+entries) runs against Redis. The hubs run in the test's process, each behind its own
+socket; the multi-process deployment (``wshub serve --redis-url``, ``--workers``) is tested
+in test_scale_out.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,22 +20,27 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 import wshub
-from wshub.backplane import RedisBackplane
+from wshub.backplane import MIN_STREAM_LENGTH, Entry, MemoryBackplane, MemoryStream
 from wshub.bench.redis_server import RedisServer
+from wshub.redis_backplane import RedisBackplane
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
 from .test_resume import nothing_more, published
 
+Joined = Callable[..., contextlib.AbstractAsyncContextManager[list[HubServer]]]
 
-@pytest.fixture
-def joined(hub_server: Any, redis_server: RedisServer) -> Any:
-    """``async with joined(n, **config) as hubs``: n hubs sharing the test's Redis."""
+
+def joiner(
+    hub_server: Any, backplane_options: Callable[[dict[str, Any]], dict[str, Any]]
+) -> Joined:
+    """``async with joined(n, **config) as hubs``: n hubs started by ``hub_server``, each with
+    the options ``backplane_options(config)`` adds to join them."""
 
     @contextlib.asynccontextmanager
     async def start(count: int, **config: Any) -> AsyncIterator[list[HubServer]]:
         async with contextlib.AsyncExitStack() as stack:
             hubs = [
-                await stack.enter_async_context(hub_server(redis_url=redis_server.url, **config))
+                await stack.enter_async_context(hub_server(**backplane_options(config), **config))
                 for _ in range(count)
             ]
             for served in hubs:
@@ -40,6 +48,34 @@ def joined(hub_server: Any, redis_server: RedisServer) -> Any:
             yield hubs
 
     return start
+
+
+@pytest.fixture
+def joined_redis(hub_server: Any, redis_server: RedisServer) -> Joined:
+    """Hubs joined through the test's Redis."""
+    return joiner(hub_server, lambda config: {"redis_url": redis_server.url})
+
+
+@pytest.fixture(params=["redis", "memory"])
+def joined(request: pytest.FixtureRequest, hub_server: Any) -> Joined:
+    """Hubs joined through the test's Redis, then through one MemoryStream: the behaviour
+    every backplane owes the hub."""
+    if request.param == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        return joiner(hub_server, lambda config: {"redis_url": redis_server.url})
+
+    def memory(config: dict[str, Any]) -> dict[str, Any]:
+        stream = streams.setdefault(
+            "stream",
+            MemoryStream(
+                history_size=config.get("history_size", 1000),
+                history_ttl=config.get("history_ttl", 300.0),
+            ),
+        )
+        return {"backplane": MemoryBackplane(stream)}
+
+    streams: dict[str, MemoryStream] = {}
+    return joiner(hub_server, memory)
 
 
 async def test_every_client_on_every_hub_gets_each_message_once_in_one_order(
@@ -107,7 +143,7 @@ async def test_data_arrives_as_published(joined: Any) -> None:
         assert "data" not in await recv_json(ws)
 
 
-async def test_publish_threadsafe_goes_through_redis(joined: Any) -> None:
+async def test_publish_threadsafe_goes_through_the_backplane(joined: Any) -> None:
     async with joined(2) as (first, second), client(second.url) as (ws, _):
         future = await asyncio.to_thread(first.hub.publish_threadsafe, "m", 1)
         # The count is the publishing hub's clients: none on the first hub.
@@ -115,7 +151,7 @@ async def test_publish_threadsafe_goes_through_redis(joined: Any) -> None:
         assert (await recv_json(ws))["data"] == 1
 
 
-async def test_bad_publishes_fail_before_reaching_redis(joined: Any) -> None:
+async def test_bad_publishes_fail_before_reaching_the_backplane(joined: Any) -> None:
     async with joined(1) as (served,):
         with pytest.raises(ValueError, match="reserved"):
             await served.hub.publish("subscribed", 1)
@@ -221,9 +257,9 @@ async def test_a_client_ahead_of_its_new_hub_gets_no_duplicates(
 
 
 async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
-    joined: Any, redis_server: RedisServer
+    joined_redis: Joined, redis_server: RedisServer
 ) -> None:
-    async with joined(2) as (first, second):
+    async with joined_redis(2) as (first, second):
         async with client(first.url) as (ws, _), client(second.url) as (other, _):
             before = await second.hub.publish("m", "before")
             assert (await recv_json(ws))["data"] == "before"
@@ -278,8 +314,8 @@ async def test_a_bad_redis_url_names_the_setting() -> None:
         wshub.HubConfig(redis_stream="")
 
 
-async def test_hubs_on_other_streams_stay_apart(joined: Any, hub_server: Any) -> None:
-    async with joined(1) as (first,):
+async def test_hubs_on_other_streams_stay_apart(joined_redis: Joined, hub_server: Any) -> None:
+    async with joined_redis(1) as (first,):
         assert isinstance(first.hub.backplane, RedisBackplane)
         url = first.hub.config.redis_url
         async with (
@@ -292,8 +328,10 @@ async def test_hubs_on_other_streams_stay_apart(joined: Any, hub_server: Any) ->
             await nothing_more(ws)
 
 
-async def test_foreign_stream_entries_are_skipped(joined: Any, redis_server: RedisServer) -> None:
-    async with joined(1) as (served,), client(served.url) as (ws, _):
+async def test_foreign_stream_entries_are_skipped(
+    joined_redis: Joined, redis_server: RedisServer
+) -> None:
+    async with joined_redis(1) as (served,), client(served.url) as (ws, _):
         redis = Redis.from_url(redis_server.url)
         try:
             await redis.xadd("wshub:messages", {"unrelated": "1"})
@@ -306,9 +344,9 @@ async def test_foreign_stream_entries_are_skipped(joined: Any, redis_server: Red
 
 
 async def test_messages_trimmed_before_a_hub_read_them_are_counted_and_logged(
-    joined: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    joined_redis: Joined, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with joined(1) as (served,), client(served.url) as (ws, _):
+    async with joined_redis(1) as (served,), client(served.url) as (ws, _):
         # A blocking client: the hub's loop cannot read while the stream is written and
         # trimmed (as if the hub had fallen far behind).
         writer = SyncRedis.from_url(redis_server.url)
@@ -362,3 +400,22 @@ async def test_a_redis_that_lost_its_data_is_joined_again(hub_server: Any) -> No
             ):
                 assert hello["data"]["recovered"] is False
                 assert hello["data"]["reason"] == f"history does not reach back to {before.id}"
+
+
+async def test_a_memory_backplane_counts_what_left_its_stream_unread() -> None:
+    stream = MemoryStream()
+    backplane = MemoryBackplane(stream)
+    delivered: list[Entry] = []
+    await backplane.start(delivered.append)
+    extra = 5
+    # Added without yielding to the loop: the reader falls behind the whole stream.
+    ids = [stream.add("m", str(n).encode(), None) for n in range(MIN_STREAM_LENGTH + extra)]
+    await wait_until(lambda: len(delivered) == MIN_STREAM_LENGTH)
+    assert [entry.message_id for entry in delivered] == ids[extra:]
+    assert backplane.stats()["missed"] == extra
+    assert backplane.position == ids[-1]
+    stored = await backplane.entries(ids[0], ids[-1])
+    assert (stored.recovered, stored.reason) == (False, f"history does not reach back to {ids[0]}")
+    await backplane.close()
+    with pytest.raises(wshub.BackplaneUnavailable):
+        backplane.publish("m", None, None)

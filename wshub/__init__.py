@@ -16,7 +16,7 @@ Embed it in an asyncio service::
 """
 
 from ._version import __version__
-from .backplane import Backplane, BackplaneUnavailable, RedisBackplane
+from .backplane import Backplane, BackplaneUnavailable, MemoryBackplane, MemoryStream
 from .config import HubConfig
 from .connection import serve, server_options
 from .events import HistoricRun, Regression
@@ -24,6 +24,7 @@ from .fanout import IMPLEMENTATION
 from .hub import BroadcastBufferFull, Hub, Published
 from .protocol import MessageType, ProtocolError
 from .publisher import Publisher, PublishError
+from .redis_backplane import RedisBackplane
 
 __all__ = [
     "IMPLEMENTATION",
@@ -33,6 +34,8 @@ __all__ = [
     "HistoricRun",
     "Hub",
     "HubConfig",
+    "MemoryBackplane",
+    "MemoryStream",
     "MessageType",
     "ProtocolError",
     "PublishError",

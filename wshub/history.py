@@ -6,7 +6,7 @@ history is bounded by a count and an age; what a client asks for that has left i
 reported as not recovered, so the client knows to refetch.
 
 :class:`History` is the small interface the hub uses; :class:`MemoryHistory` keeps the
-messages of one hub process. With a :class:`~wshub.backplane.RedisBackplane` each hub still
+messages of one hub process. With a :class:`~wshub.redis_backplane.RedisBackplane` each hub still
 keeps this history of what it delivered, for fast resumes, and what it does not hold is read
 from the Redis stream, whose entry ids are of the same form.
 """

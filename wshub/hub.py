@@ -4,7 +4,7 @@ Publishing is synchronous and never awaits: it serializes and frames the message
 hands the frame to the fan-out core, which queues it for every recipient and writes each
 client's queue in one transport write at the end of the event-loop iteration.
 
-Hubs joined by a :class:`~wshub.backplane.RedisBackplane` send each publish to Redis instead,
+Hubs joined by a :class:`~wshub.redis_backplane.RedisBackplane` send each publish to Redis instead,
 and frame and fan out every message when it comes back from the shared stream, in the one
 order all of them see.
 """
@@ -29,7 +29,7 @@ from websockets.frames import CloseCode
 
 from . import events
 from ._fanout_py import JSON_OPTIONS
-from .backplane import Backplane, BackplaneUnavailable, Entry, RedisBackplane, StoredEntries
+from .backplane import Backplane, BackplaneUnavailable, Entry, StoredEntries
 from .config import HubConfig
 from .events import HistoricRun, Regression
 from .fanout import Implementation, core_module
@@ -44,6 +44,7 @@ from .protocol import (
     parse_topics,
     rfc3339,
 )
+from .redis_backplane import RedisBackplane
 
 __all__ = ["BroadcastBufferFull", "Hub", "Published"]
 
@@ -113,7 +114,7 @@ class Hub:
         implementation: ``"cython"`` or ``"python"`` to pick a fan-out core; None takes
             :data:`wshub.IMPLEMENTATION`.
         backplane: Joins this hub with others; None makes a
-            :class:`~wshub.backplane.RedisBackplane` when ``config.redis_url`` is set and
+            :class:`~wshub.redis_backplane.RedisBackplane` when ``config.redis_url`` is set and
             runs the hub alone otherwise.
 
     Raises:

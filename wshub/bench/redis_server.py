@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from wshub.backplane import redact_url
+from wshub.redis_backplane import redact_url
 
 __all__ = [
     "RedisServer",

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from wshub.backplane import redact_url
+from wshub.redis_backplane import redact_url
 
 from .runner import RoundResult, median, percentile
 from .servers import BASELINE, SINGLE_NODE
