@@ -533,7 +533,9 @@ class _Api:
         if not hub.running:
             return _json_response({"status": "not ready", "reason": "the hub is not running"}, 503)
         backplane = hub.backplane
-        why = getattr(backplane, "last_error", None) or "the backplane is not connected"
+        why = (backplane.last_error if backplane is not None else None) or (
+            "the backplane is not connected"
+        )
         return _json_response({"status": "not ready", "reason": f"backplane: {why}"}, 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -78,6 +78,11 @@ class Backplane(Protocol):
         when reading began (``"0-0"`` until then)."""
         ...
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the store was last found unreachable; None while it answers."""
+        ...
+
     async def start(self, deliver: Deliver) -> None:
         """Begin reading: ``deliver`` gets every entry published from now on, in order.
 
@@ -292,6 +297,11 @@ class MemoryBackplane:
     def position(self) -> str:
         """The last entry delivered, or the stream's newest when reading began."""
         return self._position
+
+    @property
+    def last_error(self) -> str | None:
+        """Always None: a stream in this process is never unreachable."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """The counters :meth:`RedisBackplane.stats` has; only ``missed`` can move here."""

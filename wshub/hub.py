@@ -394,12 +394,7 @@ class Hub:
                 ``subscribed``, ...).
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
-        if self._state != "running":
-            return 0
-        if self._backplane is not None:
-            self._send_to_backplane(message_type, data, None)
-            return 0
-        return self._publish_here(message_type, data, None)[1]
+        return self._broadcast(message_type, data, None)
 
     def broadcast_to_subscribers(
         self, message_type: str, data: Any, topics: Iterable[str] | str
@@ -417,9 +412,13 @@ class Hub:
             ValueError: ``message_type`` is one the protocol uses.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
+        return self._broadcast(message_type, data, topics)
+
+    def _broadcast(self, message_type: str, data: Any, topics: Iterable[str] | str | None) -> int:
+        """The synchronous publish behind both ``broadcast_*`` (``topics`` None: to all)."""
         if self._state != "running":
             return 0
-        topic_list = _topic_list(topics)
+        topic_list = _topic_list(topics) if topics is not None else None
         if self._backplane is not None:
             self._send_to_backplane(message_type, data, topic_list)
             return 0
@@ -628,12 +627,9 @@ class Hub:
     def _encode_published(message_type: str, data: Any) -> bytes | None:
         """The ``data`` of a message for the backplane, as JSON: serialized once, here."""
         _check_message_type(message_type)
-        if data is None:
-            return None
-        try:
-            return orjson.dumps(data, option=JSON_OPTIONS)
-        except orjson.JSONEncodeError as exc:
-            raise TypeError(str(exc)) from None
+        # None leaves the envelope without data, as a hub alone does; orjson's
+        # JSONEncodeError is a TypeError, as encode_envelope's is.
+        return orjson.dumps(data, option=JSON_OPTIONS) if data is not None else None
 
     def _frame_entry(self, entry: Entry) -> bytes:
         """Frame a message read from the backplane, around its already serialized data."""
