@@ -257,7 +257,7 @@ async def test_a_client_ahead_of_its_new_hub_gets_no_duplicates(
 
 
 async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
-    joined_redis: Joined, redis_server: RedisServer
+    joined_redis: Joined, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with joined_redis(2) as (first, second):
         async with client(first.url) as (ws, _), client(second.url) as (other, _):
@@ -278,12 +278,15 @@ async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
             stats = first.hub.stats()["backplane"]
             assert stats["ready"] is False and stats["disconnects"] == 1
             assert stats["publish_failures"] >= 1
+            # Logged once per hub, not once per attempt to reconnect.
+            assert caplog.text.count("is unreachable (") == 2
             redis_server.restart()
             await wait_until(lambda: first.hub.ready and second.hub.ready, timeout=15)
             after = await first.hub.publish("m", "after")
             assert (await recv_json(ws))["data"] == "after"
             assert (await recv_json(other))["data"] == "after"
             assert first.hub.stats()["backplane"]["reconnects"] == 1
+            assert caplog.text.count("is reachable again") == 2
             await nothing_more(ws)
         # History kept by Redis (append-only file) survives the restart.
         async with client(second.url + f"?since={before.id}") as (ws, hello):

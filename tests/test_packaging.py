@@ -19,3 +19,10 @@ def test_every_subpackage_is_included_in_a_wheel() -> None:
     assert "wshub.bench" in packages
     for package in packages:
         assert any(fnmatch.fnmatch(package, pattern) for pattern in patterns), package
+
+
+def test_the_redis_extra_brings_the_hiredis_parser() -> None:
+    # The backplane reads every message through redis-py's parser: hiredis's, in C.
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
