@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.protocol import State
 
 import wshub
+from wshub.transports.websockets import HubServerConnection
 
 from .helpers import client, recv_json, send_json, wait_until
 
@@ -67,10 +68,11 @@ async def test_compression_is_off(hub_server: Any) -> None:
 async def test_unanswered_pings_close_with_1011(hub_server: Any) -> None:
     async with (
         hub_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
-        client(served.url) as (ws, _),
+        client(served.url) as (ws, hello),
     ):
-        [session] = served.hub._sessions.values()
-        connection = session.connection  # the server side of the client's connection
+        session = served.hub.session(hello["client_id"])
+        assert session is not None
+        connection = session.transport  # the server side of the client's connection
         ws.transport.pause_reading()  # the client stops answering pings
         await wait_until(lambda: connection.state is not State.OPEN)
         ws.transport.resume_reading()
@@ -138,7 +140,7 @@ async def test_register_closes_with_1013_past_max_clients(implementation: str) -
             with pytest.raises(ConnectionClosedError) as closed:
                 await refused.recv()
             assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, "too many clients")
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, "Too many clients")
         assert hub.stats()["rejected_connections"] == 1
 
 
@@ -158,6 +160,6 @@ async def test_server_options_follow_the_config() -> None:
     assert options["max_size"] == 1000
     assert (options["ping_interval"], options["ping_timeout"]) == (5.0, 6.0)
     assert (options["open_timeout"], options["close_timeout"]) == (7.0, 8.0)
-    assert options["origins"] == ["https://a.example", None]
+    assert options["create_connection"] is HubServerConnection
     quiet = wshub.server_options(wshub.Hub(wshub.HubConfig(enable_ping_pong=False)))
     assert quiet["ping_interval"] is None and quiet["ping_timeout"] is None

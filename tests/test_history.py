@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wshub.history import MemoryHistory, Replay
-from wshub.protocol import ProtocolError
+from wshub.wire import ProtocolError
 from wshub.settings import load_settings
 
 

@@ -12,6 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 import wshub
+import wshub.clients
 
 from .helpers import client, recv_json, send_json, subscribe
 
@@ -474,17 +475,21 @@ async def test_start_logs_the_core_at_debug(
     assert f"hub started with the {implementation} fan-out core" in caplog.text
 
 
-class FaultyHub(wshub.Hub):
-    """A hub with a bug in its subscribe handling, to exercise disconnect_on_error."""
+@pytest.fixture
+def faulty_subscribe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the hub's subscribe handling, to exercise disconnect_on_error."""
 
-    def _subscribe(self, session: Any, topics: tuple[str, ...], since: str | None) -> None:
+    def bug(self: Any, session: Any, topics: tuple[str, ...], since: str | None) -> None:
         raise RuntimeError("bug")
 
+    monkeypatch.setattr(wshub.clients.Clients, "_subscribe", bug)
 
+
+@pytest.mark.usefixtures("faulty_subscribe")
 async def test_internal_error_closes_the_client_with_1011_by_default(
     hub_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with hub_server(hub_class=FaultyHub) as served, client(served.url) as (ws, _):
+    async with hub_server() as served, client(served.url) as (ws, _):
         await send_json(ws, {"type": "subscribe", "data": {"topics": ["a"]}})
         with pytest.raises(ConnectionClosedError) as closed:
             await recv_json(ws)
@@ -493,11 +498,12 @@ async def test_internal_error_closes_the_client_with_1011_by_default(
     assert "error handling a message" in caplog.text
 
 
+@pytest.mark.usefixtures("faulty_subscribe")
 async def test_internal_error_answers_500_when_disconnect_on_error_is_off(
     hub_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
-        hub_server(hub_class=FaultyHub, disconnect_on_error=False) as served,
+        hub_server(disconnect_on_error=False) as served,
         client(served.url) as (ws, _),
     ):
         await send_json(ws, {"type": "subscribe", "data": {"topics": ["a"]}})

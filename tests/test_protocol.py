@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from wshub.protocol import MessageClock, MessageType, ProtocolError, parse_client_message
+from wshub.wire import MessageClock, MessageType, ProtocolError, parse_client_message
 
 from .helpers import client, recv_json, send_json, subscribe
 

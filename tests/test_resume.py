@@ -240,7 +240,7 @@ async def test_history_overflow_is_not_recovered(hub_server: Any) -> None:
             await send_json(ws, {"type": "subscribe", "data": {"topics": ["a"], "since": last}})
             answer = await recv_json(ws)
             assert answer["data"]["recovered"] is False
-        newest = hub._clock.last_id
+        newest = (await hub.publish("m", 6.5, "b")).id  # the newest id, to nobody
         hub.broadcast_to_subscribers("m", 7, "a")
         async with client(served.url + f"?topics=a&since={newest}") as (ws, hello):
             assert hello["data"]["recovered"] is True

@@ -18,19 +18,25 @@ Embed it in an asyncio service::
 from ._version import __version__
 from .backplane import Backplane, BackplaneUnavailable, MemoryBackplane, MemoryStream
 from .config import HubConfig
-from .connection import serve, server_options
-from .events import HistoricRun, Regression
 from .fanout import IMPLEMENTATION
 from .hub import BroadcastBufferFull, Hub, Published
-from .protocol import MessageType, ProtocolError
 from .publisher import Publisher, PublishError
 from .redis_backplane import RedisBackplane
+from .runner import HistoricRun, Regression
+from .session import ClientSession, ClientTransport, FrameKind, HandshakeRequest, Refusal
+from .transports import AsgiApp, aiohttp_handler, asgi_app, serve, server_options
+from .wire import MessageType, ProtocolError
 
 __all__ = [
     "IMPLEMENTATION",
+    "AsgiApp",
     "Backplane",
     "BackplaneUnavailable",
     "BroadcastBufferFull",
+    "ClientSession",
+    "ClientTransport",
+    "FrameKind",
+    "HandshakeRequest",
     "HistoricRun",
     "Hub",
     "HubConfig",
@@ -42,8 +48,11 @@ __all__ = [
     "Published",
     "Publisher",
     "RedisBackplane",
+    "Refusal",
     "Regression",
     "__version__",
+    "aiohttp_handler",
+    "asgi_app",
     "serve",
     "server_options",
 ]

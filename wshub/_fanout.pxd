@@ -6,11 +6,21 @@
 cimport cython
 
 
+cdef class Message:
+    cdef readonly bytes payload
+    cdef readonly list encodings
+
+    @cython.final
+    cdef inline bytes _encoded(self, Py_ssize_t kind)
+    @cython.final
+    cdef bytes _build(self, Py_ssize_t kind)
+
+
 cdef class Client:
     cdef readonly object client_id
-    cdef readonly object connection
-    cdef readonly object protocol
-    cdef readonly object transport
+    cdef public object write
+    cdef readonly int kind
+    cdef public bint writable
     cdef readonly set topics
     cdef readonly list frames
     cdef public Py_ssize_t buffered_bytes
@@ -34,6 +44,7 @@ cdef class Fanout:
     cdef readonly dict index
     cdef readonly list dirty
     cdef readonly list overflowed
+    cdef readonly list newly_blocked
     cdef public object flush_handle
     cdef public Py_ssize_t publish_stamp
     cdef public Py_ssize_t deliveries
@@ -42,7 +53,7 @@ cdef class Fanout:
     cdef public Py_ssize_t writes
 
     @cython.final
-    cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1
+    cdef inline bint _enqueue(self, Client client, Message message) except -1
     @cython.final
     cdef inline bint _is_full(self, Client client, Py_ssize_t incoming)
     @cython.final
@@ -51,6 +62,8 @@ cdef class Fanout:
     cdef int _overflow(self, Client client) except -1
     @cython.final
     cdef int _after_publish(self, Py_ssize_t count) except -1
+    @cython.final
+    cdef int _report(self) except -1
     @cython.final
     cdef int _write(self, Client client) except -1
     @cython.final

@@ -8,6 +8,7 @@ signatures, counters and behaviour, and produces the same bytes. State and the p
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
     PyBytes_Check,
+    PyBytes_CheckExact,
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
@@ -19,7 +20,8 @@ from libc.string cimport memcpy
 cimport cython
 
 import orjson
-from websockets.protocol import State
+
+from .wire import JSON_OPTIONS
 
 
 cdef extern from "Python.h":
@@ -32,16 +34,31 @@ cdef extern from "Python.h":
     ) except -1
 
 
-__all__ = ["Client", "Fanout", "build_frame", "encode_envelope"]
+__all__ = [
+    "FRAME_KINDS",
+    "TEXT_MESSAGES",
+    "WEBSOCKET_FRAMES",
+    "Client",
+    "Fanout",
+    "Message",
+    "build_frame",
+    "encode_envelope",
+]
 
-# Naive datetimes in runner payloads are UTC; RFC 3339 wants the "Z".
-# The same options as the twin's JSON_OPTIONS, which the hub also uses for published data.
-cdef object _JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+cdef object _JSON_OPTIONS = JSON_OPTIONS
 cdef object _dumps = orjson.dumps
-cdef object _OPEN = State.OPEN
 
 cdef enum:
     _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
+    _WEBSOCKET_FRAMES = 0
+    _TEXT_MESSAGES = 1
+    _KIND_COUNT = 2
+
+# The frame kinds, as in the twin, which documents them; the next kind plugs in here, in
+# Message._build and, if its queue is not joined, in Fanout._write.
+WEBSOCKET_FRAMES = _WEBSOCKET_FRAMES
+TEXT_MESSAGES = _TEXT_MESSAGES
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
 
 
 def encode_envelope(
@@ -130,11 +147,44 @@ cdef bytes _join_frames(list frames):
     return data
 
 
-cdef class Client:
-    """One connection's place in the fan-out: its subscriptions and its bounded frame buffer.
+cdef class Message:
+    """One serialized message and the wire encodings built of it so far (see the twin)."""
 
-    ``connection`` is a websockets asyncio connection (or anything with the same ``protocol``,
-    ``transport``, ``paused`` and ``send_in_progress`` attributes). Hashable by identity.
+    def __cinit__(self, *args, **kwargs):
+        self.encodings = [None, None]
+
+    def __init__(self, payload):
+        if not PyBytes_CheckExact(payload):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        self.payload = payload
+        self.encodings = [None, payload]
+
+    def encoded(self, Py_ssize_t kind):
+        """The message in frame kind ``kind``, built on first use (ValueError if unknown)."""
+        if kind < 0 or kind >= PyList_GET_SIZE(self.encodings):
+            raise ValueError(f"unknown frame kind {kind!r}")
+        return self._encoded(kind)
+
+    @cython.final
+    cdef inline bytes _encoded(self, Py_ssize_t kind):
+        cdef PyObject* found = PyList_GET_ITEM(self.encodings, kind)
+        cdef bytes built
+        if found is not <PyObject*>None:
+            return <bytes>found
+        built = self._build(kind)
+        self.encodings[kind] = built
+        return built
+
+    @cython.final
+    cdef bytes _build(self, Py_ssize_t kind):
+        # Only WEBSOCKET_FRAMES is built lazily today; TEXT_MESSAGES is the payload itself.
+        return build_frame(self.payload)
+
+
+cdef class Client:
+    """One client's place in the fan-out: its subscriptions and its bounded frame buffer.
+
+    ``Client(client_id, write, kind=WEBSOCKET_FRAMES)``, as in the twin. Hashable by identity.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -142,11 +192,13 @@ cdef class Client:
         self.topics = set()
         self.frames = []
 
-    def __init__(self, client_id, connection):
+    def __init__(self, client_id, write, int kind=_WEBSOCKET_FRAMES):
+        if kind < 0 or kind >= _KIND_COUNT:
+            raise ValueError(f"unknown frame kind {kind!r}")
         self.client_id = client_id
-        self.connection = connection
-        self.protocol = connection.protocol
-        self.transport = connection.transport
+        self.write = write
+        self.kind = kind
+        self.writable = True
         self.topics = set()
         self.frames = []
         self.buffered_bytes = 0
@@ -156,8 +208,8 @@ cdef class Client:
         # topics match several of the client's subscriptions, in O(1) per match.
         self.stamp = 0
         self.pending = False  # in Fanout.dirty, waiting for the next flush
-        self.blocked = False  # waiting for the transport to drain
-        self.closed = False  # overflowed or removed: accepts no more frames
+        self.blocked = False  # not writable: on_blocked was told, unblock() resumes
+        self.closed = False  # overflowed, closing or removed: accepts no more frames
 
 
 cdef class Fanout:
@@ -165,6 +217,7 @@ cdef class Fanout:
 
     Keyword-only arguments as in ``_fanout_py.Fanout``: ``client_buffer_size``,
     ``max_buffered_bytes``, ``drop_oldest``, ``flush_interval``, ``on_overflow``, ``on_blocked``.
+    The callback contract is the twin's (see its module docstring).
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -173,6 +226,7 @@ cdef class Fanout:
         self.index = {}
         self.dirty = []
         self.overflowed = []
+        self.newly_blocked = []
 
     def __init__(
         self,
@@ -196,6 +250,7 @@ cdef class Fanout:
         self.index = {}
         self.dirty = []
         self.overflowed = []
+        self.newly_blocked = []
         self.flush_handle = None
         self.publish_stamp = 0
         self.deliveries = 0
@@ -217,6 +272,11 @@ cdef class Fanout:
         client.closed = True
         client.frames = []
         client.buffered_bytes = 0
+
+    def close_client(self, Client client not None):
+        """The client's transport is closing: drop what is queued (counted), accept no more."""
+        self._discard(client)
+        client.closed = True
 
     def subscribe(self, Client client not None, topics):
         """Add ``topics`` to the client's subscriptions; topics it already has are kept once."""
@@ -243,27 +303,25 @@ cdef class Fanout:
 
     # Publishing
 
-    def publish_all(self, bytes frame not None):
-        """Queue ``frame`` for every client. Returns how many clients it was queued for."""
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+    def publish_all(self, Message message not None):
+        """Queue ``message`` for every client. Returns how many clients it was queued for."""
         cdef Py_ssize_t count = 0
         cdef Py_ssize_t pos = 0
         cdef PyObject* key
         cdef PyObject* value
         cdef dict clients = self.clients
-        # _enqueue runs no Python code and never touches the dict: PyDict_Next is safe.
+        # The callback contract keeps the dict unchanged while this walks it.
         while PyDict_Next(clients, &pos, &key, &value):
-            if self._enqueue(<Client>value, frame, size):
+            if self._enqueue(<Client>value, message):
                 count += 1
         self._after_publish(count)
         return count
 
-    def publish_topics(self, bytes frame not None, topics):
-        """Queue ``frame`` once for every client subscribed to one of ``topics`` or to ``"*"``.
+    def publish_topics(self, Message message not None, topics):
+        """Queue ``message`` once for every client subscribed to one of ``topics`` or to ``"*"``.
 
         Returns how many clients it was queued for.
         """
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Py_ssize_t count = 0
         cdef Py_ssize_t stamp
         cdef Py_ssize_t pos
@@ -282,7 +340,7 @@ cdef class Fanout:
             while PyDict_Next(subscribers, &pos, &key, &value):
                 client = <Client>key
                 client.stamp = stamp
-                if self._enqueue(client, frame, size):
+                if self._enqueue(client, message):
                     count += 1
         for topic in topics:
             found = PyDict_GetItemWithError(self.index, topic)
@@ -294,26 +352,36 @@ cdef class Fanout:
                 client = <Client>key
                 if client.stamp != stamp:
                     client.stamp = stamp
-                    if self._enqueue(client, frame, size):
+                    if self._enqueue(client, message):
                         count += 1
         self._after_publish(count)
         return count
 
-    def send(self, Client client not None, bytes frame not None):
-        """Queue ``frame`` for one client, behind what is already queued for it.
+    def send(self, Client client not None, Message message not None):
+        """Queue ``message`` for one client, behind what is already queued for it.
 
         Returns False when the client no longer accepts frames.
         """
-        cdef bint queued = self._enqueue(client, frame, PyBytes_GET_SIZE(frame))
+        cdef bint queued = self._enqueue(client, message)
         self._after_publish(1 if queued else 0)
         return queued
 
     @cython.final
-    cdef inline bint _enqueue(self, Client client, bytes frame, Py_ssize_t size) except -1:
+    cdef inline bint _enqueue(self, Client client, Message message) except -1:
+        cdef PyObject* found
+        cdef bytes frame
+        cdef Py_ssize_t size
         if client.closed:
             return False
+        # An encoding already built costs one list read; kinds are checked in Client().
+        found = PyList_GET_ITEM(message.encodings, client.kind)
+        if found is not <PyObject*>None:
+            frame = <bytes>found
+        else:
+            frame = message._encoded(client.kind)
+        size = PyBytes_GET_SIZE(frame)
         if self._is_full(client, size):
-            if not client.blocked:
+            if client.writable:
                 # A burst larger than the buffer, to a transport that can take it: write what
                 # is queued now rather than treat a healthy client as slow.
                 self._write(client)
@@ -322,6 +390,8 @@ cdef class Fanout:
                     self._overflow(client)
                     return False
                 self._drop_oldest(client, size)
+            elif client.closed:  # the write failed or the transport closed meanwhile
+                return False
         PyList_Append(client.frames, frame)
         client.buffered_bytes += size
         self.deliveries += 1
@@ -342,7 +412,7 @@ cdef class Fanout:
 
     @cython.final
     cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1:
-        # Frames are always bytes: the publish methods only accept bytes.
+        # Frames are always bytes: they come from Message encodings.
         cdef list frames = client.frames
         cdef Py_ssize_t queued = PyList_GET_SIZE(frames)
         cdef Py_ssize_t buffered = client.buffered_bytes
@@ -373,24 +443,35 @@ cdef class Fanout:
 
     @cython.final
     cdef int _after_publish(self, Py_ssize_t count) except -1:
-        cdef list overflowed
         if count and self.flush_handle is None:
             if self.flush_interval > 0:
                 self.flush_handle = self.loop.call_later(self.flush_interval, self.flush)
             else:
                 self.flush_handle = self.loop.call_soon(self.flush)
+        if PyList_GET_SIZE(self.overflowed) or PyList_GET_SIZE(self.newly_blocked):
+            self._report()
+        return 0
+
+    @cython.final
+    cdef int _report(self) except -1:
+        """Tell the callbacks, after the walks over the topic index, which they may change."""
+        cdef list clients
+        if PyList_GET_SIZE(self.newly_blocked):
+            clients = self.newly_blocked
+            self.newly_blocked = []
+            for client in clients:
+                self.on_blocked(client)
         if PyList_GET_SIZE(self.overflowed):
-            # Reported after the loops over the topic index, which the callee may change.
-            overflowed = self.overflowed
+            clients = self.overflowed
             self.overflowed = []
-            for client in overflowed:
+            for client in clients:
                 self.on_overflow(client)
         return 0
 
     # Flushing
 
     def flush(self):
-        """Write each client's queued frames to its transport in one write."""
+        """Write each client's queued frames with one call of its ``write``."""
         cdef list dirty
         cdef Client client
         cdef Py_ssize_t i = 0
@@ -399,50 +480,57 @@ cdef class Fanout:
             self.flush_handle = None
         dirty = self.dirty
         self.dirty = []
-        # Re-reads the size each step, like list iteration: on_blocked runs Python code.
+        # Re-reads the size each step, like list iteration: write runs Python code.
         while i < PyList_GET_SIZE(dirty):
             client = <Client>PyList_GET_ITEM(dirty, i)
             i += 1
             client.pending = False
             self._write(client)
+        if PyList_GET_SIZE(self.newly_blocked):
+            self._report()
 
     def unblock(self, Client client not None):
-        """Write what ``client`` queued while its transport was blocked, if it can take it."""
+        """The client is writable again: write what it queued meanwhile."""
         client.blocked = False
         self._write(client)
+        if PyList_GET_SIZE(self.newly_blocked):
+            self._report()
 
     @cython.final
     cdef int _write(self, Client client) except -1:
         cdef list frames = client.frames
-        cdef object connection
-        cdef bytes data
-        if client.closed or not PyList_GET_SIZE(frames):
+        cdef Py_ssize_t count = PyList_GET_SIZE(frames)
+        cdef Py_ssize_t size
+        cdef object data
+        if client.closed or not count:
             return 0
-        if client.protocol.state is not _OPEN:
-            # The closing handshake has begun: websockets owns the transport now.
-            self._discard(client)
-            return 0
-        connection = client.connection
-        if connection.paused or connection.send_in_progress is not None:
+        if not client.writable:
             if not client.blocked:
                 client.blocked = True
-                self.on_blocked(client)
+                PyList_Append(self.newly_blocked, client)
             return 0
-        if PyList_GET_SIZE(frames) == 1:
-            data = <bytes>PyList_GET_ITEM(frames, 0)
+        if client.kind == _WEBSOCKET_FRAMES:
+            if count == 1:
+                data = <bytes>PyList_GET_ITEM(frames, 0)
+            else:
+                data = _join_frames(frames)
+            size = PyBytes_GET_SIZE(data)
         else:
-            data = _join_frames(frames)
-        try:
-            client.transport.write(data)
-        except Exception:
-            # A transport torn down under us; the connection's handler cleans up.
-            self._discard(client)
-            return 0
-        client.messages_sent += PyList_GET_SIZE(frames)
-        self.bytes_sent += PyBytes_GET_SIZE(data)
-        self.writes += 1
+            data = frames
+            size = client.buffered_bytes
+        # Emptied before the call, which may come back into the core (the callback contract).
         client.frames = []
         client.buffered_bytes = 0
+        try:
+            client.write(data)
+        except Exception:
+            # A transport torn down under us; its owner reports the close.
+            client.messages_dropped += count
+            self.drops += count
+            return 0
+        client.messages_sent += count
+        self.bytes_sent += size
+        self.writes += 1
         return 0
 
     @cython.final

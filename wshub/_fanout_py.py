@@ -2,14 +2,27 @@
 
 A message flows through this module in one direction::
 
-    encode_envelope()  ->  build_frame()  ->  Fanout.publish_*()  ->  Client.frames
-                                                       |
-                      one transport.write() per client  <-  Fanout.flush()
+    encode_envelope()  ->  Message  ->  Fanout.publish_*()  ->  Client.frames
+                                                  |
+                  one client.write() per client  <-  Fanout.flush()
 
-The envelope is serialized once and framed once; every recipient gets a reference to the same
-``bytes`` object appended to its buffer. Nothing here creates a task or awaits: the flush runs
-from ``loop.call_soon`` (or ``call_later`` with a flush interval), so every frame queued for a
-client during one event-loop iteration leaves in a single write.
+The envelope is serialized once. A :class:`Message` builds each wire encoding (a *frame kind*)
+the first time a recipient of that kind needs it, and every recipient of that kind gets a
+reference to the same ``bytes`` object appended to its buffer. Nothing here creates a task or
+awaits: the flush runs from ``loop.call_soon`` (or ``call_later`` with a flush interval), so
+every frame queued for a client during one event-loop iteration leaves in a single write.
+
+The core knows nothing of WebSocket libraries. A client is a bound ``write`` and a
+``writable`` flag that its transport keeps up to date (see :mod:`wshub.session`).
+
+The callback contract. ``write``, ``on_blocked`` and ``on_overflow`` run Python code while
+the core is working: ``write`` inside a flush (and inside a publish, when a burst fills a
+buffer), the others after the publish or flush that caused them. ``write`` may clear the
+client's ``writable`` flag (asyncio transports call ``pause_writing`` from inside
+``transport.write``), may raise (the frames it was given are counted as dropped) and may queue
+frames with :meth:`Fanout.send`; it must not subscribe, unsubscribe, add or remove clients,
+because a publish may be walking the topic index. ``on_blocked`` and ``on_overflow`` run when
+no walk is in progress and may do anything.
 
 The compiled module mirrors every name and behaviour below; the tests run the same suite against
 both and compare their frames byte for byte.
@@ -23,13 +36,30 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from websockets.protocol import State
 
-__all__ = ["Client", "Fanout", "build_frame", "encode_envelope"]
+from .wire import JSON_OPTIONS
 
-# Naive datetimes in runner payloads are UTC; RFC 3339 wants the "Z".
-JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
-_OPEN = State.OPEN
+__all__ = [
+    "FRAME_KINDS",
+    "TEXT_MESSAGES",
+    "WEBSOCKET_FRAMES",
+    "Client",
+    "Fanout",
+    "Message",
+    "build_frame",
+    "encode_envelope",
+]
+
+# The frame kinds: the wire encodings the core can build of one message. A client has one.
+WEBSOCKET_FRAMES = 0
+"""Whole, unmasked WebSocket text frames; a client's queue is joined into one ``bytes`` and
+handed to ``write`` in one call (the lean server, websockets' connections, aiohttp)."""
+TEXT_MESSAGES = 1
+"""The serialized envelopes alone, for transports that frame messages themselves (ASGI); a
+client's queue is handed to ``write`` as a ``list`` of ``bytes``, one per message."""
+# The next kind (a compressed frame, a Server-Sent Events record) gets the next number here,
+# a branch in Message._build and, if its queue is not joined, one in Fanout._write.
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
 
 _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
 _MEDIUM = struct.Struct("!BBH")
@@ -91,13 +121,51 @@ def build_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-class Client:
-    """One connection's place in the fan-out: its subscriptions and its bounded frame buffer.
+class Message:
+    """One serialized message and the wire encodings built of it so far.
 
-    ``connection`` is a websockets asyncio connection (or anything with the same ``protocol``,
-    ``transport``, ``paused`` and ``send_in_progress`` attributes). The core writes to its
-    transport only while the WebSocket is OPEN, the transport is below its high-water mark and
-    no fragmented message is being sent; pings, pongs and close frames stay with websockets.
+    ``encodings[kind]`` is None until a recipient of that frame kind needs it; then it is
+    built once and shared by every recipient of the kind, and by replays of the message.
+    """
+
+    __slots__ = ("encodings", "payload")
+
+    def __init__(self, payload: bytes) -> None:
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        self.payload: bytes = payload
+        self.encodings: list[bytes | None] = [None, payload]
+
+    def encoded(self, kind: int) -> bytes:
+        """The message in frame kind ``kind``, built on first use.
+
+        Raises:
+            ValueError: ``kind`` is not one of :data:`FRAME_KINDS`.
+        """
+        if not 0 <= kind < len(self.encodings):
+            raise ValueError(f"unknown frame kind {kind!r}")
+        encoded = self.encodings[kind]
+        if encoded is None:
+            encoded = self.encodings[kind] = self._build(kind)
+        return encoded
+
+    def _build(self, kind: int) -> bytes:
+        # Only WEBSOCKET_FRAMES is built lazily today; TEXT_MESSAGES is the payload itself.
+        return build_frame(self.payload)
+
+
+class Client:
+    """One client's place in the fan-out: its subscriptions and its bounded frame buffer.
+
+    Args:
+        client_id: The client's id.
+        write: Takes what :meth:`Fanout.flush` hands over: one ``bytes`` for
+            :data:`WEBSOCKET_FRAMES`, a ``list`` of ``bytes`` for :data:`TEXT_MESSAGES`.
+        kind: The frame kind the client's transport takes.
+
+    ``writable`` is the transport's flag: while it is False the core keeps the client's frames
+    (bounded) and tells ``on_blocked`` once; the transport sets it again through the hub, which
+    calls :meth:`Fanout.unblock`.
     """
 
     __slots__ = (
@@ -105,22 +173,26 @@ class Client:
         "buffered_bytes",
         "client_id",
         "closed",
-        "connection",
         "frames",
+        "kind",
         "messages_dropped",
         "messages_sent",
         "pending",
-        "protocol",
         "stamp",
         "topics",
-        "transport",
+        "writable",
+        "write",
     )
 
-    def __init__(self, client_id: str, connection: Any) -> None:
+    def __init__(
+        self, client_id: str, write: Callable[[Any], object], kind: int = WEBSOCKET_FRAMES
+    ) -> None:
+        if kind not in FRAME_KINDS:
+            raise ValueError(f"unknown frame kind {kind!r}")
         self.client_id: str = client_id
-        self.connection: Any = connection
-        self.protocol: Any = connection.protocol
-        self.transport: Any = connection.transport
+        self.write: Callable[[Any], object] = write
+        self.kind: int = kind
+        self.writable: bool = True
         self.topics: set[str] = set()
         self.frames: list[bytes] = []
         self.buffered_bytes: int = 0
@@ -130,8 +202,8 @@ class Client:
         # topics match several of the client's subscriptions, in O(1) per match.
         self.stamp: int = 0
         self.pending: bool = False  # in Fanout.dirty, waiting for the next flush
-        self.blocked: bool = False  # waiting for the transport to drain
-        self.closed: bool = False  # overflowed or removed: accepts no more frames
+        self.blocked: bool = False  # not writable: on_blocked was told, unblock() resumes
+        self.closed: bool = False  # overflowed, closing or removed: accepts no more frames
 
 
 class Fanout:
@@ -147,8 +219,8 @@ class Fanout:
             coalesces for up to that many seconds.
         on_overflow: Called with a client that overflowed under the "disconnect" policy, after
             the publish that overflowed it has finished.
-        on_blocked: Called once with a client whose transport cannot take frames now; call
-            :meth:`unblock` when it can.
+        on_blocked: Called once with a client that had frames to write while it was not
+            writable, after the publish or flush that found it so; :meth:`unblock` resumes it.
     """
 
     def __init__(
@@ -173,6 +245,7 @@ class Fanout:
         self.index: dict[str, dict[Client, None]] = {}
         self.dirty: list[Client] = []
         self.overflowed: list[Client] = []
+        self.newly_blocked: list[Client] = []
         self.flush_handle: asyncio.Handle | None = None
         self.publish_stamp: int = 0
         self.deliveries: int = 0
@@ -194,6 +267,14 @@ class Fanout:
         client.closed = True
         client.frames = []
         client.buffered_bytes = 0
+
+    def close_client(self, client: Client) -> None:
+        """The client's transport is closing: drop what is queued (counted), accept no more.
+
+        The client keeps its place and subscriptions until :meth:`remove_client`.
+        """
+        self._discard(client)
+        client.closed = True
 
     def subscribe(self, client: Client, topics: Iterable[str]) -> None:
         """Add ``topics`` to the client's subscriptions; topics it already has are kept once."""
@@ -217,17 +298,17 @@ class Fanout:
 
     # Publishing
 
-    def publish_all(self, frame: bytes) -> int:
-        """Queue ``frame`` for every client. Returns how many clients it was queued for."""
+    def publish_all(self, message: Message) -> int:
+        """Queue ``message`` for every client. Returns how many clients it was queued for."""
         count = 0
         for client in self.clients.values():
-            if self._enqueue(client, frame):
+            if self._enqueue(client, message):
                 count += 1
         self._after_publish(count)
         return count
 
-    def publish_topics(self, frame: bytes, topics: Iterable[str]) -> int:
-        """Queue ``frame`` once for every client subscribed to one of ``topics`` or to ``"*"``.
+    def publish_topics(self, message: Message, topics: Iterable[str]) -> int:
+        """Queue ``message`` once for every client subscribed to one of ``topics`` or to ``"*"``.
 
         Returns:
             How many clients it was queued for.
@@ -239,7 +320,7 @@ class Fanout:
         if wildcard is not None:
             for client in wildcard:
                 client.stamp = stamp
-                if self._enqueue(client, frame):
+                if self._enqueue(client, message):
                     count += 1
         for topic in topics:
             subscribers = self.index.get(topic)
@@ -248,24 +329,28 @@ class Fanout:
             for client in subscribers:
                 if client.stamp != stamp:
                     client.stamp = stamp
-                    if self._enqueue(client, frame):
+                    if self._enqueue(client, message):
                         count += 1
         self._after_publish(count)
         return count
 
-    def send(self, client: Client, frame: bytes) -> bool:
-        """Queue ``frame`` for one client, behind what is already queued for it.
+    def send(self, client: Client, message: Message) -> bool:
+        """Queue ``message`` for one client, behind what is already queued for it.
 
         Returns:
             False when the client no longer accepts frames.
         """
-        queued = self._enqueue(client, frame)
+        queued = self._enqueue(client, message)
         self._after_publish(1 if queued else 0)
         return queued
 
-    def _enqueue(self, client: Client, frame: bytes) -> bool:
+    def _enqueue(self, client: Client, message: Message) -> bool:
         if client.closed:
             return False
+        # Inline lookup of an encoding already built: the common case costs no call.
+        frame = message.encodings[client.kind]
+        if frame is None:
+            frame = message.encoded(client.kind)
         size = len(frame)
         queued = len(client.frames)
         # Inline test of the common case; _is_full() decides on the rare full path.
@@ -273,7 +358,7 @@ class Fanout:
             queued >= self.client_buffer_size
             or client.buffered_bytes + size > self.max_buffered_bytes
         ):
-            if not client.blocked:
+            if client.writable:
                 # A burst larger than the buffer, to a transport that can take it: write what
                 # is queued now rather than treat a healthy client as slow.
                 self._write(client)
@@ -282,6 +367,8 @@ class Fanout:
                     self._overflow(client)
                     return False
                 self._drop_oldest(client, size)
+            elif client.closed:  # the write failed or the transport closed meanwhile
+                return False
         client.frames.append(frame)
         client.buffered_bytes += size
         self.deliveries += 1
@@ -331,8 +418,16 @@ class Fanout:
                 self.flush_handle = self.loop.call_later(self.flush_interval, self.flush)
             else:
                 self.flush_handle = self.loop.call_soon(self.flush)
+        if self.overflowed or self.newly_blocked:
+            self._report()
+
+    def _report(self) -> None:
+        """Tell the callbacks, after the walks over the topic index, which they may change."""
+        if self.newly_blocked:
+            blocked, self.newly_blocked = self.newly_blocked, []
+            for client in blocked:
+                self.on_blocked(client)
         if self.overflowed:
-            # Reported after the loops over the topic index, which the callee may change.
             overflowed, self.overflowed = self.overflowed, []
             for client in overflowed:
                 self.on_overflow(client)
@@ -340,7 +435,7 @@ class Fanout:
     # Flushing
 
     def flush(self) -> None:
-        """Write each client's queued frames to its transport in one write."""
+        """Write each client's queued frames with one call of its ``write``."""
         if self.flush_handle is not None:
             self.flush_handle.cancel()
             self.flush_handle = None
@@ -348,38 +443,46 @@ class Fanout:
         for client in dirty:
             client.pending = False
             self._write(client)
+        if self.newly_blocked:
+            self._report()
 
     def unblock(self, client: Client) -> None:
-        """Write what ``client`` queued while its transport was blocked, if it can take it."""
+        """The client is writable again: write what it queued meanwhile."""
         client.blocked = False
         self._write(client)
+        if self.newly_blocked:
+            self._report()
 
     def _write(self, client: Client) -> None:
         frames = client.frames
         if client.closed or not frames:
             return
-        if client.protocol.state is not _OPEN:
-            # The closing handshake has begun: websockets owns the transport now.
-            self._discard(client)
-            return
-        connection = client.connection
-        if connection.paused or connection.send_in_progress is not None:
+        if not client.writable:
             if not client.blocked:
                 client.blocked = True
-                self.on_blocked(client)
+                self.newly_blocked.append(client)
             return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        try:
-            client.transport.write(data)
-        except Exception:
-            # A transport torn down under us; the connection's handler cleans up.
-            self._discard(client)
-            return
-        client.messages_sent += len(frames)
-        self.bytes_sent += len(data)
-        self.writes += 1
+        count = len(frames)
+        if client.kind == WEBSOCKET_FRAMES:
+            data: Any = frames[0] if count == 1 else b"".join(frames)
+            size = len(data)
+        else:
+            data = frames
+            size = client.buffered_bytes
+        # Emptied before the call, which may come back into the core (see the module's
+        # callback contract).
         client.frames = []
         client.buffered_bytes = 0
+        try:
+            client.write(data)
+        except Exception:
+            # A transport torn down under us; its owner reports the close.
+            client.messages_dropped += count
+            self.drops += count
+            return
+        client.messages_sent += count
+        self.bytes_sent += size
+        self.writes += 1
 
     def _discard(self, client: Client) -> None:
         dropped = len(client.frames)

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self
 
 import orjson
 from aiohttp import web
@@ -35,12 +35,11 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from . import events
+from . import runner
 from .backplane import BackplaneUnavailable
-from .config import MAX_TOPIC_LENGTH
 from .hub import Hub
 from .metrics import LATENCY_BUCKETS, HubCollector
-from .protocol import PROTOCOL_TYPES, MessageType
+from .wire import JSON_OPTIONS, MessageType, check_message_type, topic_problem
 
 __all__ = [
     "DEFAULT_HOST",
@@ -215,58 +214,83 @@ def _topics(body: Mapping[str, Any]) -> list[str] | None:
         raise _bad("topics", "topics must be a list of strings or null")
     for index, topic in enumerate(topics):
         # The same rule as a client's subscriptions: a longer topic could never match.
-        if not isinstance(topic, str) or not 1 <= len(topic) <= MAX_TOPIC_LENGTH:
-            raise _bad(
-                "topics",
-                f"topics[{index}] must be a string of 1 to {MAX_TOPIC_LENGTH} characters",
-            )
+        problem = topic_problem(topic)
+        if problem is not None:
+            raise _bad("topics", f"topics[{index}]: {problem}")
     return topics
 
 
 def _serializable(field: str, value: Any, depth: int) -> None:
-    """Check that ``value`` survives orjson at the depth it takes in the envelope.
+    """Raise a 400 naming ``field`` if ``value`` cannot be serialized at ``depth`` in data.
 
     orjson refuses to nest deeper than 254 levels while it parses up to 1024, so a body can
     parse and still be one the hub cannot send. ``depth`` counts the objects around the value
-    in the envelope (1 for a publish's ``data``).
+    in the message's ``data`` (0: it is the data).
     """
     wrapped = value
     for _ in range(depth):
         wrapped = {"": wrapped}
     try:
-        orjson.dumps(wrapped)
+        orjson.dumps(wrapped, option=JSON_OPTIONS)
     except orjson.JSONEncodeError as exc:
         raise _bad(field, f"{field} cannot be serialized: {exc}") from None
+
+
+class _Publish(NamedTuple):
+    """What the hub publishes for a request; ``topics`` None sends to every client.
+
+    ``suspects`` are the request's fields whose values land in ``data``, with their depth
+    there: the one to blame when ``data`` cannot be serialized.
+    """
+
+    type: str
+    data: Any
+    topics: Sequence[str] | None
+    suspects: tuple[tuple[str, Any, int], ...] = ()
+
+    def serialized(self) -> orjson.Fragment | None:
+        """``data`` serialized, once: the hub puts these bytes in the envelope as they are.
+
+        Raises:
+            _ApiError: 400 naming the field whose value cannot be serialized.
+        """
+        if self.data is None:
+            return None
+        try:
+            return orjson.Fragment(orjson.dumps(self.data, option=JSON_OPTIONS))
+        except orjson.JSONEncodeError as exc:
+            for field, value, depth in self.suspects:
+                _serializable(field, value, depth)
+            field = self.suspects[0][0] if self.suspects else "data"
+            raise _bad(field, f"{field} cannot be serialized: {exc}") from None
 
 
 # The notifications: validate the body, then build the event the matching hub.notify_*
 # would publish.
 
-# (type, data, topics): what the hub publishes; topics None sends to every client.
-_Publish = tuple[str, Any, Sequence[str] | None]
-
 
 def _new_run(body: Mapping[str, Any]) -> _Publish:
     run = _record(body, "run")
-    _serializable("run", run, 2)  # run.performance_scores -> data.summary.performance_scores
-    return (MessageType.NEW_RUN, *events.new_run_event(run))
+    # run.performance_scores -> data.summary.performance_scores
+    return _Publish(MessageType.NEW_RUN, *runner.new_run_event(run), (("run", run, 1),))
 
 
 def _regression_detected(body: Mapping[str, Any]) -> _Publish:
     regression = _record(body, "regression")
     run = _record(body, "run")
-    _serializable("regression", regression, 1)  # its values land in data
-    _serializable("run", run, 2)  # its values land in data.run_info
-    return (MessageType.REGRESSION_DETECTED, *events.regression_event(regression, run))
+    data, topics = runner.regression_event(regression, run)
+    # The regression's values land in data, the run's in data.run_info.
+    suspects = (("regression", regression, 0), ("run", run, 1))
+    return _Publish(MessageType.REGRESSION_DETECTED, data, topics, suspects)
 
 
 def _baseline_updated(body: Mapping[str, Any]) -> _Publish:
     baseline_name = _string(body, "baseline_name")
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
-    return (
+    return _Publish(
         MessageType.BASELINE_UPDATED,
-        *events.baseline_updated_event(baseline_name, run_id, test_name),
+        *runner.baseline_updated_event(baseline_name, run_id, test_name),
     )
 
 
@@ -276,11 +300,9 @@ def _analysis_complete(body: Mapping[str, Any]) -> _Publish:
     if "analysis_results" not in body:
         raise _bad("analysis_results", "analysis_results is required")
     results = body["analysis_results"]
-    _serializable("analysis_results", results, 2)  # data.analysis_results
-    return (
-        MessageType.ANALYSIS_COMPLETE,
-        *events.analysis_complete_event(run_id, test_name, results),
-    )
+    data, topics = runner.analysis_complete_event(run_id, test_name, results)
+    suspects = (("analysis_results", results, 1),)  # data.analysis_results
+    return _Publish(MessageType.ANALYSIS_COMPLETE, data, topics, suspects)
 
 
 def _run_started(body: Mapping[str, Any]) -> _Publish:
@@ -293,7 +315,9 @@ def _run_started(body: Mapping[str, Any]) -> _Publish:
         "methods": _string_list(body, "methods"),
         "planned_requests": _integer(body, "planned_requests", required=False),
     }
-    return (MessageType.RUN_STARTED, *events.run_started_event(run_id, test_name, **details))
+    return _Publish(
+        MessageType.RUN_STARTED, *runner.run_started_event(run_id, test_name, **details)
+    )
 
 
 def _run_progress(body: Mapping[str, Any]) -> _Publish:
@@ -307,9 +331,9 @@ def _run_progress(body: Mapping[str, Any]) -> _Publish:
         "current_rps": _number(body, "current_rps", required=True),
         "error_rate": _number(body, "error_rate", required=True),
     }
-    return (
+    return _Publish(
         MessageType.RUN_PROGRESS,
-        *events.run_progress_event(run_id, test_name, progress, **details),
+        *runner.run_progress_event(run_id, test_name, progress, **details),
     )
 
 
@@ -322,9 +346,8 @@ def _run_complete(body: Mapping[str, Any]) -> _Publish:
         "total_errors": _integer(body, "total_errors", required=False),
         "error_rate": _number(body, "error_rate", required=False),
     }
-    return (
-        MessageType.RUN_COMPLETE,
-        *events.run_complete_event(run_id, test_name, **details),
+    return _Publish(
+        MessageType.RUN_COMPLETE, *runner.run_complete_event(run_id, test_name, **details)
     )
 
 
@@ -333,9 +356,9 @@ def _run_failed(body: Mapping[str, Any]) -> _Publish:
     test_name = _string(body, "test_name")
     error = _string(body, "error")
     elapsed_s = _number(body, "elapsed_s", required=False)
-    return (
+    return _Publish(
         MessageType.RUN_FAILED,
-        *events.run_failed_event(run_id, test_name, error, elapsed_s=elapsed_s),
+        *runner.run_failed_event(run_id, test_name, error, elapsed_s=elapsed_s),
     )
 
 
@@ -460,11 +483,11 @@ class _Api:
         """
         if not self.hub.running:
             raise _ApiError(503, "the hub is not running")
-        message_type, data, topics = publish
+        data = publish.serialized()
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            published = await self.hub.publish(message_type, data, topics)
+            published = await self.hub.publish(publish.type, data, publish.topics)
         except BackplaneUnavailable as exc:
             raise _ApiError(503, f"not published: {exc}") from None
         except RuntimeError as exc:
@@ -493,14 +516,15 @@ class _Api:
         """``POST /api/publish``."""
         body = await self._body(request)
         message_type = body.get("type")
-        if not isinstance(message_type, str) or not message_type:
-            raise _bad("type", "type must be a non-empty string")
-        if message_type in PROTOCOL_TYPES:
-            raise _bad("type", f"type {message_type!r} is reserved for the protocol")
+        try:
+            check_message_type(message_type)
+        except TypeError:
+            raise _bad("type", "type must be a non-empty string") from None
+        except ValueError:
+            raise _bad("type", f"type {message_type!r} is reserved for the protocol") from None
         topics = _topics(body)
         data = body.get("data")
-        _serializable("data", data, 1)
-        return await self._publish((message_type, data, topics))
+        return await self._publish(_Publish(str(message_type), data, topics, (("data", data, 0),)))
 
     async def notify(self, request: web.Request) -> web.Response:
         """``POST /api/notify/{kind}``."""

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, Protocol
 
-from .protocol import MessageClock, parse_message_id
+from .wire import MessageClock, parse_message_id
 
 __all__ = [
     "MIN_STREAM_LENGTH",

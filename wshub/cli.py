@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 from .api import start_api
 from .config import HubConfig
-from .connection import serve
 from .hub import Hub
 from .logs import configure_logging
 from .publisher import Publisher, PublishError
@@ -41,6 +40,7 @@ from .settings import (
     load_settings,
     setting_kinds,
 )
+from .transports.lean import serve
 
 __all__ = ["Listening", "main", "run_server"]
 

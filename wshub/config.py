@@ -11,10 +11,11 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from .wire import MAX_TOPIC_LENGTH, topic_problem
+
 __all__ = ["SLOW_CLIENT_POLICIES", "HubConfig"]
 
 SLOW_CLIENT_POLICIES = ("disconnect", "drop_oldest")
-MAX_TOPIC_LENGTH = 256
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -123,7 +124,7 @@ class HubConfig:
             )
         topics = _as_string_tuple("default_topics", self.default_topics)
         for topic in topics:
-            if not topic or len(topic) > MAX_TOPIC_LENGTH:
+            if topic_problem(topic) is not None:
                 raise ValueError(
                     f"default_topics entries must be 1 to {MAX_TOPIC_LENGTH} characters, "
                     f"got {topic!r}"

@@ -1,7 +1,8 @@
 """Bounded history of published messages, for clients that resume after a disconnect.
 
-The hub records every published message here with its id, its topics and the frame it
-already built, so a replay re-sends the very same bytes without serializing again. The
+The hub records every published message here with its id, its topics and the core's
+``Message`` (the serialized envelope and the frames already built of it), so a replay
+re-sends the very same bytes without serializing or framing again. The
 history is bounded by a count and an age; what a client asks for that has left it is
 reported as not recovered, so the client knows to refetch.
 
@@ -16,9 +17,9 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from .protocol import parse_message_id
+from .wire import parse_message_id
 
 __all__ = ["History", "MemoryHistory", "Replay", "missed"]
 
@@ -32,19 +33,21 @@ class Replay(NamedTuple):
         recovered: True when every message after the id is still known, so ``frames`` is
             exactly what the client missed.
         reason: Why not, for people (None when recovered).
-        frames: The retained frames after the id that match, oldest first.
+        frames: The retained messages (the core's ``Message``) after the id that match,
+            oldest first.
     """
 
     recovered: bool
     reason: str | None
-    frames: list[bytes]
+    frames: list[Any]
 
 
 class History(Protocol):
     """What the hub needs from a message history."""
 
-    def append(self, message_id: str, topics: Sequence[str] | None, frame: bytes) -> None:
-        """Record a published message: its id, its topics (None: to every client), its frame.
+    def append(self, message_id: str, topics: Sequence[str] | None, frame: Any) -> None:
+        """Record a published message: its id, its topics (None: to every client), the
+        core's ``Message`` of it.
 
         Called once per publish, in id order; must be O(1) and must not copy ``frame``.
         """
@@ -87,7 +90,7 @@ def missed(
     """Whether a resuming client missed the message ``key``: the rule of :meth:`History.since`.
 
     Args:
-        key: The message id as :func:`~wshub.protocol.parse_message_id` gives it.
+        key: The message id as :func:`~wshub.wire.parse_message_id` gives it.
         message_topics: Its topics; None when it went to every client.
         topics: The client's topics now.
         delivered_after: The id after which the client's connection received messages live.
@@ -105,7 +108,7 @@ def missed(
 class MemoryHistory:
     """The last ``max_size`` published messages of this process, each kept ``ttl`` seconds.
 
-    Appending is O(1): an entry is a tuple of references (the frame is shared, not copied),
+    Appending is O(1): an entry is a tuple of references (the message is shared, not copied),
     and eviction only ever looks at the oldest entry. ``max_size`` or ``ttl`` of 0 disables
     the history: nothing is kept and every resume is reported as not recovered.
 
@@ -124,8 +127,8 @@ class MemoryHistory:
         self.ttl = ttl
         self.enabled = max_size > 0 and ttl > 0
         self._clock = clock
-        # (id, topics, frame, stored at); ids increase from left to right.
-        self._entries: collections.deque[tuple[str, Sequence[str] | None, bytes, float]] = (
+        # (id, topics, message, stored at); ids increase from left to right.
+        self._entries: collections.deque[tuple[str, Sequence[str] | None, Any, float]] = (
             collections.deque()
         )
         # The newest id that left the history: tells "too old" from "never issued".
@@ -134,7 +137,7 @@ class MemoryHistory:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def append(self, message_id: str, topics: Sequence[str] | None, frame: bytes) -> None:
+    def append(self, message_id: str, topics: Sequence[str] | None, frame: Any) -> None:
         """Record a published message (see :meth:`History.append`)."""
         if not self.enabled:
             return
@@ -170,7 +173,7 @@ class MemoryHistory:
         if not self.enabled:
             return Replay(False, "history is disabled", [])
         self._expire(self._clock())
-        frames: list[bytes] = []
+        frames: list[Any] = []
         # Newest first, down to the client's id: the cost follows what is replayed.
         for entry_id, entry_topics, frame, _ in reversed(self._entries):
             entry_key = parse_message_id(entry_id)

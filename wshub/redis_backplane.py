@@ -33,7 +33,7 @@ from .backplane import (
     StoredEntries,
     stored_since,
 )
-from .protocol import parse_message_id
+from .wire import parse_message_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

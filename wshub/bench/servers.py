@@ -41,7 +41,7 @@ from websockets.asyncio.server import serve as websockets_serve
 
 import wshub
 from wshub import _fanout_py
-from wshub.protocol import MessageClock
+from wshub.wire import MessageClock
 
 __all__ = [
     "ALL_VARIANTS",
@@ -183,7 +183,7 @@ class HubVariant(Variant):
             else:
                 hub.broadcast_to_subscribers(MESSAGE_TYPE, data, (topic,))
             if self.unbatched:
-                hub._fanout.flush()
+                hub.flush()
 
     @property
     def connected(self) -> int:

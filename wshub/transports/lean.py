@@ -1,4 +1,4 @@
-"""A lean WebSocket server for the hub: websockets' sans-I/O protocol under an asyncio.Protocol.
+"""The lean transport: websockets' sans-I/O protocol under a bare asyncio.Protocol.
 
 websockets' asyncio server gives every connection a ``ServerConnection``, a handler task
 parked in ``recv()``, a keepalive task and a message assembler. A hub client needs none of
@@ -8,7 +8,8 @@ the websockets :class:`~websockets.server.ServerProtocol` that does the protocol
 (handshake validation, framing, unmasking, answering pings, the closing handshake, UTF-8 and
 size checks). There is no task per connection: incoming data is handled in
 ``data_received``, deadlines are timer handles, and one timer per server runs the heartbeat
-for every connection.
+for every connection. Each connection is a :class:`wshub.session.ClientTransport` whose
+``write`` is the asyncio transport's own: the core's flush costs one call per client.
 """
 
 from __future__ import annotations
@@ -23,29 +24,33 @@ import importlib.resources
 import logging
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, cast
 
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import SERVER, Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.typing import Origin
 
-from .config import HubConfig
-
-if TYPE_CHECKING:
-    from .hub import Hub, _Session
+from ..config import HubConfig
+from ..session import (
+    ClientSession,
+    FrameKind,
+    HandshakeRequest,
+    Refusal,
+    SessionHost,
+    format_address,
+)
 
 __all__ = [
     "DASHBOARD_FILES",
-    "KEPT_HEADERS",
+    "SERVE_OPTIONS",
     "HubConnection",
     "HubEndpoint",
     "StaticFile",
-    "allowed_origins",
     "load_dashboard",
+    "serve",
     "start_server",
 ]
 
@@ -55,13 +60,9 @@ logger = logging.getLogger("wshub")
 # default), so a slow client is detected at the same point as before.
 WRITE_LIMIT = 2**15
 
-# The request headers kept once a client is attached. All of them (websockets' ``Headers``
-# holds each header twice, in a list and in a dict of lists) cost about 2 KiB, a third of
-# an idle client's memory, and the hub has read what it needs by then.
-KEPT_HEADERS = frozenset({"user-agent", "origin", "x-forwarded-for", "x-real-ip", "forwarded"})
-
 _CONNECTING = State.CONNECTING
 _OPEN = State.OPEN
+_WEBSOCKET_FRAMES = FrameKind.WEBSOCKET_FRAMES
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
@@ -161,30 +162,13 @@ def _is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
-def allowed_origins(config: HubConfig) -> list[Origin | None] | None:
-    """The ``origins`` argument of a websockets server for ``config.allowed_origins``.
-
-    Browsers always send ``Origin``; other clients may omit it and are let through, hence the
-    ``None`` in the list. None (any origin) when the config allows every origin.
-    """
-    if config.allowed_origins is None:
-        return None
-    return [*(Origin(origin) for origin in config.allowed_origins), None]
-
-
-def _drop_headers(request: Request) -> None:
-    """Keep only the headers in :data:`KEPT_HEADERS` of an attached client's request.
-
-    In place: websockets' parser keeps a reference to the request for the life of the
-    connection, so a slimmer copy would not free the original.
-    """
-    request.headers = Headers(
-        [
-            (name, value)
-            for name, value in request.headers.raw_items()
-            if name.lower() in KEPT_HEADERS
-        ]
-    )
+def _handshake_request(request: Request, peer: Any) -> HandshakeRequest:
+    """What the hub sees of ``request``; repeated headers are joined with ", "."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.raw_items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return HandshakeRequest.from_target(request.path, headers, format_address(peer))
 
 
 class HubEndpoint:
@@ -204,7 +188,7 @@ class HubEndpoint:
 
     def __init__(
         self,
-        hub: Hub,
+        hub: SessionHost,
         *,
         path: str = "/api/ws",
         static: Mapping[str, StaticFile] | None = None,
@@ -214,7 +198,6 @@ class HubEndpoint:
         self.static: Mapping[str, StaticFile] = static or {}
         self.config: HubConfig = hub.config
         self.loop = asyncio.get_running_loop()
-        self.origins = allowed_origins(self.config)
         # Pending handshakes and open connections alike, so that aclose() reaches both.
         self.connections: dict[HubConnection, None] = {}
         self._heartbeat: asyncio.TimerHandle | None = None
@@ -325,18 +308,16 @@ class HubEndpoint:
 class HubConnection(asyncio.Protocol):
     """One client: an asyncio protocol that drives websockets' sans-I/O ``ServerProtocol``.
 
-    It offers what the hub and the fan-out core read from a websockets connection:
-    ``protocol`` (its ``state`` tells the core whether it may write), ``transport``,
-    ``paused``, ``send_in_progress`` (always None: the server never sends fragmented
-    messages), ``request``, ``remote_address``, ``close_code``, ``close_reason``,
-    :meth:`close` and :meth:`drain`. Once the client is attached, ``request`` keeps its
-    path and only the headers in :data:`KEPT_HEADERS`. Bytes the protocol generates (the
-    handshake response, pongs, close frames) are written to the transport at once as whole
-    frames, so they interleave safely with the core's whole-frame writes.
+    It is the :class:`wshub.session.ClientTransport` of its client: ``write`` is the asyncio
+    transport's ``write``, ``close`` begins the closing handshake, and it tells the client's
+    session when writing pauses and resumes, when the closing handshake begins and when the
+    connection is lost. Bytes the protocol generates (the handshake response, pongs, close
+    frames) are written to the transport at once as whole frames, so they interleave safely
+    with the core's whole-frame writes.
     """
 
     __slots__ = (
-        "_drain_waiters",
+        "_closing_told",
         "_endpoint",
         "_fragment_size",
         "_fragment_text",
@@ -345,29 +326,25 @@ class HubConnection(asyncio.Protocol):
         "_lost_waiters",
         "_timer",
         "last_received",
-        "paused",
         "ping_sent",
         "protocol",
-        "request",
         "session",
         "transport",
+        "write",
     )
 
-    send_in_progress: None = None
-    """Always None: the server sends only whole, unfragmented messages."""
+    frame_kind = _WEBSOCKET_FRAMES
 
     def __init__(self, endpoint: HubEndpoint) -> None:
         config = endpoint.config
         self._endpoint = endpoint
         self.protocol = ServerProtocol(
-            origins=endpoint.origins,
             extensions=None,  # no compression: one frame must be valid on every connection
             max_size=config.max_message_size,
         )
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
-        self.paused = False
-        self.request: Request | None = None
-        self.session: _Session | None = None
+        self.write: Any = None  # the transport's write, set with it
+        self.session: ClientSession | None = None
         # Loop time of the unanswered keepalive ping, None when none is in flight.
         self.ping_sent: float | None = None
         # Loop time data last arrived (the silence deadline without ping/pong).
@@ -378,54 +355,30 @@ class HubConnection(asyncio.Protocol):
         self._fragment_size = 0
         self._fragment_text = False
         self._lost = False
+        self._closing_told = False  # the session knows the closing handshake began
         # Created only when someone waits, so an idle connection carries no futures.
         self._lost_waiters: list[asyncio.Future[None]] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] | None = None
 
-    # What the hub reads, as on a websockets connection
+    # wshub.session.ClientTransport
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Begin the closing handshake; the transport is aborted if the client has not
+        completed it and closed the TCP connection within ``write_timeout``."""
+        self._start_close(code, reason)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once."""
+        self.transport.abort()
+
+    def buffered_bytes(self) -> int:
+        """Bytes in the transport's write buffer."""
+        transport = self.transport
+        return 0 if transport.is_closing() else transport.get_write_buffer_size()
 
     @property
     def state(self) -> State:
         """The WebSocket state: CONNECTING, OPEN, CLOSING or CLOSED."""
         return self.protocol.state
-
-    @property
-    def remote_address(self) -> Any:
-        """The peer's address, as ``transport.get_extra_info("peername")``."""
-        return self.transport.get_extra_info("peername")
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code received from the client; None until the connection is closed."""
-        return self.protocol.close_code
-
-    @property
-    def close_reason(self) -> str | None:
-        """The close reason received from the client; None until the connection is closed."""
-        return self.protocol.close_reason
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Send a close frame and wait until the connection is closed.
-
-        The transport is aborted if the client has not completed the closing handshake and
-        closed the TCP connection within ``write_timeout``. Does nothing more than wait when
-        the connection is already closing.
-        """
-        self._start_close(code, reason)
-        await self._wait_lost()
-
-    async def drain(self) -> None:
-        """Return once the transport is below its low-water mark, or the connection is lost."""
-        if not self.paused or self._lost:
-            return
-        waiter: asyncio.Future[None] = self._endpoint.loop.create_future()
-        if self._drain_waiters is None:
-            self._drain_waiters = []
-        self._drain_waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._drain_waiters.remove(waiter)
 
     # asyncio.Protocol
 
@@ -434,6 +387,7 @@ class HubConnection(asyncio.Protocol):
         # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.write = transport.write
         transport.set_write_buffer_limits(WRITE_LIMIT)
         endpoint = self._endpoint
         endpoint.connections[self] = None
@@ -463,7 +417,7 @@ class HubConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Close the protocol, wake whoever waits, and detach the client from the hub."""
+        """Close the protocol, wake whoever waits, and tell the session."""
         self._lost = True
         self.protocol.receive_eof()  # idempotent; the state becomes CLOSED
         self.protocol.data_to_send()  # nothing can be written any more
@@ -471,27 +425,24 @@ class HubConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._fragments = None
-        self.paused = False
         endpoint = self._endpoint
         endpoint.connections.pop(self, None)
-        for waiters in (self._drain_waiters, self._lost_waiters):
-            for waiter in waiters or ():
-                if not waiter.done():
-                    waiter.set_result(None)
+        for waiter in self._lost_waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
         session, self.session = self.session, None  # breaks the session <-> connection cycle
         if session is not None:
-            endpoint.hub._detach(session)
+            session.closed(self.protocol.close_code, self.protocol.close_reason)
 
     def pause_writing(self) -> None:
         """The transport is above its high-water mark: the core stops writing."""
-        self.paused = True
+        if self.session is not None:
+            self.session.pause_writing()
 
     def resume_writing(self) -> None:
-        """The transport drained below its low-water mark: wake :meth:`drain`."""
-        self.paused = False
-        for waiter in self._drain_waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
+        """The transport drained below its low-water mark: the core writes what it kept."""
+        if self.session is not None and self.protocol.state is _OPEN:
+            self.session.resume_writing()
 
     # The opening handshake
 
@@ -513,14 +464,14 @@ class HubConnection(asyncio.Protocol):
                 response.headers["Allow"] = "GET"
             else:
                 response = static.response()
-        elif not hub.running:
-            response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Hub is not running\n")
-        elif hub.client_count >= endpoint.config.max_clients:
-            hub._rejected += 1
-            response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many clients\n")
         else:
-            # Validates the handshake and the origin (403); a bad request gets a 4xx here.
-            response = protocol.accept(request)
+            handshake = _handshake_request(request, self.transport.get_extra_info("peername"))
+            refusal = hub.admit(handshake)
+            if refusal is not None:
+                response = protocol.reject(refusal.status, f"{refusal.reason}\n")
+            else:
+                # Validates the handshake; a bad request gets a 4xx here.
+                response = protocol.accept(request)
         response.headers["Server"] = SERVER
         protocol.send_response(response)
         if self._timer is not None:
@@ -530,12 +481,17 @@ class HubConnection(asyncio.Protocol):
         if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
             self._arm_close_deadline()
             return
-        # Nothing else happens between the checks above and here, so the hub cannot fill
-        # up in between (websockets' server needed the 1013 close for that race).
-        self.request = request
+        # Nothing else happens between the admission above and here, so the hub cannot
+        # fill up in between and open_session takes the client.
         self.last_received = endpoint.loop.time()
-        self.session = hub._attach(self)
-        _drop_headers(request)
+        opened = hub.open_session(self, handshake)
+        # websockets' parser keeps the request for the life of the connection; its headers
+        # (each held twice, ~2 KiB, a third of an idle client) are not needed any more.
+        request.headers = Headers()
+        if isinstance(opened, Refusal):
+            self._start_close(opened.close_code, opened.reason)
+            return
+        self.session = opened
         endpoint._opened()
 
     def _handshake_timeout(self) -> None:
@@ -583,8 +539,7 @@ class HubConnection(asyncio.Protocol):
             except UnicodeDecodeError as exc:
                 self._fail(_INVALID_DATA, f"{exc.reason} at position {exc.start}")
                 return
-        if not self._endpoint.hub._receive(session, message):
-            self._start_close(_INTERNAL_ERROR, "internal error")
+        session.received(message)
 
     # Writing, closing, heartbeats
 
@@ -602,6 +557,12 @@ class HubConnection(asyncio.Protocol):
                     transport.write_eof()
             else:  # TLS cannot half-close: close (after the buffered data is written)
                 transport.close()
+        if not self._closing_told and self.protocol.state is not _OPEN:
+            session = self.session
+            if session is not None:
+                # The closing handshake began (either side): the wire is the protocol's now.
+                self._closing_told = True
+                session.closing()
 
     def _arm_close_deadline(self) -> None:
         """The TCP connection should end soon; abort it if it has not in ``write_timeout``."""
@@ -649,7 +610,7 @@ class HubConnection(asyncio.Protocol):
 
 
 async def start_server(
-    hub: Hub,
+    hub: SessionHost,
     host: str | Sequence[str] | None,
     port: int | None,
     *,
@@ -658,13 +619,13 @@ async def start_server(
     backlog: int = 4096,
     dashboard: bool = False,
     **create_server_options: Any,
-) -> asyncio.Server:
-    """Listen for hub clients on ``host:port`` at ``path``; returns the listening server.
+) -> tuple[asyncio.Server, HubEndpoint]:
+    """Listen for hub clients on ``host:port`` at ``path``; returns the server and endpoint.
 
     The hub must be running to accept clients (handshakes get HTTP 503 otherwise). To shut
-    down, close the returned server and stop the hub: that closes every client with 1001;
-    handshakes still pending end at their ``read_timeout`` deadline. :func:`wshub.serve`
-    does all of this, and also aborts pending handshakes.
+    down, close the returned server, stop the hub (that closes every hub client with 1001)
+    and ``await endpoint.aclose()``, which also aborts handshakes still pending.
+    :func:`serve` does all of this.
 
     Args:
         hub: The hub whose clients connect here.
@@ -681,30 +642,6 @@ async def start_server(
         **create_server_options: More keyword arguments for ``loop.create_server``
             (``reuse_port``, ``family``, ...).
     """
-    server, _ = await _start(
-        hub,
-        host,
-        port,
-        path=path,
-        ssl=ssl,
-        backlog=backlog,
-        dashboard=dashboard,
-        **create_server_options,
-    )
-    return server
-
-
-async def _start(
-    hub: Hub,
-    host: str | Sequence[str] | None,
-    port: int | None,
-    *,
-    path: str,
-    ssl: ssl_module.SSLContext | None,
-    backlog: int,
-    dashboard: bool = False,
-    **create_server_options: Any,
-) -> tuple[asyncio.Server, HubEndpoint]:
     # Read here, once: a request then costs no file system access, and an install that
     # lacks a file says so at start-up rather than at the first browser.
     static = load_dashboard(path) if dashboard else None
@@ -717,3 +654,75 @@ async def _start(
         endpoint, host, port, ssl=ssl, backlog=backlog, **create_server_options
     )
     return server, endpoint
+
+
+# loop.create_server options that make sense here; websockets' own options (compression,
+# ping_interval, process_request, ...) have no meaning on the lean server.
+SERVE_OPTIONS = frozenset(
+    {"backlog", "family", "reuse_port", "ssl_handshake_timeout", "ssl_shutdown_timeout"}
+)
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    hub: Any,
+    host: str | None,
+    port: int | None,
+    *,
+    path: str = "/api/ws",
+    ssl: Any = None,
+    dashboard: bool = False,
+    **kwargs: Any,
+) -> AsyncIterator[asyncio.Server]:
+    """Serve ``hub`` on ``host:port`` at ``path`` for the duration of an ``async with`` block.
+
+    Starts the hub when it is not running. Leaving the block stops listening, stops the hub
+    (every client gets the ``disconnection`` message and a 1001 close), aborts handshakes
+    still pending and waits until every connection has ended.
+
+    The server is this module's: websockets' sans-I/O protocol under a lean asyncio
+    protocol, with no task per connection. Every setting comes from ``hub.config``.
+
+    Args:
+        hub: The :class:`wshub.Hub` whose clients connect here.
+        host: Interface to listen on.
+        port: TCP port; 0 picks a free one (read it from ``server.sockets``).
+        path: The WebSocket endpoint; other paths get HTTP 404.
+        ssl: An ``ssl.SSLContext`` for ``wss://``.
+        dashboard: Also serve the browser dashboard over plain HTTP on the same port:
+            ``GET /`` and the files it loads, read once from ``wshub/static/``; other
+            paths still get 404. Off by default, so an embedding service exposes nothing
+            it did not ask for.
+        **kwargs: ``backlog`` (default 4096), ``family``, ``reuse_port``,
+            ``ssl_handshake_timeout`` and ``ssl_shutdown_timeout``, passed to
+            ``loop.create_server``.
+
+    Yields:
+        The listening ``asyncio.Server``.
+
+    Raises:
+        TypeError: Another keyword argument, such as an option of websockets' ``serve``:
+            to use those, serve ``hub.handler`` with ``websockets.asyncio.server.serve`` and
+            :func:`wshub.server_options`.
+    """
+    unknown = sorted(set(kwargs) - SERVE_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"serve() got unsupported keyword arguments: {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(SERVE_OPTIONS))}. For websockets' own server options, serve "
+            "hub.handler with websockets.asyncio.server.serve(**wshub.server_options(hub))."
+        )
+    kwargs.setdefault("backlog", 4096)
+    await hub.start()
+    server, endpoint = await start_server(
+        hub, host, port, path=path, ssl=ssl, dashboard=dashboard, **kwargs
+    )
+    try:
+        yield server
+    finally:
+        server.close()
+        try:
+            await hub.stop()
+        finally:
+            await endpoint.aclose()
+            await server.wait_closed()

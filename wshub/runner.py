@@ -1,4 +1,5 @@
-"""The benchmark runner's domain and the payloads of its notifications.
+"""The benchmark runner's domain, the payloads of its notifications and the hub's
+``notify_*`` methods.
 
 Field names are the runner's JSON names, so a runner can hand over either these dataclasses
 or the plain mappings it already has. Each ``*_event`` function returns the message's ``data``
@@ -7,17 +8,19 @@ and its topics: the message type, ``run:<run_id>`` and ``test:<test_name>`` wher
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from .protocol import MessageClock, MessageType
+from .wire import MessageClock, MessageType
 
 __all__ = [
     "HistoricRun",
     "Regression",
+    "RunnerNotifications",
     "analysis_complete_event",
     "baseline_updated_event",
     "new_run_event",
@@ -266,3 +269,67 @@ def run_failed_event(
         "elapsed_s": elapsed_s,
     }
     return data, _topics(MessageType.RUN_FAILED, run_id, test_name)
+
+
+class RunnerNotifications(abc.ABC):
+    """The ``notify_*`` methods of :class:`wshub.Hub`: each builds one runner event and
+    publishes it with ``broadcast_to_subscribers`` to its topics."""
+
+    @abc.abstractmethod
+    def broadcast_to_subscribers(
+        self, message_type: str, data: Any, topics: Iterable[str] | str
+    ) -> int:
+        """Queue a message for every client subscribed to one of ``topics`` (the hub's)."""
+
+    def _notify(self, message_type: MessageType, event: Event) -> int:
+        data, topics = event
+        return self.broadcast_to_subscribers(message_type, data, topics)
+
+    def notify_new_run(self, run: HistoricRun | Mapping[str, Any]) -> int:
+        """Announce a finished, stored run (``new_run``). Returns the recipient count."""
+        return self._notify(MessageType.NEW_RUN, new_run_event(run))
+
+    def notify_regression(
+        self, regression: Regression | Mapping[str, Any], run: HistoricRun | Mapping[str, Any]
+    ) -> int:
+        """Announce a regression found in ``run`` (``regression_detected``)."""
+        return self._notify(MessageType.REGRESSION_DETECTED, regression_event(regression, run))
+
+    def notify_baseline_updated(self, baseline_name: str, run_id: str, test_name: str) -> int:
+        """Announce that ``run_id`` is now the baseline ``baseline_name``."""
+        return self._notify(
+            MessageType.BASELINE_UPDATED, baseline_updated_event(baseline_name, run_id, test_name)
+        )
+
+    def notify_analysis_complete(self, run_id: str, test_name: str, analysis_results: Any) -> int:
+        """Announce the results of a run's analysis (``analysis_complete``)."""
+        return self._notify(
+            MessageType.ANALYSIS_COMPLETE,
+            analysis_complete_event(run_id, test_name, analysis_results),
+        )
+
+    def notify_run_started(self, run_id: str, test_name: str, **details: Any) -> int:
+        """Announce a run that began (``run_started``); see :func:`run_started_event`."""
+        return self._notify(
+            MessageType.RUN_STARTED, run_started_event(run_id, test_name, **details)
+        )
+
+    def notify_run_progress(
+        self, run_id: str, test_name: str, progress: float, **details: Any
+    ) -> int:
+        """Announce a running benchmark's progress, 0 to 1 (``run_progress``)."""
+        return self._notify(
+            MessageType.RUN_PROGRESS, run_progress_event(run_id, test_name, progress, **details)
+        )
+
+    def notify_run_complete(self, run_id: str, test_name: str, **details: Any) -> int:
+        """Announce that a run finished (``run_complete``)."""
+        return self._notify(
+            MessageType.RUN_COMPLETE, run_complete_event(run_id, test_name, **details)
+        )
+
+    def notify_run_failed(self, run_id: str, test_name: str, error: str, **details: Any) -> int:
+        """Announce that a run failed with ``error`` (``run_failed``)."""
+        return self._notify(
+            MessageType.RUN_FAILED, run_failed_event(run_id, test_name, error, **details)
+        )

@@ -1,4 +1,7 @@
-"""The wire protocol: message types, message ids and timestamps, and client-message parsing.
+"""The wire protocol's rules: message types, ids, timestamps, topics and client messages.
+
+Each rule lives here once: what a topic may be, which types the protocol reserves, the JSON
+options of every serialized message, and how a client message is parsed.
 
 Every server message is one JSON text frame holding the envelope
 ``{"type", "data"?, "timestamp", "id"?, "client_id"?, "error"?}``; docs/protocol.md describes
@@ -11,23 +14,33 @@ import dataclasses
 import enum
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from .config import MAX_TOPIC_LENGTH
-
 __all__ = [
+    "JSON_OPTIONS",
+    "MAX_TOPIC_LENGTH",
     "PROTOCOL_TYPES",
     "ClientRequest",
     "MessageClock",
     "MessageType",
     "ProtocolError",
+    "check_message_type",
     "parse_client_message",
     "parse_message_id",
     "parse_topics",
     "rfc3339",
+    "topic_list",
+    "topic_problem",
 ]
+
+JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+"""orjson options of every serialized message: naive datetimes in runner payloads are UTC,
+and RFC 3339 wants the "Z"."""
+
+MAX_TOPIC_LENGTH = 256
 
 
 class MessageType(enum.StrEnum):
@@ -140,6 +153,22 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
     return ClientRequest(request_type, topics, since)
 
 
+def topic_problem(topic: object) -> str | None:
+    """What is wrong with ``topic`` as a topic name; None when it is a valid one.
+
+    The one topic rule: a string of 1 to :data:`MAX_TOPIC_LENGTH` characters. Subscriptions,
+    publishes, ``default_topics`` and the HTTP API all apply it, so that a topic one of them
+    accepts can match in the others.
+    """
+    if not isinstance(topic, str):
+        return "topic must be a string"
+    if not topic:
+        return "topic must not be empty"
+    if len(topic) > MAX_TOPIC_LENGTH:
+        return f"topic is longer than {MAX_TOPIC_LENGTH} characters"
+    return None
+
+
 def parse_topics(topics: Any) -> tuple[str, ...]:
     """Validate a list of topic names, keeping the first of any repeats.
 
@@ -150,16 +179,46 @@ def parse_topics(topics: Any) -> tuple[str, ...]:
     if not isinstance(topics, list):
         raise ProtocolError("topics must be a list of strings", {"topics": topics})
     for topic in topics:
-        if not isinstance(topic, str):
-            raise ProtocolError("topic must be a string", {"topic": topic})
-        if not topic:
-            raise ProtocolError("topic must not be empty", {"topic": topic})
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ProtocolError(
-                f"topic is longer than {MAX_TOPIC_LENGTH} characters",
-                {"topic": topic[:64] + "...", "length": len(topic)},
-            )
+        problem = topic_problem(topic)
+        if problem is None:
+            continue
+        if isinstance(topic, str) and topic:
+            raise ProtocolError(problem, {"topic": topic[:64] + "...", "length": len(topic)})
+        raise ProtocolError(problem, {"topic": topic})
     return tuple(dict.fromkeys(topics))
+
+
+def topic_list(topics: Iterable[str] | str) -> list[str]:
+    """The topic list of a publish: one topic or an iterable of them, each checked.
+
+    Raises:
+        TypeError: A topic is not a string.
+        ValueError: A topic is empty or longer than :data:`MAX_TOPIC_LENGTH`.
+    """
+    topic_list = [topics] if isinstance(topics, str) else list(topics)
+    for topic in topic_list:
+        problem = topic_problem(topic)
+        if problem is not None:
+            error = TypeError if not isinstance(topic, str) else ValueError
+            shown = topic[:64] if isinstance(topic, str) else topic
+            raise error(f"{problem}, got {shown!r}")
+    return topic_list
+
+
+def check_message_type(message_type: object) -> None:
+    """Refuse a type nobody may publish: not a non-empty string, or one the protocol uses.
+
+    Raises:
+        TypeError: ``message_type`` is not a non-empty string.
+        ValueError: ``message_type`` is in :data:`PROTOCOL_TYPES`.
+    """
+    if not isinstance(message_type, str) or not message_type:
+        raise TypeError(f"message_type must be a non-empty string, got {message_type!r}")
+    if message_type in PROTOCOL_TYPES:
+        raise ValueError(
+            f"message_type {message_type!r} is reserved for the protocol; "
+            "publish events under types of their own"
+        )
 
 
 # Twenty digits hold any 64-bit value; the bound keeps int() of hostile input cheap.

@@ -1,0 +1,466 @@
+"""The client protocol: greeting, subscribe, unsubscribe, ping, errors and resumes.
+
+Sans-I/O: a :class:`ClientSession` is what a transport talks to (it implements
+:class:`wshub.session.ClientSession`); :class:`Clients` holds every session and answers
+their messages by queueing replies in the fan-out core. Nothing here touches a socket, so the
+tests drive it through an in-memory transport as well as over real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from types import ModuleType
+from typing import Any
+
+from .backplane import StoredEntries
+from .config import HubConfig
+from .fanout import Framer
+from .policies import SlowConsumers
+from .resume import PendingReplay, Resumer, answer_recovery
+from .session import ClientTransport, HandshakeRequest
+from .wire import (
+    MessageType,
+    ProtocolError,
+    parse_client_message,
+    parse_message_id,
+    parse_topics,
+    rfc3339,
+)
+
+__all__ = ["INTERNAL_ERROR", "ClientSession", "Clients"]
+
+INTERNAL_ERROR = 1011
+
+
+class ClientSession:
+    """One connected client, as the hub knows it; its transport calls these methods.
+
+    Attributes:
+        client: Its place in the fan-out core (subscriptions, buffer, counters).
+        transport: The connection it arrived on.
+        remote_addr: The peer, ``host:port``.
+        user_agent: The ``User-Agent`` of its handshake.
+        connected_at: When it joined (seconds since the epoch).
+        joined_after: The last message id issued before it joined: later messages reached it
+            live.
+        last_ping: When it last sent ``ping`` or ``pong`` (seconds since the epoch).
+        pending: Its resume being read from the backplane, if any.
+    """
+
+    __slots__ = (
+        "_clients",
+        "client",
+        "connected_at",
+        "joined_after",
+        "last_ping",
+        "pending",
+        "remote_addr",
+        "transport",
+        "user_agent",
+    )
+
+    def __init__(
+        self,
+        clients: Clients,
+        client: Any,
+        transport: ClientTransport,
+        request: HandshakeRequest,
+        joined_after: str,
+    ) -> None:
+        self._clients = clients
+        self.client = client
+        self.transport = transport
+        self.remote_addr = request.remote_address
+        self.user_agent = request.user_agent
+        self.connected_at = time.time()
+        self.joined_after = joined_after
+        self.last_ping: float | None = None
+        self.pending: PendingReplay | None = None
+
+    @property
+    def client_id(self) -> str:
+        """The client's id."""
+        client_id: str = self.client.client_id
+        return client_id
+
+    def received(self, message: str | bytes) -> None:
+        """A whole message arrived from the client."""
+        self._clients.received(self, message)
+
+    def pause_writing(self) -> None:
+        """The transport cannot take more now."""
+        self.client.writable = False
+
+    def resume_writing(self) -> None:
+        """The transport can take more: write what was kept."""
+        self._clients.resume_writing(self)
+
+    def closing(self) -> None:
+        """The closing handshake began: write nothing more."""
+        self._clients.closing(self)
+
+    def closed(self, code: int | None = None, reason: str | None = None) -> None:
+        """The connection ended, with the close code and reason the peer sent, if any."""
+        self._clients.closed(self, code, reason)
+
+
+class Clients:
+    """Every connected client and the conversation with each.
+
+    Args:
+        config: The hub's settings.
+        logger: Where connects, disconnects and internal errors are logged.
+        core: The fan-out core module.
+        fanout: The core's ``Fanout``.
+        framer: Makes the replies.
+        resumer: Answers ``since``.
+        last_id: The newest message id this hub has queued for its clients.
+        spawn: Runs a coroutine as a task the hub cancels when it stops.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        *,
+        core: ModuleType,
+        fanout: Any,
+        framer: Framer,
+        resumer: Resumer,
+        last_id: Callable[[], str],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    ) -> None:
+        self.config = config
+        self.logger = logger
+        self.core = core
+        self.fanout = fanout
+        self.framer = framer
+        self.resumer = resumer
+        self.last_id = last_id
+        self.spawn = spawn
+        self.sessions: dict[str, ClientSession] = {}
+        self.slow = SlowConsumers(config, logger, self.sessions, self.close)
+        self.protocol_errors = 0
+        self._all_closed: asyncio.Event | None = None
+
+    # Joining and leaving
+
+    def open(self, transport: ClientTransport, request: HandshakeRequest) -> ClientSession:
+        """Add a client, greet it, replay what it missed (``?since=``) and report bad input.
+
+        One synchronous step: the greeting and the replay are queued before any later
+        publish can reach the client, so a resume has neither gap nor duplicate.
+        """
+        client_id = secrets.token_hex(8)
+        topics, topics_error = self._initial_topics(request)
+        since, since_error = _initial_since(request)
+        errors = [error for error in (topics_error, since_error) if error is not None]
+        client = self.core.Client(client_id, transport.write, int(transport.frame_kind))
+        session = ClientSession(self, client, transport, request, self.last_id())
+        self.sessions[client_id] = session
+        greeting: dict[str, Any] = {
+            "client_id": client_id,
+            "status": "connected",
+            "topics": sorted(set(topics)),
+        }
+        replay = self.resumer.local(since, topics) if since is not None else None
+        if since is not None and replay is not None and self.resumer.needs_store(replay):
+            # Neither in the core nor greeted yet: nothing can overtake the replay.
+            self._read_stored(
+                session,
+                PendingReplay(
+                    since=since,
+                    until=self.last_id(),
+                    topics=frozenset(topics),
+                    live_topics=None,
+                    new_topics=tuple(topics),
+                    delivered_after=None,
+                    answer=greeting,
+                    greeting=True,
+                    errors=errors,
+                ),
+            )
+        else:
+            self.fanout.add_client(client)
+            self.fanout.subscribe(client, topics)
+            messages: list[Any] = []
+            if replay is not None:
+                answer_recovery(greeting, replay.recovered, replay.reason)
+                messages = replay.frames
+            self.send(session, MessageType.CONNECTION, greeting)
+            # Complaints about the URL come right after the greeting, as without a replay.
+            for error in errors:
+                self.send_error(session, error)
+            self._replay(session, messages)
+        if self.config.log_connection_events:
+            self.logger.info(
+                "client %s connected from %s (%d clients)",
+                client_id,
+                session.remote_addr,
+                len(self.sessions),
+            )
+        return session
+
+    def closing(self, session: ClientSession) -> None:
+        """The session's transport began closing: nothing more is written to it."""
+        self.fanout.close_client(session.client)
+        self.slow.unblocked(session.client_id)
+
+    def closed(self, session: ClientSession, code: int | None, reason: str | None) -> None:
+        """Forget a client; a second call does nothing."""
+        client = session.client
+        if self.sessions.pop(client.client_id, None) is None:
+            return
+        self.resumer.pending.pop(client.client_id, None)
+        self.fanout.remove_client(client)
+        self.slow.unblocked(client.client_id)
+        if self.config.log_connection_events:
+            self.logger.info(
+                "client %s disconnected (code %s %s; %d clients)",
+                client.client_id,
+                code,
+                reason or "",
+                len(self.sessions),
+            )
+        if not self.sessions and self._all_closed is not None:
+            self._all_closed.set()
+
+    def close(self, session: ClientSession, code: int, reason: str) -> None:
+        """Close a client: nothing more is queued for it, its transport closes the socket."""
+        self.fanout.close_client(session.client)
+        session.transport.close(code, reason)
+
+    async def close_all(self, code: int, reason: str, timeout: float) -> None:
+        """Close every client; abort the transports of those not gone within ``timeout``."""
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            self.close(session, code, reason)
+        if self.sessions:
+            self._all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                for session in list(self.sessions.values()):
+                    session.transport.abort()
+            finally:
+                self._all_closed = None
+        for session in list(self.sessions.values()):  # transports that never reported
+            self.closed(session, None, None)
+
+    def resume_writing(self, session: ClientSession) -> None:
+        client = session.client
+        client.writable = True
+        if client.blocked:
+            self.slow.unblocked(client.client_id)
+            self.fanout.unblock(client)
+
+    # Messages from clients
+
+    def received(self, session: ClientSession, message: str | bytes) -> None:
+        """Act on one client message; bad input is answered with an ``error`` envelope.
+
+        A failure inside the hub is logged; ``disconnect_on_error`` decides whether it
+        closes the client (1011) or is answered with a 500 error.
+        """
+        if session.pending is not None:
+            # Answered after the resume being read, in the order the client sent them.
+            session.pending.inbox.append(message)
+            return
+        try:
+            self._handle(session, message)
+        except Exception:
+            self.logger.exception("error handling a message from client %s", session.client_id)
+            if self.config.disconnect_on_error:
+                self.close(session, INTERNAL_ERROR, "internal error")
+            else:
+                self.send(
+                    session, MessageType.ERROR, error={"code": 500, "message": "internal error"}
+                )
+
+    def _handle(self, session: ClientSession, message: str | bytes) -> None:
+        try:
+            request = parse_client_message(message)
+            if request.type is MessageType.SUBSCRIBE:
+                self._subscribe(session, request.topics, request.since)
+            elif request.type is MessageType.UNSUBSCRIBE:
+                self._unsubscribe(session, request.topics)
+            elif request.type is MessageType.PING:
+                session.last_ping = time.time()
+                self.send(session, MessageType.PONG)
+            else:
+                session.last_ping = time.time()
+        except ProtocolError as exc:
+            self.send_error(session, exc)
+
+    def _subscribe(
+        self, session: ClientSession, topics: tuple[str, ...], since: str | None
+    ) -> None:
+        """Subscribe, answer and, with ``since``, replay what the client missed: in one
+        synchronous step, so later publishes queue behind the replay."""
+        client = session.client
+        new = [topic for topic in topics if topic not in client.topics]
+        self._check_subscription_limit(len(client.topics), len(new))
+        held = frozenset(client.topics)
+        if since is None:
+            self.fanout.subscribe(client, new)
+            self.send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
+            return
+        # What this connection already received live (published after it joined, to all or
+        # to a topic it held) is left out of the replay.
+        every_topic = held.union(new)
+        replay = self.resumer.local(
+            since, every_topic, delivered_after=session.joined_after, delivered_topics=held
+        )
+        answer: dict[str, Any] = {}
+        if self.resumer.needs_store(replay):
+            self._read_stored(
+                session,
+                PendingReplay(
+                    since=since,
+                    until=self.last_id(),
+                    topics=every_topic,
+                    live_topics=held,
+                    new_topics=tuple(new),
+                    delivered_after=session.joined_after,
+                    answer=answer,
+                    greeting=False,
+                    errors=[],
+                ),
+            )
+            return
+        self.fanout.subscribe(client, new)
+        answer["topics"] = sorted(client.topics)
+        answer_recovery(answer, replay.recovered, replay.reason)
+        self.send(session, MessageType.SUBSCRIBED, answer)
+        self._replay(session, replay.frames)
+
+    def _unsubscribe(self, session: ClientSession, topics: tuple[str, ...]) -> None:
+        client = session.client
+        self.fanout.unsubscribe(client, topics)
+        self.send(session, MessageType.UNSUBSCRIBED, {"topics": sorted(client.topics)})
+
+    def _check_subscription_limit(self, current: int, adding: int) -> None:
+        limit = self.config.max_subscriptions
+        if current + adding > limit:
+            raise ProtocolError(
+                f"too many subscriptions: at most {limit} topics per client",
+                {"limit": limit, "subscribed": current, "requested": adding},
+            )
+
+    def _initial_topics(
+        self, request: HandshakeRequest
+    ) -> tuple[Sequence[str], ProtocolError | None]:
+        """The URL's ``?topics=``, or ``default_topics`` when the URL names none.
+
+        Invalid ``?topics=`` start the client with no subscriptions and an error: falling back
+        to the defaults (``"*"``) would flood a client that asked for a few topics.
+        """
+        if "topics" not in request.query:
+            return self.config.default_topics, None
+        names = [name.strip() for value in request.query["topics"] for name in value.split(",")]
+        try:
+            topics = parse_topics([name for name in names if name])
+            self._check_subscription_limit(0, len(topics))
+        except ProtocolError as exc:
+            exc.message = f"?topics= rejected, subscribed to nothing: {exc.message}"
+            return (), exc
+        return topics, None
+
+    # Replies
+
+    def send(
+        self, session: ClientSession, message_type: str, data: Any = None, **extra: Any
+    ) -> None:
+        """Queue a direct reply for one client, behind what it already has."""
+        message = self.framer.reply(message_type, data, client_id=session.client_id, **extra)
+        self.fanout.send(session.client, message)
+
+    def send_error(self, session: ClientSession, error: ProtocolError) -> None:
+        """Answer bad input with an ``error`` envelope (counted in ``protocol_errors``)."""
+        self.protocol_errors += 1
+        self.send(session, MessageType.ERROR, error=error.to_error())
+
+    def _replay(self, session: ClientSession, messages: list[Any]) -> None:
+        """Queue recorded messages for one client, in order, behind what it already has."""
+        send = self.fanout.send
+        client = session.client
+        for message in messages:
+            if not send(client, message):
+                break  # the client overflowed (policy "disconnect") or left
+
+    # Resumes read from the backplane
+
+    def _read_stored(self, session: ClientSession, pending: PendingReplay) -> None:
+        session.pending = pending
+        self.resumer.pending[session.client_id] = pending
+        self.spawn(self._finish_stored(session, pending))
+
+    async def _finish_stored(self, session: ClientSession, pending: PendingReplay) -> None:
+        try:
+            stored = await self.resumer.read_stored(pending)
+        finally:
+            self.resumer.pending.pop(session.client_id, None)
+        if self.sessions.get(session.client_id) is session:
+            self._send_stored(session, pending, stored)
+
+    def _send_stored(
+        self, session: ClientSession, pending: PendingReplay, stored: StoredEntries
+    ) -> None:
+        """Answer a resume read from the backplane: the replay, then what was held meanwhile."""
+        client = session.client
+        session.pending = None
+        if pending.greeting:
+            self.fanout.add_client(client)
+            session.joined_after = self.last_id()
+        self.fanout.subscribe(client, pending.new_topics)
+        answer = pending.answer
+        answer_recovery(answer, stored.recovered, stored.reason)
+        answer["topics"] = sorted(client.topics)
+        self.send(
+            session,
+            MessageType.CONNECTION if pending.greeting else MessageType.SUBSCRIBED,
+            answer,
+        )
+        for error in pending.errors:
+            self.send_error(session, error)
+        self._replay(session, self.resumer.stored_messages(pending, stored))
+        # Messages the client sent meanwhile, in order; one may start another resume.
+        for message in pending.inbox:
+            self.received(session, message)
+
+    # Introspection
+
+    def describe(self, session: ClientSession) -> dict[str, Any]:
+        """One client as ``client_info()`` shows it."""
+        client = session.client
+        return {
+            "id": client.client_id,
+            "remote_addr": session.remote_addr,
+            "user_agent": session.user_agent,
+            "connected_at": rfc3339(int(session.connected_at * 1e9)),
+            "last_ping": (
+                rfc3339(int(session.last_ping * 1e9)) if session.last_ping is not None else None
+            ),
+            "subscriptions": sorted(client.topics),
+            "messages_sent": client.messages_sent,
+            "messages_dropped": client.messages_dropped,
+            "buffered_bytes": client.buffered_bytes + session.transport.buffered_bytes(),
+        }
+
+
+def _initial_since(request: HandshakeRequest) -> tuple[str | None, ProtocolError | None]:
+    """The URL's ``?since=`` id; a malformed one resumes nothing and gets an error."""
+    values = request.query.get("since")
+    if not values:
+        return None, None
+    try:
+        parse_message_id(values[-1])
+    except ProtocolError as exc:
+        exc.message = f"?since= ignored, nothing replayed: {exc.message}"
+        return None, exc
+    return values[-1], None

@@ -1,0 +1,174 @@
+"""The aiohttp transport: the hub's endpoint as a route of an aiohttp application.
+
+::
+
+    app = web.Application()
+    app.router.add_get("/api/ws", wshub.aiohttp_handler(hub))
+
+aiohttp's ``WebSocketResponse`` does the handshake, reads and assembles messages, answers
+pings and runs the keepalive (``heartbeat`` is ``ping_interval``; aiohttp closes a client that
+has not answered within half of it). Compression is off, so the core writes the frames it
+built once straight to the request's transport, as on the lean server: one write per client
+per loop iteration. aiohttp writes its own control frames whole, so they never interleave with
+the core's. What it costs beside the lean server: a task per connection and aiohttp's reader,
+measured in the README's benchmark table.
+
+The hub must be started (and stopped) by the application, for example in ``on_startup`` and
+``on_cleanup``, or by running it around ``web.AppRunner``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ..session import (
+    ClientSession,
+    FrameKind,
+    HandshakeRequest,
+    Refusal,
+    SessionHost,
+    format_address,
+)
+from .messages import HIGH_WATER
+
+__all__ = ["aiohttp_handler"]
+
+_INTERNAL_ERROR = 1011
+_MESSAGE_TOO_BIG = 1009
+
+
+def _handshake_request(request: web.Request) -> HandshakeRequest:
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    # raw_path keeps the query string (request.path does not).
+    return HandshakeRequest.from_target(request.raw_path, headers, format_address(peer))
+
+
+class _Client:
+    """The :class:`~wshub.session.ClientTransport` of one aiohttp WebSocket."""
+
+    frame_kind = FrameKind.WEBSOCKET_FRAMES
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, writer: Any):
+        self.ws = ws
+        self._transport = transport
+        self._writer = writer
+        self.session: ClientSession | None = None
+        self._paused = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    def write(self, data: bytes) -> None:
+        # aiohttp may have begun a close of its own (a close frame from the client, a
+        # heartbeat timeout): after its close frame nothing else may go out.
+        if self.ws.closed or self._closing:
+            self._tell_closing()
+            raise ConnectionError("the connection is closing")
+        transport = self._transport
+        transport.write(data)
+        if not self._paused and transport.get_write_buffer_size() > HIGH_WATER:
+            self._paused = True
+            if self.session is not None:
+                self.session.pause_writing()
+            self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()  # returns once the transport resumed writing
+        except Exception:
+            return  # the connection is gone; the receive loop reports it
+        self._paused = False
+        if self.session is not None and not self.ws.closed and not self._closing:
+            self.session.resume_writing()
+
+    def _tell_closing(self) -> None:
+        if not self._closing:
+            self._closing = True
+            if self.session is not None:
+                self.session.closing()
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._tell_closing()
+        # aiohttp bounds the closing handshake by the response's timeout (write_timeout).
+        self._spawn(self.ws.close(code=code, message=reason.encode()))
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def buffered_bytes(self) -> int:
+        transport = self._transport
+        return 0 if transport.is_closing() else transport.get_write_buffer_size()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp request handler that serves hub clients, for ``router.add_get``.
+
+    It applies the hub's admission before the handshake (HTTP 403 for another browser
+    origin, 503 when the hub is full or stopping) and takes sizes, keepalive and deadlines
+    from ``hub.config``.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        handshake = _handshake_request(request)
+        refusal = hub.admit(handshake)
+        if refusal is not None:
+            return web.Response(status=refusal.status, text=f"{refusal.reason}\n")
+        config = hub.config
+        ws = web.WebSocketResponse(
+            compress=False,  # one frame built once must be valid on every connection
+            max_msg_size=config.max_message_size,
+            heartbeat=config.ping_interval if config.enable_ping_pong else None,
+            receive_timeout=None if config.enable_ping_pong else config.read_timeout,
+            timeout=config.write_timeout,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:  # the client left during the handshake
+            return ws
+        transport.set_write_buffer_limits(HIGH_WATER)
+        client = _Client(ws, transport, request.writer)
+        opened = hub.open_session(client, handshake)
+        if isinstance(opened, Refusal):
+            await ws.close(code=opened.close_code, message=opened.reason.encode())
+            return ws
+        client.session = opened
+        try:
+            await _receive(ws, client, opened)
+        finally:
+            client._tell_closing()
+            opened.closed(ws.close_code, None)
+        return ws
+
+    return handler
+
+
+async def _receive(ws: web.WebSocketResponse, client: _Client, session: ClientSession) -> None:
+    while True:
+        try:
+            message = await ws.receive()
+        except TimeoutError:  # receive_timeout: silent for read_timeout
+            client.close(_INTERNAL_ERROR, "read timeout")
+            return
+        kind = message.type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            session.received(message.data)
+        elif kind is WSMsgType.ERROR:
+            # Too big, bad UTF-8 or a broken frame: aiohttp has closed with the right code.
+            return
+        else:  # CLOSE, CLOSING, CLOSED
+            return

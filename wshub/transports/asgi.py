@@ -1,0 +1,198 @@
+"""The ASGI transport: the hub's endpoint as an ASGI application.
+
+::
+
+    app = Starlette(routes=[WebSocketRoute("/api/ws", wshub.asgi_app(hub))])
+
+or run by an ASGI server directly (``uvicorn.run(wshub.asgi_app(hub))``), in which case the
+ASGI lifespan starts and stops the hub. Plain HTTP requests are answered 404.
+
+ASGI servers frame every message themselves, so this transport takes each message's JSON
+text (:data:`~wshub.session.FrameKind.TEXT_MESSAGES`) and sends it with one
+``websocket.send`` per message per client, through
+:class:`~wshub.transports.messages.MessageSender`; that costs a server's whole send path per
+delivery, measured in the README's benchmark table. Keepalive pings and the largest frame a
+client may send are the ASGI server's settings (uvicorn: ``ws_ping_interval``,
+``ws_ping_timeout``, ``ws_max_size``); the hub also refuses messages over
+``max_message_size`` (1009).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..session import FrameKind, HandshakeRequest, Refusal, SessionHost, format_address
+from .messages import MessageSender
+
+__all__ = ["AsgiApp", "asgi_app"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_INTERNAL_ERROR = 1011
+_MESSAGE_TOO_BIG = 1009
+
+
+def _handshake_request(scope: Scope) -> HandshakeRequest:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        key = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    query = scope.get("query_string", b"").decode("latin-1")
+    target = scope.get("path", "/") + (f"?{query}" if query else "")
+    return HandshakeRequest.from_target(target, headers, format_address(scope.get("client")))
+
+
+class _Client:
+    """The :class:`~wshub.session.ClientTransport` of one ASGI WebSocket."""
+
+    frame_kind = FrameKind.TEXT_MESSAGES
+
+    def __init__(self, send: Send) -> None:
+        self._asgi_send = send
+        self.sender = MessageSender(self._send_text, self._close)
+        self.write = self.sender.write
+        self.closed_by_hub = asyncio.Event()
+
+    async def _send_text(self, payload: bytes) -> None:
+        await self._asgi_send({"type": "websocket.send", "text": payload.decode()})
+
+    async def _close(self, code: int, reason: str) -> None:
+        self.closed_by_hub.set()
+        await self._asgi_send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def close(self, code: int, reason: str) -> None:
+        self.sender.close(code, reason)
+
+    def abort(self) -> None:
+        # ASGI has no abort; the server's own close deadline ends the connection.
+        self.sender.close(1001, "server shutdown")
+
+    def buffered_bytes(self) -> int:
+        return self.sender.buffered_bytes()
+
+
+class AsgiApp:
+    """An ASGI application serving the hub's WebSocket endpoint (see :func:`asgi_app`)."""
+
+    def __init__(self, hub: Any, *, path: str | None = None) -> None:
+        self.hub = hub
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket" and (self.path is None or scope.get("path") == self.path):
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await _not_found(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                try:
+                    await self.hub.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await self.hub.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub: SessionHost = self.hub
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        handshake = _handshake_request(scope)
+        refusal = hub.admit(handshake)
+        if refusal is not None:
+            await _refuse(scope, send, refusal)
+            return
+        await send({"type": "websocket.accept"})
+        client = _Client(send)
+        opened = hub.open_session(client, handshake)
+        if isinstance(opened, Refusal):
+            await send({"type": "websocket.close", "code": opened.close_code})
+            return
+        client.sender.session = opened
+        config = hub.config
+        idle_limit = None if config.enable_ping_pong else config.read_timeout
+        code: int | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_limit):
+                        event = await receive()
+                except TimeoutError:
+                    client.close(_INTERNAL_ERROR, "read timeout")
+                    continue
+                kind = event["type"]
+                if kind == "websocket.disconnect":
+                    code = event.get("code")
+                    return
+                if kind != "websocket.receive" or client.closed_by_hub.is_set():
+                    continue
+                message = event.get("text")
+                if message is None:
+                    message = event.get("bytes") or b""
+                if len(message) > config.max_message_size:
+                    client.close(_MESSAGE_TOO_BIG, "message too big")
+                    continue
+                opened.received(message)
+        finally:
+            client.sender.stop()
+            opened.closing()
+            opened.closed(code, None)
+
+
+def asgi_app(hub: Any, *, path: str | None = None) -> AsgiApp:
+    """An ASGI application object that serves ``hub``'s WebSocket endpoint.
+
+    Args:
+        hub: The :class:`wshub.Hub`. Run directly by an ASGI server, the application starts
+            and stops it with the server's lifespan; mounted in a framework, the framework's
+            lifespan must (Starlette: ``on_startup``/``on_shutdown`` or a lifespan function).
+        path: Serve only WebSocket connections to this path (others get 404); None serves
+            every path it is routed, for a framework's router to choose.
+    """
+    return AsgiApp(hub, path=path)
+
+
+async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
+    """Refuse a handshake with the hub's HTTP status where the server allows it."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = f"{refusal.reason}\n".encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": refusal.status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server answers 403
+        await send({"type": "websocket.close", "code": refusal.close_code})
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await _refuse(scope, send, Refusal(404, "Not Found", 1008))
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"Not Found\n"})
