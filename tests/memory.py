@@ -1,25 +1,30 @@
-"""In-memory stand-ins for a websockets connection, for driving the fan-out core alone.
+"""In-memory transports: the session port without sockets.
 
-They carry exactly the attributes the core reads (``protocol.state``, ``transport.write``,
-``paused``, ``send_in_progress``), so a test or benchmark can watch every byte the core writes
-without sockets in the way.
+:class:`MemoryTransport` and :class:`CountingTransport` are bare ``write`` targets for driving
+the fan-out core alone. :class:`MemoryClient` is a whole
+:class:`wshub.session.ClientTransport`: a hub test opens a session on it and reads back the
+messages the hub wrote, with no socket in the way.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from websockets.protocol import State
+from wshub.session import ClientSession, FrameKind, HandshakeRequest, Refusal, SessionHost
 
 
 class MemoryTransport:
-    """Records every write."""
+    """Records every write (``bytes`` for WebSocket frames, a list for text messages)."""
 
     def __init__(self) -> None:
-        self.written: list[bytes] = []
+        self.written: list[Any] = []
+        self.fail = False
 
-    def write(self, data: bytes) -> None:
-        self.written.append(bytes(data))
+    def write(self, data: Any) -> None:
+        if self.fail:
+            raise ConnectionResetError("the transport is gone")
+        self.written.append(bytes(data) if isinstance(data, bytes) else list(data))
 
 
 class CountingTransport:
@@ -34,16 +39,88 @@ class CountingTransport:
         self.size += len(data)
 
 
-class MemoryProtocol:
-    def __init__(self) -> None:
-        self.state = State.OPEN
+def split_frames(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked text frames the core writes, in order."""
+    payloads = []
+    position = 0
+    while position < len(data):
+        assert data[position] == 0x81, data[position : position + 2]
+        length = data[position + 1]
+        position += 2
+        if length == 126:
+            length = int.from_bytes(data[position : position + 2], "big")
+            position += 2
+        elif length == 127:
+            length = int.from_bytes(data[position : position + 8], "big")
+            position += 8
+        payloads.append(data[position : position + length])
+        position += length
+    return payloads
 
 
-class MemoryConnection:
-    """What the core reads from a websockets connection."""
+class MemoryClient:
+    """A client connected through memory: a :class:`~wshub.session.ClientTransport`.
 
-    def __init__(self, transport: Any = None) -> None:
-        self.protocol = MemoryProtocol()
-        self.transport = transport if transport is not None else MemoryTransport()
-        self.paused = False
-        self.send_in_progress: Any = None
+    Args:
+        frame_kind: What the core hands to :meth:`write`.
+        target: The handshake's path and query string.
+        headers: The handshake's headers (lower-case names).
+    """
+
+    def __init__(
+        self,
+        frame_kind: FrameKind = FrameKind.WEBSOCKET_FRAMES,
+        target: str = "/api/ws",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.frame_kind = frame_kind
+        self.request = HandshakeRequest.from_target(target, headers or {}, "memory:1")
+        self.session: ClientSession | None = None
+        self.payloads: list[bytes] = []
+        self.close_frame: tuple[int, str] | None = None
+        self.aborted = False
+        self.writes = 0
+
+    def open(self, hub: SessionHost) -> ClientSession | Refusal:
+        """Ask ``hub`` to admit and take this client, as a transport does."""
+        refusal = hub.admit(self.request)
+        if refusal is not None:
+            return refusal
+        opened = hub.open_session(self, self.request)
+        if not isinstance(opened, Refusal):
+            self.session = opened
+        return opened
+
+    def write(self, data: Any) -> None:
+        assert self.close_frame is None, "written to after the close began"
+        self.writes += 1
+        if self.frame_kind is FrameKind.WEBSOCKET_FRAMES:
+            self.payloads.extend(split_frames(data))
+        else:
+            self.payloads.extend(data)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.close_frame is not None:
+            return
+        self.close_frame = (code, reason)
+        if self.session is not None:
+            self.session.closing()
+            self.session.closed(None, None)  # the peer answered at once
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def buffered_bytes(self) -> int:
+        return 0
+
+    def send(self, message: Any) -> None:
+        """The client sends ``message`` (JSON-encoded unless it is str or bytes)."""
+        assert self.session is not None
+        text = message if isinstance(message, str | bytes) else json.dumps(message)
+        self.session.received(text)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Every message written so far, decoded, and forget them."""
+        decoded = [json.loads(payload) for payload in self.payloads]
+        self.payloads = []
+        return decoded

@@ -17,12 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 import wshub
 from wshub import _fanout_py
 
-from .memory import MemoryConnection
+from .memory import MemoryTransport
 
 compiled_only = pytest.mark.parametrize("implementation", ["cython"], indirect=True)
 
@@ -81,28 +80,61 @@ operations = st.lists(
         st.tuples(st.just("resume"), client_indexes, st.just(None)),
         st.tuples(st.just("close"), client_indexes, st.just(None)),
         st.tuples(st.just("remove"), client_indexes, st.just(None)),
+        st.tuples(st.just("break"), client_indexes, st.just(None)),
+        st.tuples(st.just("mend"), client_indexes, st.just(None)),
     ),
     max_size=60,
 )
 
+# Clients 0-3 take WebSocket frames, 4-5 text messages; client 3's write re-enters the core
+# (it queues a reply for client 0 and pauses itself, as an asyncio transport's write may), and
+# the on_blocked callback resumes client 5 at once, as a transport that drains fast does.
+CLIENT_KINDS = (0, 0, 0, 0, 1, 1)
+
 
 def run_core(
-    core: ModuleType, ops: list[Any], buffer_size: int, max_bytes: int, drop_oldest: bool
+    core: ModuleType,
+    ops: list[Any],
+    buffer_size: int,
+    max_bytes: int,
+    drop_oldest: bool,
+    flush_interval: float = 0.0,
 ) -> dict[str, Any]:
     """Apply ``ops`` to a fresh Fanout of ``core``; return everything observable."""
     loop = asyncio.new_event_loop()
     events: list[tuple[str, int]] = []
-    connections = [MemoryConnection() for _ in range(6)]
-    clients = [core.Client(f"{index:016x}", conn) for index, conn in enumerate(connections)]
+    transports = [MemoryTransport() for _ in CLIENT_KINDS]
+    clients: list[Any] = []
+    fanout: Any = None
+
+    def reentrant_write(data: Any) -> None:
+        transports[3].write(data)
+        clients[3].writable = False
+        fanout.send(clients[0], core.Message(b'{"type":"echo"}'))
+
+    writes = [transport.write for transport in transports]
+    writes[3] = reentrant_write
+    clients.extend(
+        core.Client(f"{index:016x}", write, kind)
+        for index, (write, kind) in enumerate(zip(writes, CLIENT_KINDS, strict=True))
+    )
     index_of = {id(client): index for index, client in enumerate(clients)}
+
+    def blocked(client: Any) -> None:
+        index = index_of[id(client)]
+        events.append(("blocked", index))
+        if index == 5:
+            client.writable = True
+            fanout.unblock(client)
+
     fanout = core.Fanout(
         loop,
         client_buffer_size=buffer_size,
         max_buffered_bytes=max_bytes,
         drop_oldest=drop_oldest,
-        flush_interval=0.0,
+        flush_interval=flush_interval,
         on_overflow=lambda client: events.append(("overflow", index_of[id(client)])),
-        on_blocked=lambda client: events.append(("blocked", index_of[id(client)])),
+        on_blocked=blocked,
     )
     for client in clients:
         fanout.add_client(client)
@@ -113,24 +145,30 @@ def run_core(
                 getattr(fanout, kind)(clients[first], second)
                 results.append(sorted(clients[first].topics))
             elif kind == "publish_topics":
-                frame = envelope_frame(core, first, number)
-                results.append(fanout.publish_topics(frame, second))
+                message = envelope_message(core, first, number)
+                results.append(fanout.publish_topics(message, second))
             elif kind == "publish_all":
-                results.append(fanout.publish_all(envelope_frame(core, first, number)))
+                results.append(fanout.publish_all(envelope_message(core, first, number)))
             elif kind == "send":
-                results.append(fanout.send(clients[first], envelope_frame(core, second, number)))
+                message = envelope_message(core, second, number)
+                results.append(fanout.send(clients[first], message))
             elif kind == "flush":
                 fanout.flush()
             elif kind == "pause":
-                connections[first].paused = True
+                clients[first].writable = False
             elif kind == "resume":
-                connections[first].paused = False
+                clients[first].writable = True
                 if clients[first].blocked:
                     fanout.unblock(clients[first])
             elif kind == "close":
-                connections[first].protocol.state = State.CLOSING
+                fanout.close_client(clients[first])
             elif kind == "remove":
                 fanout.remove_client(clients[first])
+            elif kind == "break":
+                transports[first].fail = True
+            elif kind == "mend":
+                transports[first].fail = False
+            results.append(fanout.flush_handle is not None)
         fanout.flush()
     finally:
         fanout.close()
@@ -138,36 +176,49 @@ def run_core(
     return {
         "results": results,
         "events": events,
-        "written": [conn.transport.written for conn in connections],
+        "written": [transport.written for transport in transports],
         "per_client": [
-            (c.messages_sent, c.messages_dropped, c.buffered_bytes, len(c.frames), c.closed)
+            (
+                c.messages_sent,
+                c.messages_dropped,
+                c.buffered_bytes,
+                len(c.frames),
+                c.closed,
+                c.blocked,
+                c.writable,
+            )
             for c in clients
         ],
         "totals": (fanout.deliveries, fanout.drops, fanout.bytes_sent, fanout.writes),
     }
 
 
-def envelope_frame(core: ModuleType, data: Any, number: int) -> bytes:
+def envelope_message(core: ModuleType, data: Any, number: int) -> Any:
     payload = core.encode_envelope(
         "event", data, "2026-11-25T00:00:00.000Z", f"1-{number}", None, None
     )
-    frame: bytes = core.build_frame(payload)
-    return frame
+    return core.Message(payload)
 
 
 @compiled_only
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=operations,
     buffer_size=st.integers(1, 6),
     max_bytes=st.integers(1, 600),
     drop_oldest=st.booleans(),
+    flush_interval=st.sampled_from([0.0, 0.001]),
 )
 def test_both_cores_write_the_same_bytes_to_the_same_clients(
-    core: ModuleType, ops: list[Any], buffer_size: int, max_bytes: int, drop_oldest: bool
+    core: ModuleType,
+    ops: list[Any],
+    buffer_size: int,
+    max_bytes: int,
+    drop_oldest: bool,
+    flush_interval: float,
 ) -> None:
-    compiled = run_core(core, ops, buffer_size, max_bytes, drop_oldest)
-    reference = run_core(_fanout_py, ops, buffer_size, max_bytes, drop_oldest)
+    compiled = run_core(core, ops, buffer_size, max_bytes, drop_oldest, flush_interval)
+    reference = run_core(_fanout_py, ops, buffer_size, max_bytes, drop_oldest, flush_interval)
     assert compiled == reference
 
 
@@ -207,5 +258,68 @@ def test_a_topic_message_reaches_each_client_once_in_the_reference_core() -> Non
         max_bytes=10_000,
         drop_oldest=False,
     )
-    assert outcome["results"][-1] == 2
+    assert outcome["results"][-2:] == [2, True]  # two recipients, a flush scheduled
     assert [len(written) for written in outcome["written"][:3]] == [1, 1, 0]
+
+
+def make_fanout(core: ModuleType, loop: asyncio.AbstractEventLoop, **overrides: Any) -> Any:
+    options: dict[str, Any] = {
+        "client_buffer_size": 10,
+        "max_buffered_bytes": 10_000,
+        "drop_oldest": False,
+        "flush_interval": 0.0,
+        "on_overflow": lambda client: None,
+        "on_blocked": lambda client: None,
+    }
+    options.update(overrides)
+    return core.Fanout(loop, **options)
+
+
+def test_each_frame_kind_is_built_once_only_when_a_recipient_needs_it(core: ModuleType) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        fanout = make_fanout(core, loop)
+        texts = [MemoryTransport() for _ in range(2)]
+        for index, transport in enumerate(texts):
+            fanout.add_client(core.Client(f"t{index}", transport.write, core.TEXT_MESSAGES))
+        message = envelope_message(core, {"n": 1}, 1)
+        assert fanout.publish_all(message) == 2
+        # Only text recipients: no WebSocket frame was built.
+        assert message.encodings[core.WEBSOCKET_FRAMES] is None
+        frames = [MemoryTransport() for _ in range(3)]
+        for index, transport in enumerate(frames):
+            fanout.add_client(core.Client(f"f{index}", transport.write))
+        second = envelope_message(core, {"n": 2}, 2)
+        fanout.publish_all(second)
+        fanout.flush()
+        built = second.encodings[core.WEBSOCKET_FRAMES]
+        assert built == core.build_frame(second.payload)
+        # One object shared by every frame recipient, the payload itself by text ones.
+        assert all(transport.written == [built] for transport in frames)
+        assert [transport.written for transport in texts] == [
+            [[message.payload, second.payload]]
+        ] * 2
+        assert second.encoded(core.WEBSOCKET_FRAMES) is built
+        with pytest.raises(ValueError, match="frame kind"):
+            core.Client("x", texts[0].write, 7)
+    finally:
+        loop.close()
+
+
+def test_a_write_that_raises_counts_its_frames_as_dropped(core: ModuleType) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        fanout = make_fanout(core, loop)
+        broken, healthy = MemoryTransport(), MemoryTransport()
+        broken.fail = True
+        clients = [core.Client("b", broken.write), core.Client("h", healthy.write)]
+        for client in clients:
+            fanout.add_client(client)
+        for number in range(3):
+            fanout.publish_all(envelope_message(core, number, number))
+        fanout.flush()
+        assert (clients[0].messages_sent, clients[0].messages_dropped) == (0, 3)
+        assert (clients[1].messages_sent, len(healthy.written)) == (3, 1)
+        assert fanout.drops == 3
+    finally:
+        loop.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from wshub.history import MemoryHistory, Replay
-from wshub.wire import ProtocolError
 from wshub.settings import load_settings
+from wshub.wire import ProtocolError
 
 
 class Clock:
