@@ -12,28 +12,58 @@ import pytest
 
 import wshub
 from wshub.bench.redis_server import RedisServer, find_redis_server
+from wshub.bench.transports import PATH, TRANSPORTS, serve_over
 
 from .helpers import HubServer, require_tool
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The name of a transport: every protocol behaviour is tested over each."""
+    name: str = request.param
+    return name
+
+
+def _make_hub(implementation: str, config: dict[str, Any]) -> wshub.Hub:
+    config.setdefault("log_connection_events", False)
+    hub_class = config.pop("hub_class", wshub.Hub)
+    backplane = config.pop("backplane", None)
+    hub: wshub.Hub = hub_class(
+        wshub.HubConfig(**config), implementation=implementation, backplane=backplane
+    )
+    return hub
+
+
 @pytest.fixture
 def hub_server(
-    implementation: str,
+    implementation: str, transport: str
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
-    """Start a hub with the given config fields, served on a free port of 127.0.0.1.
+    """Start a hub with the given config fields, served at ``/api/ws`` on a free port of
+    127.0.0.1 by ``transport``; leaving the block stops the hub, then the server.
 
-    ``hub_class``, ``backplane`` and ``serve_options`` go to the hub and ``serve``.
+    ``hub_class`` and ``backplane`` go to the hub.
     """
 
     @contextlib.asynccontextmanager
     async def start(**config: Any) -> AsyncIterator[HubServer]:
-        config.setdefault("log_connection_events", False)
+        hub = _make_hub(implementation, config)
+        async with serve_over(transport, hub) as (server, port):
+            yield HubServer(hub, server, f"ws://127.0.0.1:{port}{PATH}")
+
+    return start
+
+
+@pytest.fixture
+def lean_server(
+    implementation: str,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
+    """:func:`hub_server` on the lean transport only, for what only it does (TLS, the
+    dashboard, heartbeat rounds); ``serve_options`` go to ``wshub.serve``."""
+
+    @contextlib.asynccontextmanager
+    async def start(**config: Any) -> AsyncIterator[HubServer]:
         serve_options = config.pop("serve_options", {})
-        hub_class = config.pop("hub_class", wshub.Hub)
-        backplane = config.pop("backplane", None)
-        hub = hub_class(
-            wshub.HubConfig(**config), implementation=implementation, backplane=backplane
-        )
+        hub = _make_hub(implementation, config)
         async with wshub.serve(hub, "127.0.0.1", 0, **serve_options) as server:
             port = server.sockets[0].getsockname()[1]
             yield HubServer(hub, server, f"ws://127.0.0.1:{port}/api/ws")

@@ -24,7 +24,7 @@ REQUIRE_BROWSER = "WSHUB_REQUIRE_BROWSER"
 @dataclasses.dataclass
 class HubServer:
     hub: wshub.Hub
-    server: asyncio.Server
+    server: Any  # the transport's listening server, where it has one
     url: str
 
 

@@ -86,7 +86,7 @@ ApiFactory = Callable[..., contextlib.AbstractAsyncContextManager[Api]]
 
 
 @pytest.fixture
-def api(hub_server: Any) -> ApiFactory:
+def api(lean_server: Any) -> ApiFactory:
     """Start a hub (both cores) and its API on free ports of 127.0.0.1, with an HTTP client.
 
     Keyword arguments ``publish_token`` and ``max_body_size`` go to the API, the rest to the
@@ -98,7 +98,7 @@ def api(hub_server: Any) -> ApiFactory:
         api_options = {
             key: options.pop(key) for key in ("publish_token", "max_body_size") if key in options
         }
-        async with hub_server(**options) as served:
+        async with lean_server(**options) as served:
             server = await start_api(served.hub, "127.0.0.1", 0, **api_options)
             try:
                 timeout = aiohttp.ClientTimeout(total=TIMEOUT)

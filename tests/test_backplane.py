@@ -31,16 +31,16 @@ Joined = Callable[..., contextlib.AbstractAsyncContextManager[list[HubServer]]]
 
 
 def joiner(
-    hub_server: Any, backplane_options: Callable[[dict[str, Any]], dict[str, Any]]
+    lean_server: Any, backplane_options: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> Joined:
-    """``async with joined(n, **config) as hubs``: n hubs started by ``hub_server``, each with
+    """``async with joined(n, **config) as hubs``: n hubs started by ``lean_server``, each with
     the options ``backplane_options(config)`` adds to join them."""
 
     @contextlib.asynccontextmanager
     async def start(count: int, **config: Any) -> AsyncIterator[list[HubServer]]:
         async with contextlib.AsyncExitStack() as stack:
             hubs = [
-                await stack.enter_async_context(hub_server(**backplane_options(config), **config))
+                await stack.enter_async_context(lean_server(**backplane_options(config), **config))
                 for _ in range(count)
             ]
             for served in hubs:
@@ -51,18 +51,18 @@ def joiner(
 
 
 @pytest.fixture
-def joined_redis(hub_server: Any, redis_server: RedisServer) -> Joined:
+def joined_redis(lean_server: Any, redis_server: RedisServer) -> Joined:
     """Hubs joined through the test's Redis."""
-    return joiner(hub_server, lambda config: {"redis_url": redis_server.url})
+    return joiner(lean_server, lambda config: {"redis_url": redis_server.url})
 
 
 @pytest.fixture(params=["redis", "memory"])
-def joined(request: pytest.FixtureRequest, hub_server: Any) -> Joined:
+def joined(request: pytest.FixtureRequest, lean_server: Any) -> Joined:
     """Hubs joined through the test's Redis, then through one MemoryStream: the behaviour
     every backplane owes the hub."""
     if request.param == "redis":
         redis_server: RedisServer = request.getfixturevalue("redis_server")
-        return joiner(hub_server, lambda config: {"redis_url": redis_server.url})
+        return joiner(lean_server, lambda config: {"redis_url": redis_server.url})
 
     def memory(config: dict[str, Any]) -> dict[str, Any]:
         stream = streams.setdefault(
@@ -75,7 +75,7 @@ def joined(request: pytest.FixtureRequest, hub_server: Any) -> Joined:
         return {"backplane": MemoryBackplane(stream)}
 
     streams: dict[str, MemoryStream] = {}
-    return joiner(hub_server, memory)
+    return joiner(lean_server, memory)
 
 
 async def test_every_client_on_every_hub_gets_each_message_once_in_one_order(
@@ -241,13 +241,13 @@ async def test_unknown_ids_are_not_recovered(joined: Any) -> None:
 
 
 async def test_a_client_ahead_of_its_new_hub_gets_no_duplicates(
-    hub_server: Any, redis_server: RedisServer
+    lean_server: Any, redis_server: RedisServer
 ) -> None:
     # The new hub starts after the messages: the client has seen ids it never delivered.
-    async with hub_server(redis_url=redis_server.url) as first:
+    async with lean_server(redis_url=redis_server.url) as first:
         results = [await first.hub.publish("m", n) for n in range(3)]
         async with (
-            hub_server(redis_url=redis_server.url) as second,
+            lean_server(redis_url=redis_server.url) as second,
             client(second.url + f"?since={results[2].id}") as (ws, hello),
         ):
             assert hello["data"]["recovered"] is True
@@ -296,10 +296,10 @@ async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
 
 
 async def test_a_hub_starts_while_redis_is_down_and_joins_later(
-    hub_server: Any, redis_server: RedisServer
+    lean_server: Any, redis_server: RedisServer
 ) -> None:
     redis_server.kill()
-    async with hub_server(redis_url=redis_server.url) as served:
+    async with lean_server(redis_url=redis_server.url) as served:
         assert served.hub.running and not served.hub.ready
         async with client(served.url) as (ws, _):
             with pytest.raises(wshub.BackplaneUnavailable):
@@ -317,12 +317,12 @@ async def test_a_bad_redis_url_names_the_setting() -> None:
         wshub.HubConfig(redis_stream="")
 
 
-async def test_hubs_on_other_streams_stay_apart(joined_redis: Joined, hub_server: Any) -> None:
+async def test_hubs_on_other_streams_stay_apart(joined_redis: Joined, lean_server: Any) -> None:
     async with joined_redis(1) as (first,):
         assert isinstance(first.hub.backplane, RedisBackplane)
         url = first.hub.config.redis_url
         async with (
-            hub_server(redis_url=url, redis_stream="other") as other,
+            lean_server(redis_url=url, redis_stream="other") as other,
             client(other.url) as (ws, _),
         ):
             await first.hub.publish("m", 1)
@@ -374,11 +374,11 @@ async def test_messages_trimmed_before_a_hub_read_them_are_counted_and_logged(
 
 
 @pytest.mark.usefixtures("redis_server_binary")
-async def test_a_redis_that_lost_its_data_is_joined_again(hub_server: Any) -> None:
+async def test_a_redis_that_lost_its_data_is_joined_again(lean_server: Any) -> None:
     with RedisServer(persistent=False) as redis_server:
         async with (
-            hub_server(redis_url=redis_server.url) as first,
-            hub_server(redis_url=redis_server.url) as second,
+            lean_server(redis_url=redis_server.url) as first,
+            lean_server(redis_url=redis_server.url) as second,
             client(second.url) as (ws, _),
         ):
             before = await first.hub.publish("m", "before")
@@ -398,7 +398,7 @@ async def test_a_redis_that_lost_its_data_is_joined_again(hub_server: Any) -> No
                 assert [m["data"] for m in await published(resumed, 3)] == [0, 1, 2]
             # ...a hub that did not must ask Redis, which has lost them.
             async with (
-                hub_server(redis_url=redis_server.url) as third,
+                lean_server(redis_url=redis_server.url) as third,
                 client(third.url + f"?since={before.id}") as (_, hello),
             ):
                 assert hello["data"]["recovered"] is False

@@ -65,9 +65,9 @@ async def test_compression_is_off(hub_server: Any) -> None:
         assert "Sec-WebSocket-Extensions" not in ws.response.headers  # type: ignore[union-attr]
 
 
-async def test_unanswered_pings_close_with_1011(hub_server: Any) -> None:
+async def test_unanswered_pings_close_with_1011(lean_server: Any) -> None:
     async with (
-        hub_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
+        lean_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
         client(served.url) as (ws, hello),
     ):
         session = served.hub.session(hello["client_id"])

@@ -13,8 +13,8 @@ from wshub.publisher import Publisher, PublishError
 from .helpers import client, recv_json
 
 
-async def test_publish_and_notify_reach_subscribers(hub_server: Any) -> None:
-    async with hub_server() as served, await start_api(served.hub, port=0) as api:
+async def test_publish_and_notify_reach_subscribers(lean_server: Any) -> None:
+    async with lean_server() as served, await start_api(served.hub, port=0) as api:
         publisher = Publisher(api.url)
         async with client(served.url + "?topics=news,test:t1") as (ws, _):
             assert await asyncio.to_thread(publisher.publish, "headline", {"n": 1}, ["news"]) == 1
@@ -27,9 +27,9 @@ async def test_publish_and_notify_reach_subscribers(hub_server: Any) -> None:
             assert failed["type"] == "run_failed" and failed["data"]["error"] == "boom"
 
 
-async def test_refusals_carry_status_and_field(hub_server: Any) -> None:
+async def test_refusals_carry_status_and_field(lean_server: Any) -> None:
     async with (
-        hub_server() as served,
+        lean_server() as served,
         await start_api(served.hub, port=0, publish_token="t") as api,
     ):
         with pytest.raises(PublishError) as refused:

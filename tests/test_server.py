@@ -20,8 +20,8 @@ import wshub
 from .helpers import TIMEOUT, client, recv_json, send_json, wait_until
 
 
-async def test_fragmented_messages_are_assembled_and_answered(hub_server: Any) -> None:
-    async with hub_server(default_topics=()) as served, client(served.url) as (ws, _):
+async def test_fragmented_messages_are_assembled_and_answered(lean_server: Any) -> None:
+    async with lean_server(default_topics=()) as served, client(served.url) as (ws, _):
         # websockets sends an iterable as one message in several frames.
         await ws.send(['{"type": "subscribe", ', '"data": {"topics": ', '["a", "b"]}}'])
         reply = await recv_json(ws)
@@ -32,9 +32,9 @@ async def test_fragmented_messages_are_assembled_and_answered(hub_server: Any) -
 
 
 async def test_fragmented_message_over_max_message_size_closes_with_1009(
-    hub_server: Any,
+    lean_server: Any,
 ) -> None:
-    async with hub_server(max_message_size=1024) as served, client(served.url) as (ws, _):
+    async with lean_server(max_message_size=1024) as served, client(served.url) as (ws, _):
         # Every fragment is under the limit; the message is not.
         await ws.send(["x" * 600, "x" * 600, "x" * 600])
         with pytest.raises(ConnectionClosedError) as closed:
@@ -43,8 +43,8 @@ async def test_fragmented_message_over_max_message_size_closes_with_1009(
         await wait_until(lambda: served.hub.client_count == 0)
 
 
-async def test_invalid_utf8_in_a_text_message_closes_with_1007(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url) as (ws, _):
+async def test_invalid_utf8_in_a_text_message_closes_with_1007(lean_server: Any) -> None:
+    async with lean_server() as served, client(served.url) as (ws, _):
         # A websockets client cannot send a str that is not UTF-8; write the frame directly.
         async with ws.send_context():
             ws.protocol.send_text(b'{"type": "\xff"}')
@@ -53,8 +53,8 @@ async def test_invalid_utf8_in_a_text_message_closes_with_1007(hub_server: Any) 
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
 
 
-async def test_client_pings_get_pongs(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url, ping_interval=None) as (ws, _):
+async def test_client_pings_get_pongs(lean_server: Any) -> None:
+    async with lean_server() as served, client(served.url, ping_interval=None) as (ws, _):
         pong = await ws.ping(b"are you there")
         async with asyncio.timeout(TIMEOUT):
             await pong
@@ -62,9 +62,9 @@ async def test_client_pings_get_pongs(hub_server: Any) -> None:
         assert (await recv_json(ws))["type"] == "pong"
 
 
-async def test_clients_that_answer_pings_stay_connected(hub_server: Any) -> None:
+async def test_clients_that_answer_pings_stay_connected(lean_server: Any) -> None:
     async with (
-        hub_server(ping_interval=0.05, pong_timeout=0.1) as served,
+        lean_server(ping_interval=0.05, pong_timeout=0.1) as served,
         client(served.url) as (ws, _),
     ):
         await asyncio.sleep(0.5)  # ten ping rounds
@@ -73,9 +73,9 @@ async def test_clients_that_answer_pings_stay_connected(hub_server: Any) -> None
         assert (await recv_json(ws))["type"] == "still"
 
 
-async def test_pong_deadline_is_kept(hub_server: Any) -> None:
+async def test_pong_deadline_is_kept(lean_server: Any) -> None:
     async with (
-        hub_server(ping_interval=0.2, pong_timeout=0.3, write_timeout=5.0) as served,
+        lean_server(ping_interval=0.2, pong_timeout=0.3, write_timeout=5.0) as served,
         client(served.url) as (ws, hello),
     ):
         connected = time.monotonic()
@@ -96,9 +96,9 @@ async def test_pong_deadline_is_kept(hub_server: Any) -> None:
         )
 
 
-async def test_talking_client_outlives_read_timeout_without_heartbeat(hub_server: Any) -> None:
+async def test_talking_client_outlives_read_timeout_without_heartbeat(lean_server: Any) -> None:
     async with (
-        hub_server(enable_ping_pong=False, read_timeout=0.3) as served,
+        lean_server(enable_ping_pong=False, read_timeout=0.3) as served,
         client(served.url, ping_interval=None) as (ws, _),
     ):
         for _ in range(6):  # 0.6 s in all, never silent for 0.3 s
@@ -108,9 +108,9 @@ async def test_talking_client_outlives_read_timeout_without_heartbeat(hub_server
 
 
 async def test_handshake_that_never_completes_is_aborted_after_read_timeout(
-    hub_server: Any,
+    lean_server: Any,
 ) -> None:
-    async with hub_server(read_timeout=0.3) as served:
+    async with lean_server(read_timeout=0.3) as served:
         port = served.server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = time.monotonic()
@@ -124,10 +124,10 @@ async def test_handshake_that_never_completes_is_aborted_after_read_timeout(
             writer.close()
 
 
-async def test_leaving_serve_aborts_pending_handshakes(hub_server: Any) -> None:
+async def test_leaving_serve_aborts_pending_handshakes(lean_server: Any) -> None:
     reader = writer = None
     started = 0.0
-    async with hub_server(read_timeout=30.0) as served:
+    async with lean_server(read_timeout=30.0) as served:
         port = served.server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await asyncio.sleep(0.05)  # let the server accept it
@@ -141,8 +141,8 @@ async def test_leaving_serve_aborts_pending_handshakes(hub_server: Any) -> None:
         writer.close()
 
 
-async def test_no_task_per_connection(hub_server: Any) -> None:
-    async with hub_server(max_clients=100) as served:
+async def test_no_task_per_connection(lean_server: Any) -> None:
+    async with lean_server(max_clients=100) as served:
         before = len(asyncio.all_tasks())
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(50):
@@ -162,12 +162,12 @@ async def test_serve_refuses_websockets_server_options(implementation: str) -> N
     assert not hub.running
 
 
-async def test_tls(hub_server: Any, certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
+async def test_tls(lean_server: Any, certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
     cert, key = certificate
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     client_context = ssl.create_default_context(cafile=str(cert))
-    async with hub_server(serve_options={"ssl": server_context}) as served:
+    async with lean_server(serve_options={"ssl": server_context}) as served:
         url = served.url.replace("ws://", "wss://")
         async with client(url, ssl=client_context) as (ws, hello):
             assert hello["data"]["topics"] == ["*"]
@@ -189,11 +189,11 @@ async def test_tls(hub_server: Any, certificate: tuple[pathlib.Path, pathlib.Pat
 
 
 async def test_an_attached_client_keeps_what_the_hub_shows_of_its_handshake(
-    hub_server: Any,
+    lean_server: Any,
 ) -> None:
     extra = {"X-Forwarded-For": "203.0.113.7", "User-Agent": "dashboard/1.0"}
     async with (
-        hub_server() as served,
+        lean_server() as served,
         client(served.url + "?topics=a", additional_headers=extra) as (ws, hello),
     ):
         assert hello["data"]["topics"] == ["a"]

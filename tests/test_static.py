@@ -54,9 +54,9 @@ def port_of(served: Any) -> int:
 
 @pytest.mark.parametrize(("target", "name", "content_type"), FILES)
 async def test_dashboard_files_are_served_with_their_type_and_no_cache(
-    hub_server: Any, target: str, name: str, content_type: str
+    lean_server: Any, target: str, name: str, content_type: str
 ) -> None:
-    async with hub_server(serve_options={"dashboard": True}) as served:
+    async with lean_server(serve_options={"dashboard": True}) as served:
         status, headers, body = await http_request(port_of(served), target)
     assert status == 200
     assert headers["content-type"] == content_type
@@ -66,17 +66,17 @@ async def test_dashboard_files_are_served_with_their_type_and_no_cache(
     assert body == (STATIC / name).read_bytes()
 
 
-async def test_page_with_a_query_string_is_still_the_page(hub_server: Any) -> None:
+async def test_page_with_a_query_string_is_still_the_page(lean_server: Any) -> None:
     # The dashboard keeps its filter in the URL (/?test=eth_call).
-    async with hub_server(serve_options={"dashboard": True}) as served:
+    async with lean_server(serve_options={"dashboard": True}) as served:
         status, headers, body = await http_request(port_of(served), "/?test=eth_call")
     assert (status, headers["content-type"]) == (200, "text/html; charset=utf-8")
     assert body == (STATIC / "index.html").read_bytes()
     assert "default-src 'self'" in headers["content-security-policy"]
 
 
-async def test_the_page_points_at_the_servers_websocket_path(hub_server: Any) -> None:
-    async with hub_server(serve_options={"dashboard": True, "path": "/events"}) as served:
+async def test_the_page_points_at_the_servers_websocket_path(lean_server: Any) -> None:
+    async with lean_server(serve_options={"dashboard": True, "path": "/events"}) as served:
         status, _, body = await http_request(port_of(served), "/")
     assert status == 200
     assert b'<meta name="wshub-endpoint" content="/events">' in body
@@ -93,22 +93,22 @@ async def test_the_page_points_at_the_servers_websocket_path(hub_server: Any) ->
         "/favicon.ico",
     ],
 )
-async def test_other_paths_are_404(hub_server: Any, target: str) -> None:
-    async with hub_server(serve_options={"dashboard": True}) as served:
+async def test_other_paths_are_404(lean_server: Any, target: str) -> None:
+    async with lean_server(serve_options={"dashboard": True}) as served:
         status, headers, _ = await http_request(port_of(served), target)
     assert status == 404
     assert headers["content-type"] == "text/plain; charset=utf-8"
 
 
-async def test_a_file_is_only_answered_to_get(hub_server: Any) -> None:
-    async with hub_server(serve_options={"dashboard": True}) as served:
+async def test_a_file_is_only_answered_to_get(lean_server: Any) -> None:
+    async with lean_server(serve_options={"dashboard": True}) as served:
         status, headers, _ = await http_request(port_of(served), "/", method="HEAD")
     assert status == 405
     assert headers["allow"] == "GET"
 
 
-async def test_a_websocket_upgrade_of_a_file_path_is_404(hub_server: Any) -> None:
-    async with hub_server(serve_options={"dashboard": True}) as served:
+async def test_a_websocket_upgrade_of_a_file_path_is_404(lean_server: Any) -> None:
+    async with lean_server(serve_options={"dashboard": True}) as served:
         upgrade = (
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -117,16 +117,16 @@ async def test_a_websocket_upgrade_of_a_file_path_is_404(hub_server: Any) -> Non
     assert status == 404
 
 
-async def test_disabled_by_default(hub_server: Any) -> None:
-    async with hub_server() as served:
+async def test_disabled_by_default(lean_server: Any) -> None:
+    async with lean_server() as served:
         for target, _, _ in FILES:
             status, _, _ = await http_request(port_of(served), target)
             assert status == 404, target
 
 
-async def test_websocket_still_works_on_the_same_port(hub_server: Any) -> None:
+async def test_websocket_still_works_on_the_same_port(lean_server: Any) -> None:
     async with (
-        hub_server(serve_options={"dashboard": True}) as served,
+        lean_server(serve_options={"dashboard": True}) as served,
         client(served.url) as (ws, hello),
     ):
         assert hello["data"]["topics"] == ["*"]

@@ -57,8 +57,16 @@ class _Client:
 
     frame_kind = FrameKind.WEBSOCKET_FRAMES
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, writer: Any):
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        writer: Any,
+        close_timeout: float,
+    ) -> None:
         self.ws = ws
+        self._close_timeout = close_timeout
+        self.closed_by_hub: asyncio.Task[Any] | None = None
         self._transport = transport
         self._writer = writer
         self.session: ClientSession | None = None
@@ -99,8 +107,16 @@ class _Client:
         if self._closing:
             return
         self._tell_closing()
-        # aiohttp bounds the closing handshake by the response's timeout (write_timeout).
-        self._spawn(self.ws.close(code=code, message=reason.encode()))
+        self.closed_by_hub = self._spawn(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        # aiohttp waits for the client's close frame within its timeout, but writing its own
+        # close frame waits for the socket to drain, without a bound: bound it here.
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self.ws.close(code=code, message=reason.encode())
+        except TimeoutError:
+            self._transport.abort()
 
     def abort(self) -> None:
         self._transport.abort()
@@ -109,10 +125,11 @@ class _Client:
         transport = self._transport
         return 0 if transport.is_closing() else transport.get_write_buffer_size()
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -133,7 +150,6 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
             compress=False,  # one frame built once must be valid on every connection
             max_msg_size=config.max_message_size,
             heartbeat=config.ping_interval if config.enable_ping_pong else None,
-            receive_timeout=None if config.enable_ping_pong else config.read_timeout,
             timeout=config.write_timeout,
         )
         await ws.prepare(request)
@@ -141,14 +157,18 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
         if transport is None:  # the client left during the handshake
             return ws
         transport.set_write_buffer_limits(HIGH_WATER)
-        client = _Client(ws, transport, request.writer)
+        client = _Client(ws, transport, request.writer, config.write_timeout)
         opened = hub.open_session(client, handshake)
         if isinstance(opened, Refusal):
             await ws.close(code=opened.close_code, message=opened.reason.encode())
             return ws
         client.session = opened
+        idle_limit = None if config.enable_ping_pong else config.read_timeout
         try:
-            await _receive(ws, client, opened)
+            await _receive(ws, client, opened, idle_limit)
+            if client.closed_by_hub is not None:
+                # Returning would make aiohttp close with 1000 over the hub's own code.
+                await asyncio.shield(client.closed_by_hub)
         finally:
             client._tell_closing()
             opened.closed(ws.close_code, None)
@@ -157,11 +177,17 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
     return handler
 
 
-async def _receive(ws: web.WebSocketResponse, client: _Client, session: ClientSession) -> None:
+async def _receive(
+    ws: web.WebSocketResponse,
+    client: _Client,
+    session: ClientSession,
+    idle_limit: float | None,
+) -> None:
     while True:
         try:
-            message = await ws.receive()
-        except TimeoutError:  # receive_timeout: silent for read_timeout
+            async with asyncio.timeout(idle_limit):
+                message = await ws.receive()
+        except TimeoutError:  # silent for read_timeout, without protocol pings
             client.close(_INTERNAL_ERROR, "read timeout")
             return
         kind = message.type

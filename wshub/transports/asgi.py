@@ -52,11 +52,21 @@ class _Client:
 
     frame_kind = FrameKind.TEXT_MESSAGES
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, close_timeout: float) -> None:
         self._asgi_send = send
-        self.sender = MessageSender(self._send_text, self._close)
+        self.sender = MessageSender(self._send_text, self._close, close_timeout, self._give_up)
         self.write = self.sender.write
-        self.closed_by_hub = asyncio.Event()
+        # The deadline of the receive being awaited; brought forward to stop serving.
+        self.receiving: asyncio.Timeout | None = None
+        self.gone = False
+        self.closed_by_hub = asyncio.Event()  # the close is out: ignore what arrives
+
+    def _give_up(self) -> None:
+        # The close did not finish in time: return from the application, which makes the
+        # server drop the connection.
+        self.gone = True
+        if self.receiving is not None:
+            self.receiving.reschedule(asyncio.get_running_loop().time())
 
     async def _send_text(self, payload: bytes) -> None:
         await self._asgi_send({"type": "websocket.send", "text": payload.decode()})
@@ -69,8 +79,11 @@ class _Client:
         self.sender.close(code, reason)
 
     def abort(self) -> None:
-        # ASGI has no abort; the server's own close deadline ends the connection.
-        self.sender.close(1001, "server shutdown")
+        # ASGI has no abort: stop serving, and the server drops the connection.
+        self.sender.stop()
+        if self.sender.session is not None:
+            self.sender.session.closed(None, None)
+        self._give_up()
 
     def buffered_bytes(self) -> int:
         return self.sender.buffered_bytes()
@@ -118,7 +131,7 @@ class AsgiApp:
             await _refuse(scope, send, refusal)
             return
         await send({"type": "websocket.accept"})
-        client = _Client(send)
+        client = _Client(send, hub.config.write_timeout)
         opened = hub.open_session(client, handshake)
         if isinstance(opened, Refusal):
             await send({"type": "websocket.close", "code": opened.close_code})
@@ -128,13 +141,16 @@ class AsgiApp:
         idle_limit = None if config.enable_ping_pong else config.read_timeout
         code: int | None = None
         try:
-            while True:
+            while not client.gone:
                 try:
-                    async with asyncio.timeout(idle_limit):
+                    async with asyncio.timeout(idle_limit) as client.receiving:
                         event = await receive()
                 except TimeoutError:
-                    client.close(_INTERNAL_ERROR, "read timeout")
+                    if not client.gone:
+                        client.close(_INTERNAL_ERROR, "read timeout")
                     continue
+                finally:
+                    client.receiving = None
                 kind = event["type"]
                 if kind == "websocket.disconnect":
                     code = event.get("code")

@@ -33,15 +33,24 @@ class MessageSender:
     Args:
         send: Sends one message's JSON text (``bytes``); raises once the connection is gone.
         close: Closes the connection with a code and reason, after what was handed over.
+        close_timeout: How long a close may take, sends before it included. Past it the
+            session is told the connection ended (these libraries offer no abort; their own
+            deadlines end the socket), so a client that reads nothing cannot pin the hub.
+        gave_up: Called then, for the transport to stop serving the connection.
     """
 
     def __init__(
         self,
         send: Callable[[bytes], Awaitable[object]],
         close: Callable[[int, str], Awaitable[object]],
+        close_timeout: float,
+        gave_up: Callable[[], object] | None = None,
     ) -> None:
         self._send = send
+        self._gave_up = gave_up
         self._close = close
+        self._close_timeout = close_timeout
+        self._deadline: asyncio.TimerHandle | None = None
         self.session: ClientSession | None = None
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
@@ -68,7 +77,17 @@ class MessageSender:
         self._closing = (code, reason)
         if self.session is not None:
             self.session.closing()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._close_timeout, self._give_up)
         self._wake()
+
+    def _give_up(self) -> None:
+        self._deadline = None
+        self.stop()
+        if self.session is not None:
+            self.session.closed(None, None)
+        if self._gave_up is not None:
+            self._gave_up()
 
     def buffered_bytes(self) -> int:
         """Bytes handed over and not yet sent."""
@@ -79,6 +98,9 @@ class MessageSender:
         self._failed = True
         self._queue.clear()
         self._queued_bytes = 0
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._task is not None:
             self._task.cancel()
 

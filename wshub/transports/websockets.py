@@ -86,8 +86,9 @@ class HubServerConnection(ServerConnection):
 class _Client:
     """The :class:`~wshub.session.ClientTransport` of one websockets connection."""
 
-    def __init__(self, connection: ServerConnection) -> None:
+    def __init__(self, connection: ServerConnection, close_timeout: float) -> None:
         self.connection = connection
+        self._close_timeout = close_timeout
         self.session: ClientSession | None = None
         self._closing_task: asyncio.Task[None] | None = None
         self._sender: MessageSender | None = None
@@ -98,7 +99,7 @@ class _Client:
             self.write = self._write_frames
         else:
             self.frame_kind = FrameKind.TEXT_MESSAGES
-            self._sender = MessageSender(self._send_text, self._close_now)
+            self._sender = MessageSender(self._send_text, self._close_now, close_timeout)
             self.write = self._sender.write
 
     def _write_frames(self, data: bytes) -> None:
@@ -113,7 +114,13 @@ class _Client:
         await self.connection.send(payload, text=True)
 
     async def _close_now(self, code: int, reason: str) -> None:
-        await self.connection.close(code, reason)
+        # websockets bounds the closing handshake by close_timeout, but writing its close
+        # frame waits for the socket to drain, without a bound: bound it here.
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self.connection.close(code, reason)
+        except TimeoutError:
+            self.abort()
 
     def _tell_closing(self) -> None:
         if self.session is not None:
@@ -133,9 +140,10 @@ class _Client:
     def abort(self) -> None:
         if self._sender is None:
             self._socket.abort()
-        else:
-            # A plain connection offers no abort; its close_timeout ends a close begun here.
-            self.close(1001, "server shutdown")
+        elif self.session is not None:
+            # A plain connection offers no abort: the hub forgets the client, and websockets'
+            # own deadlines end the connection.
+            self.session.closed(None, None)
 
     def buffered_bytes(self) -> int:
         if self._sender is not None:
@@ -153,7 +161,7 @@ async def serve_connection(hub: SessionHost, connection: ServerConnection) -> No
     """
     assert connection.request is not None
     request = _handshake_request(connection.request, connection.remote_address)
-    client = _Client(connection)
+    client = _Client(connection, hub.config.write_timeout)
     opened = hub.open_session(client, request)
     if isinstance(opened, Refusal):
         await connection.close(opened.close_code, opened.reason)
