@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .config import HubConfig
@@ -80,12 +80,21 @@ class HandshakeRequest:
 
     @classmethod
     def from_target(
-        cls, target: str, headers: Mapping[str, str], remote_address: str
+        cls,
+        target: str,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]],
+        remote_address: str,
     ) -> HandshakeRequest:
-        """Build one from the request target (path and query string) as sent."""
+        """Build one from the request target (path and query string) as sent and the
+        headers as ``(name, value)`` pairs or a mapping, in any case."""
         parts = urllib.parse.urlsplit(target)
         query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-        return cls(parts.path, query, headers, remote_address)
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        joined: dict[str, str] = {}
+        for name, value in pairs:
+            key = name.lower()
+            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+        return cls(parts.path, query, joined, remote_address)
 
     @property
     def origin(self) -> str | None:

@@ -15,7 +15,14 @@ from wshub.config import REDIS_URL_SCHEMES
 from .redis_server import RedisUnavailable, find_redis_server
 from .report import summarize, table, write_json, write_plot
 from .runner import Plan, Runner
-from .servers import ALL_VARIANTS, BASELINE, SINGLE_NODE, VARIANTS, nodes_variant
+from .servers import (
+    ALL_VARIANTS,
+    BASELINE,
+    EXTRA_VARIANTS,
+    SINGLE_NODE,
+    VARIANTS,
+    nodes_variant,
+)
 
 __all__ = ["main", "parse_plan"]
 
@@ -58,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=(
             f"servers to measure (default: {','.join(VARIANTS)}; with --nodes: "
-            f"{','.join(NODES_VARIANTS)}; also: {ALL_VARIANTS[-1]})"
+            f"{','.join(NODES_VARIANTS)}; also: {','.join(EXTRA_VARIANTS)})"
         ),
     )
     parser.add_argument(

@@ -15,6 +15,10 @@ apart; what differs is how the server gets those bytes to N sockets:
 ``raw-write``
     A prebuilt frame handed to ``transport.write`` once per client per message: the ceiling
     for one write per message, with no framing or bookkeeping cost at all.
+``wshub-aiohttp`` / ``wshub-asgi`` (only when asked for)
+    The Cython hub behind :func:`wshub.aiohttp_handler` in an aiohttp application, or behind
+    :func:`wshub.asgi_app` run by uvicorn (needs ``uvicorn``): what those transports cost
+    beside the lean server, all else equal.
 ``wshub-cython-unbatched`` (only when asked for)
     The Cython hub flushing after every publish: one write per client per message, all else
     equal. Against ``wshub-cython`` it shows what coalescing writes buys.
@@ -43,6 +47,8 @@ import wshub
 from wshub import _fanout_py
 from wshub.wire import MessageClock
 
+from .transports import serve_over
+
 __all__ = [
     "ALL_VARIANTS",
     "SINGLE_NODE",
@@ -56,7 +62,10 @@ __all__ = [
 
 VARIANTS = ("wshub-cython", "wshub-python", "websockets.broadcast", "naive", "raw-write")
 UNBATCHED = "wshub-cython-unbatched"
-ALL_VARIANTS = (*VARIANTS, UNBATCHED)
+#: The Cython hub over the other transports, by variant name.
+OTHER_TRANSPORTS = {"wshub-aiohttp": "aiohttp", "wshub-asgi": "asgi"}
+EXTRA_VARIANTS = (UNBATCHED, *OTHER_TRANSPORTS)
+ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 BASELINE = "websockets.broadcast"
 #: What joined nodes are compared with: the same hub, alone in one process.
 SINGLE_NODE = "wshub-cython"
@@ -132,9 +141,13 @@ class HubVariant(Variant):
         unbatched: bool = False,
         flush_interval: float = 0.0,
         role: NodeRole | None = None,
+        transport: str = "lean",
     ) -> None:
         super().__init__(clients, batch_capacity)
         self.name = UNBATCHED if unbatched else f"wshub-{implementation}"
+        self.transport = transport
+        if transport != "lean":
+            self.name = f"wshub-{transport}"
         self.unbatched = unbatched
         self.joined = role is not None
         joined: dict[str, Any] = {}
@@ -163,9 +176,8 @@ class HubVariant(Variant):
         self._serving: contextlib.AbstractAsyncContextManager[Any] | None = None
 
     async def start(self, host: str) -> None:
-        self._serving = wshub.serve(self.hub, host, 0)
-        server = await self._serving.__aenter__()
-        self.port = server.sockets[0].getsockname()[1]
+        self._serving = serve_over(self.transport, self.hub, host)
+        _, self.port = await self._serving.__aenter__()
         if self.joined and not self.hub.ready:
             backplane = self.hub.backplane
             why = getattr(backplane, "last_error", None) or "no answer"
@@ -288,6 +300,14 @@ def make_variant(
         )
     if name == UNBATCHED:
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
+    if name in OTHER_TRANSPORTS:
+        return HubVariant(
+            clients,
+            batch_capacity,
+            "cython",
+            flush_interval=flush_interval,
+            transport=OTHER_TRANSPORTS[name],
+        )
     if name.startswith("wshub-"):
         return HubVariant(
             clients, batch_capacity, name.removeprefix("wshub-"), flush_interval=flush_interval

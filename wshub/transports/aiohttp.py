@@ -42,14 +42,12 @@ _MESSAGE_TOO_BIG = 1009
 
 
 def _handshake_request(request: web.Request) -> HandshakeRequest:
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
     # raw_path keeps the query string (request.path does not).
-    return HandshakeRequest.from_target(request.raw_path, headers, format_address(peer))
+    return HandshakeRequest.from_target(
+        request.raw_path, request.headers.items(), format_address(peer)
+    )
 
 
 class _Client:

@@ -37,11 +37,10 @@ _MESSAGE_TOO_BIG = 1009
 
 
 def _handshake_request(scope: Scope) -> HandshakeRequest:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", ()):
-        key = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope.get("headers", ())
+    ]
     query = scope.get("query_string", b"").decode("latin-1")
     target = scope.get("path", "/") + (f"?{query}" if query else "")
     return HandshakeRequest.from_target(target, headers, format_address(scope.get("client")))

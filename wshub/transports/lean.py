@@ -164,11 +164,9 @@ def _is_upgrade(request: Request) -> bool:
 
 def _handshake_request(request: Request, peer: Any) -> HandshakeRequest:
     """What the hub sees of ``request``; repeated headers are joined with ", "."""
-    headers: dict[str, str] = {}
-    for name, value in request.headers.raw_items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return HandshakeRequest.from_target(request.path, headers, format_address(peer))
+    return HandshakeRequest.from_target(
+        request.path, request.headers.raw_items(), format_address(peer)
+    )
 
 
 class HubEndpoint:
@@ -212,7 +210,7 @@ class HubEndpoint:
 
     # Heartbeat: one timer for every connection of the endpoint.
 
-    def _opened(self) -> None:
+    def connection_opened(self) -> None:
         """A connection completed its handshake: make sure the heartbeat runs."""
         if self._heartbeat is None and not self._closed:
             if self.config.enable_ping_pong:
@@ -492,7 +490,7 @@ class HubConnection(asyncio.Protocol):
             self._start_close(opened.close_code, opened.reason)
             return
         self.session = opened
-        endpoint._opened()
+        endpoint.connection_opened()
 
     def _handshake_timeout(self) -> None:
         self._timer = None

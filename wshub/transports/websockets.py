@@ -49,11 +49,9 @@ _INTERNAL_ERROR = 1011
 
 
 def _handshake_request(request: Request, remote_address: Any) -> HandshakeRequest:
-    headers: dict[str, str] = {}
-    for name, value in request.headers.raw_items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return HandshakeRequest.from_target(request.path, headers, format_address(remote_address))
+    return HandshakeRequest.from_target(
+        request.path, request.headers.raw_items(), format_address(remote_address)
+    )
 
 
 class HubServerConnection(ServerConnection):
