@@ -355,7 +355,8 @@ class Hub(RunnerNotifications):
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
-            ValueError: ``message_type`` is one the protocol uses.
+            ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
+                longer than 256 characters.
             BackplaneUnavailable: The backplane could not take it (Redis is unreachable);
                 the message was not published.
             RuntimeError: The hub is not running.
@@ -414,7 +415,8 @@ class Hub(RunnerNotifications):
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
-            ValueError: ``message_type`` is one the protocol uses.
+            ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
+                longer than 256 characters.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
         return self._broadcast(message_type, data, topics)
