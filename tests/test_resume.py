@@ -14,7 +14,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from .helpers import TIMEOUT, client, recv_json, send_json
 
 
-
 async def published(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
     """The next ``count`` published messages (those with an id); replies fail the test."""
     messages = []

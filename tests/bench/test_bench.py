@@ -12,7 +12,7 @@ import redis
 
 from wshub.bench import main
 from wshub.bench.redis_server import RedisServer, free_port
-from wshub.bench.servers import VARIANTS
+from wshub.bench.servers import EXTRA_VARIANTS, VARIANTS
 
 SMALL = ["--clients", "12", "--repetitions", "1", "--workers", "2", "--sources", "2"]
 
@@ -33,6 +33,19 @@ def test_every_variant_delivers_every_message(tmp_path: Path) -> None:
         row["rate_vs_broadcast"] for row in summary if row["variant"] == "websockets.broadcast"
     } == {1.0}
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_extra_variants_deliver_every_message(tmp_path: Path) -> None:
+    """The other transports, picows and the unbatched hub, with topics."""
+    report = tmp_path / "bench.json"
+    arguments = [*SMALL, "--bursts", "2", "--burst", "10", "--messages", "20", "--topics", "3"]
+    variants = ["--variants", ",".join(EXTRA_VARIANTS)]
+    assert main([*arguments, *variants, "--json", str(report)]) == 0
+    summary = json.loads(report.read_text())["summary"]
+    assert {row["variant"] for row in summary} == set(EXTRA_VARIANTS)
+    for row in summary:
+        assert row["delivered"] == row["expected"] > 0, row
+        assert row["timed_out_rounds"] == 0
 
 
 def test_topics_and_clients_that_stop_reading(tmp_path: Path) -> None:
