@@ -130,7 +130,6 @@ class _Client:
             return
         self._tell_closing()
         if self._closing_task is None:
-            # websockets bounds the closing handshake by close_timeout, then aborts.
             self._closing_task = asyncio.get_running_loop().create_task(
                 self._close_now(code, reason)
             )
