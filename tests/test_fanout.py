@@ -41,6 +41,30 @@ def test_environment_variable_forces_the_python_core() -> None:
     assert output.split() == ["python", "python"]
 
 
+def test_the_core_knows_nothing_of_websockets_and_shares_the_ports_frame_kinds(
+    core: ModuleType,
+) -> None:
+    import inspect
+    import pathlib
+
+    import wshub.session
+
+    twin = pathlib.Path(inspect.getfile(_fanout_py))
+    for source in (twin, twin.with_name("_fanout.pyx")):
+        imports = [
+            line
+            for line in source.read_text().splitlines()
+            if line.startswith(("import ", "from ", "cimport "))
+        ]
+        assert imports and not [line for line in imports if "websockets" in line], source
+    kinds = wshub.session.FrameKind
+    assert (core.WEBSOCKET_FRAMES, core.TEXT_MESSAGES) == (
+        kinds.WEBSOCKET_FRAMES,
+        kinds.TEXT_MESSAGES,
+    )
+    assert set(core.FRAME_KINDS) == set(kinds)
+
+
 def test_unknown_implementation_is_refused() -> None:
     with pytest.raises(ValueError, match="implementation"):
         wshub.Hub(implementation="rust")  # type: ignore[arg-type]

@@ -38,6 +38,11 @@ async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[int]:
         await task
 
 
+def quiet_hub(implementation: str) -> wshub.Hub:
+    config = wshub.HubConfig(log_connection_events=False)
+    return wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
+
+
 def http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
@@ -50,10 +55,7 @@ def http_status(url: str) -> int:
 async def test_a_starlette_route_at_the_dashboards_path_serves_the_hub(
     implementation: str,
 ) -> None:
-    hub = wshub.Hub(
-        wshub.HubConfig(log_connection_events=False),
-        implementation=implementation,  # type: ignore[arg-type]
-    )
+    hub = quiet_hub(implementation)
     app = Starlette(routes=[WebSocketRoute("/api/ws", wshub.asgi_app(hub))])
     async with hub, uvicorn_serving(app, lifespan="off") as port:
         url = f"ws://127.0.0.1:{port}/api/ws?topics=a"
@@ -66,10 +68,7 @@ async def test_a_starlette_route_at_the_dashboards_path_serves_the_hub(
 async def test_run_by_uvicorn_alone_the_lifespan_runs_the_hub_and_http_gets_404(
     implementation: str,
 ) -> None:
-    hub = wshub.Hub(
-        wshub.HubConfig(log_connection_events=False),
-        implementation=implementation,  # type: ignore[arg-type]
-    )
+    hub = quiet_hub(implementation)
     app = wshub.asgi_app(hub, path="/api/ws")
     async with uvicorn_serving(app, lifespan="on") as port:
         assert hub.running
@@ -83,10 +82,7 @@ async def test_run_by_uvicorn_alone_the_lifespan_runs_the_hub_and_http_gets_404(
 async def test_a_plain_websockets_connection_gets_text_messages(implementation: str) -> None:
     """Without server_options (so without the hub's connection class) the handler still
     serves, sending each message with connection.send."""
-    hub = wshub.Hub(
-        wshub.HubConfig(log_connection_events=False),
-        implementation=implementation,  # type: ignore[arg-type]
-    )
+    hub = quiet_hub(implementation)
     async with hub, websockets_serve(hub.handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         async with client(f"ws://127.0.0.1:{port}/") as (ws, hello):
