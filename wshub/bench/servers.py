@@ -23,6 +23,10 @@ apart; what differs is how the server gets those bytes to N sockets:
     picows' Cython WebSocket server, the envelope serialized once with orjson and sent with
     one ``transport.send`` per client per message: the fastest per-client send path among
     Python peers.
+``socketify`` (only when asked for; ``pip install socketify``)
+    socketify, uWebSockets' server behind CFFI, with uWebSockets' own pub/sub: every client
+    holds a topic for "everyone" plus its own, and each message is one ``app.publish``; the
+    C++ side queues it per subscriber and writes each socket once per loop iteration.
 ``wshub-cython-unbatched`` (only when asked for)
     The Cython hub flushing after every publish: one write per client per message, all else
     equal. Against ``wshub-cython`` it shows what coalescing writes buys.
@@ -35,6 +39,7 @@ apart; what differs is how the server gets those bytes to N sockets:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -69,7 +74,8 @@ UNBATCHED = "wshub-cython-unbatched"
 #: The Cython hub over the other transports, by variant name.
 OTHER_TRANSPORTS = {"wshub-aiohttp": "aiohttp", "wshub-asgi": "asgi"}
 PICOWS = "picows"
-EXTRA_VARIANTS = (UNBATCHED, *OTHER_TRANSPORTS, PICOWS)
+SOCKETIFY = "socketify"
+EXTRA_VARIANTS = (UNBATCHED, *OTHER_TRANSPORTS, PICOWS, SOCKETIFY)
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 BASELINE = "websockets.broadcast"
 #: What joined nodes are compared with: the same hub, alone in one process.
@@ -353,6 +359,88 @@ class PicowsVariant(Variant):
         return len(self.everyone)
 
 
+class SocketifyVariant(Variant):
+    """socketify's server; each message is one ``app.publish`` to a topic."""
+
+    name = SOCKETIFY
+    #: The topic every client holds, for messages to everyone.
+    EVERYONE = "*"
+
+    def __init__(self, clients: int, batch_capacity: int) -> None:
+        super().__init__(clients, batch_capacity)
+        self.open: dict[Any, None] = {}
+        self.app: Any = None
+        self.clock = MessageClock()
+
+    async def start(self, host: str) -> None:
+        from socketify import App, OpCode
+
+        self.text = OpCode.TEXT
+        # Made inside the running loop, socketify's loop wraps this asyncio loop (uvloop or
+        # not) and drives its own libuv loop from it, as its App.run() does.
+        app = self.app = App(lifespan=False)
+
+        def upgrade(response: Any, request: Any, context: Any) -> None:
+            topics = request.get_query("topics") or ""
+            response.upgrade(
+                request.get_header("sec-websocket-key"),
+                request.get_header("sec-websocket-protocol"),
+                request.get_header("sec-websocket-extensions"),
+                context,
+                [self.EVERYONE, *(name for name in topics.split(",") if name)],
+            )
+
+        def opened(ws: Any) -> None:
+            for topic in ws.get_user_data():
+                ws.subscribe(topic)
+            self.open[ws.get_user_data_uuid()] = None
+
+        def closed(ws: Any, code: int, message: Any) -> None:
+            self.open.pop(ws.get_user_data_uuid(), None)
+
+        def listening(config: Any) -> None:
+            self.port = config.port
+
+        app.ws(
+            "/*",
+            {
+                "compression": 0,
+                "max_payload_length": 2**20,
+                "idle_timeout": 0,
+                # Like the hub's buffers: room for a whole round.
+                "max_backpressure": 2**30,
+                "upgrade": upgrade,
+                "open": opened,
+                "close": closed,
+            },
+        )
+        app.listen({"port": 0, "host": host}, listening)
+        # What App.run() does before it runs the loop forever: start polling libuv.
+        app.loop.started = True
+        asyncio.get_running_loop().call_soon(app.loop._keep_alive)
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            self.app.loop.started = False  # stops the polling, not this loop
+            self.app.close()
+
+    async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
+        app, text = self.app, self.text
+        for data, topic in events:
+            message_id, timestamp = self.clock.next()
+            envelope = {
+                "type": MESSAGE_TYPE,
+                "data": data,
+                "timestamp": timestamp,
+                "id": message_id,
+            }
+            app.publish(self.EVERYONE if topic is None else topic, orjson.dumps(envelope), text)
+
+    @property
+    def connected(self) -> int:
+        return len(self.open)
+
+
 def make_variant(
     name: str,
     clients: int,
@@ -377,6 +465,8 @@ def make_variant(
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
     if name == PICOWS:
         return PicowsVariant(clients, batch_capacity)
+    if name == SOCKETIFY:
+        return SocketifyVariant(clients, batch_capacity)
     if name in OTHER_TRANSPORTS:
         return HubVariant(
             clients,
