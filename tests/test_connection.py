@@ -150,7 +150,7 @@ async def test_server_options_follow_the_config() -> None:
             max_message_size=1000,
             ping_interval=5.0,
             pong_timeout=6.0,
-            read_timeout=7.0,
+            open_timeout=7.0,
             write_timeout=8.0,
             allowed_origins=["https://a.example"],
         )

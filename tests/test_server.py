@@ -107,10 +107,10 @@ async def test_talking_client_outlives_read_timeout_without_heartbeat(lean_serve
         assert served.hub.client_count == 1
 
 
-async def test_handshake_that_never_completes_is_aborted_after_read_timeout(
+async def test_handshake_that_never_completes_is_aborted_after_open_timeout(
     lean_server: Any,
 ) -> None:
-    async with lean_server(read_timeout=0.3) as served:
+    async with lean_server(open_timeout=0.3) as served:
         port = served.server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = time.monotonic()
@@ -127,7 +127,7 @@ async def test_handshake_that_never_completes_is_aborted_after_read_timeout(
 async def test_leaving_serve_aborts_pending_handshakes(lean_server: Any) -> None:
     reader = writer = None
     started = 0.0
-    async with lean_server(read_timeout=30.0) as served:
+    async with lean_server(open_timeout=30.0) as served:
         port = served.server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await asyncio.sleep(0.05)  # let the server accept it

@@ -19,6 +19,15 @@ from typing import Any
 from .backplane import StoredEntries
 from .config import HubConfig
 from .fanout import Framer
+from .limits import (
+    CONTROL_FRAME_COST,
+    MESSAGE_COST,
+    POLICY_VIOLATION,
+    RATE_LIMITED,
+    RESUME_COST,
+    RateLimit,
+)
+from .logs import RateLimitedLog
 from .policies import SlowConsumers
 from .resume import PendingReplay, Resumer, answer_recovery
 from .session import ClientTransport, HandshakeRequest
@@ -49,6 +58,7 @@ class ClientSession:
             live.
         last_ping: When it last sent ``ping`` or ``pong`` (seconds since the epoch).
         pending: Its resume being read from the backplane, if any.
+        limit: What it may still send (``client_message_rate``).
     """
 
     __slots__ = (
@@ -57,6 +67,7 @@ class ClientSession:
         "connected_at",
         "joined_after",
         "last_ping",
+        "limit",
         "pending",
         "remote_addr",
         "transport",
@@ -80,6 +91,10 @@ class ClientSession:
         self.joined_after = joined_after
         self.last_ping: float | None = None
         self.pending: PendingReplay | None = None
+        config = clients.config
+        self.limit = RateLimit(
+            config.client_message_rate, config.client_message_burst, time.monotonic()
+        )
 
     @property
     def client_id(self) -> str:
@@ -90,6 +105,10 @@ class ClientSession:
     def received(self, message: str | bytes) -> None:
         """A whole message arrived from the client."""
         self._clients.received(self, message)
+
+    def control_received(self) -> None:
+        """A control frame (ping, pong) arrived: it counts against the rate limit."""
+        self._clients.charge(self, CONTROL_FRAME_COST)
 
     def pause_writing(self) -> None:
         """The transport cannot take more now."""
@@ -143,8 +162,12 @@ class Clients:
         self.last_id = last_id
         self.spawn = spawn
         self.sessions: dict[str, ClientSession] = {}
-        self.slow = SlowConsumers(config, logger, self.sessions, self.close)
+        # What clients cause is logged within a budget, so that they cannot flood the log.
+        self.client_log = RateLimitedLog(logger)
+        self.connection_log = RateLimitedLog(logger, lines=100)
+        self.slow = SlowConsumers(config, self.client_log, self.sessions, self.close)
         self.protocol_errors = 0
+        self.rate_limited = 0
         self._all_closed: asyncio.Event | None = None
 
     # Joining and leaving
@@ -197,7 +220,7 @@ class Clients:
                 self.send_error(session, error)
             self._replay(session, messages)
         if self.config.log_connection_events:
-            self.logger.info(
+            self.connection_log.info(
                 "client %s connected from %s (%d clients)",
                 client_id,
                 session.remote_addr,
@@ -219,7 +242,7 @@ class Clients:
         self.fanout.remove_client(client)
         self.slow.unblocked(client.client_id)
         if self.config.log_connection_events:
-            self.logger.info(
+            self.connection_log.info(
                 "client %s disconnected (code %s %s; %d clients)",
                 client.client_id,
                 code,
@@ -267,6 +290,9 @@ class Clients:
         A failure inside the hub is logged; ``disconnect_on_error`` decides whether it
         closes the client (1011) or is answered with a 500 error.
         """
+        if not self.charge(session, MESSAGE_COST):
+            self.send_error(session, self._rate_limited())
+            return
         if session.pending is not None:
             # Answered after the resume being read, in the order the client sent them.
             session.pending.inbox.append(message)
@@ -274,13 +300,36 @@ class Clients:
         try:
             self._handle(session, message)
         except Exception:
-            self.logger.exception("error handling a message from client %s", session.client_id)
+            self.client_log.exception("error handling a message from client %s", session.client_id)
             if self.config.disconnect_on_error:
                 self.close(session, INTERNAL_ERROR, "internal error")
             else:
                 self.send(
                     session, MessageType.ERROR, error={"code": 500, "message": "internal error"}
                 )
+
+    def charge(self, session: ClientSession, cost: float) -> bool:
+        """Spend ``cost`` of the client's rate limit: False when it cannot pay. A client
+        refused as many times in a row as its burst is closed with 1008."""
+        limit = session.limit
+        if limit.take(cost, time.monotonic()):
+            return True
+        self.rate_limited += 1
+        if limit.exhausted and session.client_id in self.sessions:
+            self.client_log.warning(
+                "closing client %s: it kept sending past its rate limit", session.client_id
+            )
+            self.close(session, POLICY_VIOLATION, "rate limit exceeded")
+        return False
+
+    def _rate_limited(self) -> ProtocolError:
+        config = self.config
+        return ProtocolError(
+            f"rate limited: at most {config.client_message_rate:g} messages per second, "
+            f"bursts of {config.client_message_burst}",
+            {"rate": config.client_message_rate, "burst": config.client_message_burst},
+            code=RATE_LIMITED,
+        )
 
     def _handle(self, session: ClientSession, message: str | bytes) -> None:
         try:
@@ -306,6 +355,8 @@ class Clients:
         new = [topic for topic in topics if topic not in client.topics]
         self._check_subscription_limit(len(client.topics), len(new))
         held = frozenset(client.topics)
+        if since is not None and not self.charge(session, RESUME_COST - MESSAGE_COST):
+            raise self._rate_limited()
         if since is None:
             self.fanout.subscribe(client, new)
             self.send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
@@ -383,7 +434,12 @@ class Clients:
     def send_error(self, session: ClientSession, error: ProtocolError) -> None:
         """Answer bad input with an ``error`` envelope (counted in ``protocol_errors``)."""
         self.protocol_errors += 1
-        self.send(session, MessageType.ERROR, error=error.to_error())
+        answer = error.to_error()
+        try:
+            self.send(session, MessageType.ERROR, error=answer)
+        except TypeError:  # details that cannot be encoded: the error goes without them
+            answer.pop("details", None)
+            self.send(session, MessageType.ERROR, error=answer)
 
     def _replay(self, session: ClientSession, messages: list[Any]) -> None:
         """Queue recorded messages for one client, in order, behind what it already has."""

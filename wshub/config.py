@@ -31,8 +31,13 @@ class HubConfig:
         write_timeout: How long a client's transport may stay full without draining before
             the client is closed as a slow consumer, and how long ``stop()`` waits for buffered
             frames and closing handshakes.
-        read_timeout: Deadline for a client's opening handshake; with ``enable_ping_pong`` off,
-            also the longest a client may stay silent before it is closed (1011).
+        read_timeout: With ``enable_ping_pong`` off, the longest a client may stay silent
+            before it is closed (1011).
+        open_timeout: Deadline for a client's opening handshake (TLS included), from the
+            TCP connection to the request answered; later, the connection is dropped.
+        max_pending_handshakes: Most connections at once that have not finished their
+            opening handshake (they are not clients yet, so ``max_clients`` does not count
+            them); past it, new TCP connections are closed at once.
         ping_interval: Seconds between protocol pings to each client.
         pong_timeout: A client that has not answered a ping within this is closed (1011).
         max_message_size: Largest frame a client may send, in bytes; larger closes with 1009.
@@ -58,11 +63,18 @@ class HubConfig:
             several hubs into one (see :mod:`wshub.backplane`); None runs this hub alone.
         redis_stream: The Redis stream key the joined hubs share; hubs on other keys of the
             same Redis form separate groups.
+        client_message_rate: Messages (and control frames) per second one client may send,
+            on average; past it, messages are refused with an ``error`` 429 (see
+            :mod:`wshub.limits`). 0 disables the limit.
+        client_message_burst: How many a client may send at once above that rate; a client
+            refused this many times in a row is closed with 1008.
     """
 
     max_clients: int = 100
     write_timeout: float = 10.0
     read_timeout: float = 60.0
+    open_timeout: float = 10.0
+    max_pending_handshakes: int = 1000
     ping_interval: float = 54.0
     pong_timeout: float = 60.0
     max_message_size: int = 524288
@@ -81,6 +93,9 @@ class HubConfig:
     history_ttl: float = 300.0
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
+    # A dashboard sends a few subscribes when it opens and a ping now and then.
+    client_message_rate: float = 10.0
+    client_message_burst: int = 40
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,12 +105,26 @@ class HubConfig:
             "broadcast_buffer_size",
             "max_buffered_bytes",
             "max_subscriptions",
+            "client_message_burst",
+            "max_pending_handshakes",
         ):
             _check_positive_int(name, getattr(self, name))
-        for name in ("write_timeout", "read_timeout", "ping_interval", "pong_timeout"):
+        for name in (
+            "write_timeout",
+            "read_timeout",
+            "open_timeout",
+            "ping_interval",
+            "pong_timeout",
+        ):
             _check_number(name, getattr(self, name), allow_zero=False)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
         _check_number("history_ttl", self.history_ttl, allow_zero=True)
+        _check_number(
+            "client_message_rate",
+            self.client_message_rate,
+            allow_zero=True,
+            unit="messages per second",
+        )
         if (
             isinstance(self.history_size, bool)
             or not isinstance(self.history_size, int)
@@ -145,12 +174,12 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
+def _check_number(name: str, value: Any, *, allow_zero: bool, unit: str = "seconds") -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+        raise ValueError(f"{name} must be a finite number of {unit}, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = "zero or more" if allow_zero else "more than zero"
-        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+        raise ValueError(f"{name} must be {bound} {unit}, got {value!r}")
 
 
 def _as_string_tuple(name: str, value: Any) -> tuple[str, ...]:

@@ -325,6 +325,7 @@ class Hub(RunnerNotifications):
             "writes": fanout.writes if fanout is not None else 0,
             "slow_consumer_disconnects": clients.slow.disconnects if clients is not None else 0,
             "protocol_errors": clients.protocol_errors if clients is not None else 0,
+            "rate_limited": clients.rate_limited if clients is not None else 0,
             "rejected_connections": self._rejected,
             "publish_failures": backplane["publish_failures"] if backplane is not None else 0,
             "backplane": backplane,

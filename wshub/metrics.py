@@ -72,6 +72,11 @@ _COUNTERS: Final = (
         "Invalid client messages answered with an error envelope.",
     ),
     (
+        "rate_limited",
+        "wshub_rate_limited",
+        "Client messages and control frames refused over client_message_rate.",
+    ),
+    (
         "publish_failures",
         "wshub_publish_failures",
         "Publishes the backplane could not take (Redis unreachable); 0 without a backplane.",

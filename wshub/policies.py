@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import HubConfig
+from .logs import RateLimitedLog
 
 __all__ = ["SLOW_CONSUMER_CLOSE_CODE", "SlowConsumers"]
 
@@ -37,7 +38,7 @@ class SlowConsumers:
     def __init__(
         self,
         config: HubConfig,
-        logger: logging.Logger | logging.LoggerAdapter[Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any] | RateLimitedLog,
         sessions: Mapping[str, Any],
         close: Callable[[Any, int, str], None],
     ) -> None:

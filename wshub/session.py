@@ -177,6 +177,13 @@ class ClientSession(Protocol):
         """
         ...
 
+    def control_received(self) -> None:
+        """A control frame (ping, pong) arrived: it counts against the client's rate limit
+        (``client_message_rate``), which may make the hub close the client. Transports that
+        see control frames call it; where the server answers pings by itself, they go
+        uncounted."""
+        ...
+
     def pause_writing(self) -> None:
         """The transport cannot take more now: the core keeps the client's frames."""
         ...

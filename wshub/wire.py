@@ -32,6 +32,7 @@ __all__ = [
     "parse_message_id",
     "parse_topics",
     "rfc3339",
+    "shown",
     "topic_list",
     "topic_problem",
 ]
@@ -85,6 +86,42 @@ CLIENT_MESSAGE_TYPES = frozenset(
 )
 
 
+# How much of a client's value an error may echo back: enough to see what was wrong, never
+# an unbounded or deeply nested value that would cost the hub to encode or fail to encode.
+SHOWN_STRING = 64
+SHOWN_ITEMS = 10
+SHOWN_DEPTH = 3
+
+
+def shown(value: Any, depth: int = 0) -> Any:
+    """``value`` cut down for an error's ``details``: strings to :data:`SHOWN_STRING`
+    characters, containers to :data:`SHOWN_ITEMS` entries and :data:`SHOWN_DEPTH` levels,
+    anything that is not JSON to its type's name."""
+    if isinstance(value, str):
+        return value if len(value) <= SHOWN_STRING else value[:SHOWN_STRING] + "..."
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        # orjson writes 64-bit integers only; a bigger one is shown as text.
+        return value if -(2**63) <= value < 2**64 else shown(str(value))
+    if isinstance(value, list | tuple | dict):
+        if depth >= SHOWN_DEPTH:
+            return "..."
+        if isinstance(value, dict):
+            entries = list(value.items())
+            result: Any = {
+                shown(str(key)): shown(item, depth + 1) for key, item in entries[:SHOWN_ITEMS]
+            }
+            if len(entries) > SHOWN_ITEMS:
+                result["..."] = f"{len(entries) - SHOWN_ITEMS} more"
+            return result
+        result = [shown(item, depth + 1) for item in value[:SHOWN_ITEMS]]
+        if len(value) > SHOWN_ITEMS:
+            result.append(f"... {len(value) - SHOWN_ITEMS} more")
+        return result
+    return type(value).__name__
+
+
 class ProtocolError(ValueError):
     """A client message the hub cannot act on; answered with an ``error`` envelope.
 
@@ -101,10 +138,10 @@ class ProtocolError(ValueError):
         self.code = code
 
     def to_error(self) -> dict[str, Any]:
-        """The ``error`` object of the envelope."""
+        """The ``error`` object of the envelope; what it echoes of the client is bounded."""
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details is not None:
-            error["details"] = self.details
+            error["details"] = shown(self.details)
         return error
 
 

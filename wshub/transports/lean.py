@@ -23,6 +23,7 @@ import http
 import importlib.resources
 import logging
 import ssl as ssl_module
+import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
@@ -34,6 +35,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..config import HubConfig
+from ..limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, READ_BUDGET
 from ..session import (
     ClientSession,
     FrameKind,
@@ -66,7 +68,10 @@ _WEBSOCKET_FRAMES = FrameKind.WEBSOCKET_FRAMES
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
+_PING = Opcode.PING
 _PONG = Opcode.PONG
+_HEAD_END = b"\r\n\r\n"
+_PING_DATA = struct.Struct("!d")  # the loop time a keepalive ping was sent: its pong echoes it
 
 # Close codes (RFC 6455 7.4.1), with the reasons websockets uses for the same events.
 _GOING_AWAY = 1001
@@ -162,6 +167,11 @@ def _is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
+def _wrong_version(request: Request) -> bool:
+    """Whether ``request`` asks for a WebSocket version other than 13 (RFC 6455)."""
+    return request.headers.get_all("Sec-WebSocket-Version") != ["13"]
+
+
 def _handshake_request(request: Request, peer: Any) -> HandshakeRequest:
     """What the hub sees of ``request``; repeated headers are joined with ", "."""
     return HandshakeRequest.from_target(
@@ -198,6 +208,7 @@ class HubEndpoint:
         self.loop = asyncio.get_running_loop()
         # Pending handshakes and open connections alike, so that aclose() reaches both.
         self.connections: dict[HubConnection, None] = {}
+        self.handshakes = 0  # connections whose opening handshake is not answered yet
         self._heartbeat: asyncio.TimerHandle | None = None
         # Pong deadlines of the ping rounds in flight, by the round's loop time (more than
         # one when pong_timeout is longer than ping_interval).
@@ -315,11 +326,13 @@ class HubConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_backlog",
         "_closing_told",
         "_endpoint",
-        "_fragment_size",
+        "_fragment_count",
         "_fragment_text",
         "_fragments",
+        "_head",
         "_lost",
         "_lost_waiters",
         "_timer",
@@ -349,9 +362,13 @@ class HubConnection(asyncio.Protocol):
         self.last_received = 0.0
         # The handshake deadline, then the closing deadline; None while open.
         self._timer: asyncio.TimerHandle | None = None
-        self._fragments: list[bytes] | None = None  # a fragmented message being assembled
-        self._fragment_size = 0
+        self._fragments: bytearray | None = None  # a fragmented message being assembled
+        self._fragment_count = 0
         self._fragment_text = False
+        # The opening request head as it arrives; None once it is answered (or never counted).
+        self._head: bytearray | None = None
+        # Bytes read but not handled yet (past READ_BUDGET); reading is paused meanwhile.
+        self._backlog: memoryview | None = None
         self._lost = False
         self._closing_told = False  # the session knows the closing handshake began
         # Created only when someone waits, so an idle connection carries no futures.
@@ -381,19 +398,92 @@ class HubConnection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start the handshake deadline (``read_timeout``)."""
+        """Start the handshake deadline (``open_timeout``), or close the connection at once
+        when ``max_pending_handshakes`` connections are handshaking already."""
         # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.write = transport.write
-        transport.set_write_buffer_limits(WRITE_LIMIT)
         endpoint = self._endpoint
+        if endpoint.handshakes >= endpoint.config.max_pending_handshakes:
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(WRITE_LIMIT)
         endpoint.connections[self] = None
+        endpoint.handshakes += 1
+        self._head = bytearray()
         self._timer = endpoint.loop.call_later(
-            endpoint.config.read_timeout, self._handshake_timeout
+            endpoint.config.open_timeout, self._handshake_timeout
         )
 
     def data_received(self, data: bytes) -> None:
+        """Take the request head, then frames, at most ``READ_BUDGET`` bytes per loop
+        iteration: a larger read is handled over the next iterations, reading paused."""
+        if self._head is not None:
+            self._head_received(data)
+        elif self._backlog is not None:  # read before the pause took effect: keep the order
+            self._backlog = memoryview(bytes(self._backlog) + data)
+        elif len(data) > READ_BUDGET:
+            self._backlog = memoryview(data)[READ_BUDGET:]
+            self.transport.pause_reading()
+            self._endpoint.loop.call_soon(self._read_backlog)
+            self._handle_data(data[:READ_BUDGET])
+        else:
+            self._handle_data(data)
+
+    def _read_backlog(self) -> None:
+        backlog = self._backlog
+        if backlog is None or self._lost:
+            self._backlog = None
+            return
+        chunk = bytes(backlog[:READ_BUDGET])
+        rest = backlog[READ_BUDGET:]
+        self._backlog = rest if len(rest) else None
+        self._handle_data(chunk)
+        if self._backlog is not None:
+            self._endpoint.loop.call_soon(self._read_backlog)
+        elif not self._lost and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _head_received(self, data: bytes) -> None:
+        """Collect the request head; hand the protocol the head alone, so that it is
+        answered before any byte after it (pipelined data) is read as frames."""
+        head = self._head
+        assert head is not None
+        searched = max(0, len(head) - len(_HEAD_END) + 1)
+        head += data
+        end = head.find(_HEAD_END, searched)
+        if end < 0 or end + len(_HEAD_END) > MAX_REQUEST_HEAD:
+            if len(head) > MAX_REQUEST_HEAD:
+                self._refuse_head()
+            return
+        end += len(_HEAD_END)
+        self._head_done()
+        self._handle_data(bytes(head[:end]))  # the request: answered here
+        if len(head) > end:
+            self.data_received(bytes(head[end:]))
+
+    def _head_done(self) -> None:
+        if self._head is not None:
+            self._head = None
+            self._endpoint.handshakes -= 1
+
+    def _refuse_head(self) -> None:
+        self._head_done()
+        protocol = self.protocol
+        response = protocol.reject(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"Request head larger than {MAX_REQUEST_HEAD} bytes\n",
+        )
+        response.headers["Server"] = SERVER
+        protocol.send_response(response)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._send_data()
+        self._arm_close_deadline()
+
+    def _handle_data(self, data: bytes) -> None:
         """Feed the protocol, write what it answers, then handle the request or messages."""
         protocol = self.protocol
         protocol.receive_data(data)
@@ -417,6 +507,8 @@ class HubConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Close the protocol, wake whoever waits, and tell the session."""
         self._lost = True
+        self._head_done()
+        self._backlog = None
         self.protocol.receive_eof()  # idempotent; the state becomes CLOSED
         self.protocol.data_to_send()  # nothing can be written any more
         if self._timer is not None:
@@ -462,6 +554,11 @@ class HubConnection(asyncio.Protocol):
                 response.headers["Allow"] = "GET"
             else:
                 response = static.response()
+        elif sum(1 for _ in request.headers.raw_items()) > MAX_REQUEST_HEADERS:
+            response = protocol.reject(
+                http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"More than {MAX_REQUEST_HEADERS} header lines\n",
+            )
         else:
             handshake = _handshake_request(request, self.transport.get_extra_info("peername"))
             refusal = hub.admit(handshake)
@@ -470,6 +567,12 @@ class HubConnection(asyncio.Protocol):
             else:
                 # Validates the handshake; a bad request gets a 4xx here.
                 response = protocol.accept(request)
+                if response.status_code != 101 and _wrong_version(request):
+                    # RFC 6455 4.4: 426 naming the version this server speaks.
+                    response = protocol.reject(
+                        http.HTTPStatus.UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n"
+                    )
+                    response.headers["Sec-WebSocket-Version"] = "13"
         response.headers["Server"] = SERVER
         protocol.send_response(response)
         if self._timer is not None:
@@ -501,30 +604,42 @@ class HubConnection(asyncio.Protocol):
 
     def _frame_received(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is _PONG:
-            self.ping_sent = None
-            return
         if opcode is _TEXT or opcode is _BINARY:
             if frame.fin:
                 self._message_received(opcode is _TEXT, bytes(frame.data))
             else:
-                self._fragments = [bytes(frame.data)]
-                self._fragment_size = len(frame.data)
+                self._fragments = bytearray(frame.data)
+                self._fragment_count = 1
                 self._fragment_text = opcode is _TEXT
             return
-        if opcode is _CONT and self._fragments is not None:
-            self._fragments.append(bytes(frame.data))
-            self._fragment_size += len(frame.data)
+        if opcode is _CONT:
+            fragments = self._fragments
+            if fragments is None:
+                return
+            fragments += frame.data
+            self._fragment_count += 1
             # The protocol enforces max_size across fragments already; this keeps the
             # bound true here whatever the protocol does.
-            if self._fragment_size > self._endpoint.config.max_message_size:
+            if len(fragments) > self._endpoint.config.max_message_size:
                 self._fragments = None
                 self._fail(_MESSAGE_TOO_BIG, "message too big")
-                return
-            if frame.fin:
-                fragments, self._fragments = self._fragments, None
-                self._message_received(self._fragment_text, b"".join(fragments))
-        # Pings are answered and close frames handled by the protocol itself.
+            elif self._fragment_count > MAX_FRAGMENTS:
+                self._fragments = None
+                self._fail(_MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} fragments")
+            elif frame.fin:
+                self._fragments = None
+                self._message_received(self._fragment_text, bytes(fragments))
+            return
+        # Pings are answered and close frames handled by the protocol itself; control
+        # frames count against the client's rate limit, and only a pong that echoes the
+        # keepalive ping proves the client alive.
+        session = self.session
+        if opcode is _PONG:
+            sent = self.ping_sent
+            if sent is not None and frame.data == _PING_DATA.pack(sent):
+                self.ping_sent = None
+        if (opcode is _PING or opcode is _PONG) and session is not None:
+            session.control_received()
 
     def _message_received(self, text: bool, data: bytes) -> None:
         session = self.session
@@ -549,11 +664,15 @@ class HubConnection(asyncio.Protocol):
                 continue  # too late: drop it, as the transport would
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
-                # uvloop raises RuntimeError on a closing transport; nothing is lost then.
-                with contextlib.suppress(Exception):
-                    transport.write_eof()
-            else:  # TLS cannot half-close: close (after the buffered data is written)
+                if transport.get_write_buffer_size() > self._endpoint.config.max_buffered_bytes:
+                    # Pongs and close frames pile up for a client that reads nothing: the
+                    # same bound as the hub's own frames, past which it is dropped.
+                    transport.abort()
+                    return
+            else:
+                # The server closes the TCP connection first (RFC 6455 7.1.1), once the
+                # buffered data is written, rather than wait for a client that may never
+                # close its side; the close deadline aborts one that does not drain.
                 transport.close()
         if not self._closing_told and self.protocol.state is not _OPEN:
             session = self.session
@@ -590,7 +709,7 @@ class HubConnection(asyncio.Protocol):
         self._arm_close_deadline()
 
     def _send_ping(self, now: float) -> None:
-        self.protocol.send_ping(b"")
+        self.protocol.send_ping(_PING_DATA.pack(now))
         self._send_data()
         self.ping_sent = now
 
@@ -630,7 +749,7 @@ async def start_server(
         host: Interface(s) to listen on.
         port: TCP port; 0 picks a free one (read it from ``server.sockets``).
         path: The WebSocket endpoint; other paths get HTTP 404.
-        ssl: An ``ssl.SSLContext`` for ``wss://``; its handshake deadline is ``read_timeout``,
+        ssl: An ``ssl.SSLContext`` for ``wss://``; its handshake deadline is ``open_timeout``,
             its shutdown deadline ``write_timeout``.
         backlog: The listen queue, large so that a crowd of dashboards reconnecting at once
             is not refused by the kernel.
@@ -645,7 +764,7 @@ async def start_server(
     static = load_dashboard(path) if dashboard else None
     endpoint = HubEndpoint(hub, path=path, static=static)
     if ssl is not None:
-        create_server_options.setdefault("ssl_handshake_timeout", hub.config.read_timeout)
+        create_server_options.setdefault("ssl_handshake_timeout", hub.config.open_timeout)
         create_server_options.setdefault("ssl_shutdown_timeout", hub.config.write_timeout)
     create_server_options.setdefault("reuse_address", True)
     server = await endpoint.loop.create_server(

@@ -208,7 +208,7 @@ def server_options(hub: SessionHost, *, path: str = "/api/ws") -> dict[str, Any]
         "max_size": config.max_message_size,
         "ping_interval": config.ping_interval if heartbeat else None,
         "ping_timeout": config.pong_timeout if heartbeat else None,
-        "open_timeout": config.read_timeout,
+        "open_timeout": config.open_timeout,
         "close_timeout": config.write_timeout,
         "create_connection": HubServerConnection,
         "process_request": _process_request(hub, path),
