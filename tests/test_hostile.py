@@ -1,0 +1,368 @@
+"""Hostile and broken clients: whatever one sends, the others are served and it gets a clear
+answer or a clean close.
+
+Each test attacks a hub over a real socket and asserts outcomes: the attacker's answer or
+close code, the victims' messages, the hub's counters. Bounds on time are generous: they
+tell a frozen hub from a working one, not a fast machine from a slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.frames import Opcode
+
+from wshub.limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS
+from wshub.wire import SHOWN_DEPTH, SHOWN_ITEMS, SHOWN_STRING, shown
+
+from .helpers import TIMEOUT, client, recv_json, send_json
+from .raw import RawClient, opening_request
+
+PING = json.dumps({"type": "ping"})
+
+
+async def _pong_after_errors(ws: Any, errors: int) -> list[dict[str, Any]]:
+    """Read ``errors`` error envelopes, then send a ping and read its pong: the connection
+    lives on."""
+    answers = [await recv_json(ws) for _ in range(errors)]
+    assert all(answer["type"] == "error" for answer in answers), answers
+    await ws.send(PING)
+    assert (await recv_json(ws))["type"] == "pong"
+    return [answer["error"] for answer in answers]
+
+
+# Rate limits (every transport)
+
+
+async def test_a_client_over_its_rate_limit_is_refused_then_closed(hub_server: Any) -> None:
+    # A token every 1,000 s: nothing refills during the test, however slow the machine.
+    async with (
+        hub_server(client_message_rate=0.001, client_message_burst=5) as served,
+        client(served.url) as (attacker, _),
+        client(served.url) as (victim, _),
+    ):
+        for _ in range(5):
+            await attacker.send(PING)
+        assert [(await recv_json(attacker))["type"] for _ in range(5)] == ["pong"] * 5
+        await attacker.send(PING)
+        refused = await recv_json(attacker)
+        assert refused["type"] == "error" and refused["error"]["code"] == 429
+        assert "rate limited" in refused["error"]["message"]
+        assert refused["error"]["details"] == {"rate": 0.001, "burst": 5}
+        for _ in range(4):  # five refusals in a row: as many as the burst
+            await attacker.send(PING)
+        with pytest.raises(ConnectionClosedError) as closed:
+            while True:
+                assert (await recv_json(attacker))["error"]["code"] == 429
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "rate limit exceeded")
+        assert served.hub.stats()["rate_limited"] == 5
+        await victim.send(PING)  # the others' limits are their own
+        assert (await recv_json(victim))["type"] == "pong"
+
+
+async def test_a_resume_costs_more_than_a_ping(hub_server: Any) -> None:
+    async with (
+        hub_server(client_message_rate=0.001, client_message_burst=7) as served,
+        client(served.url) as (ws, hello),
+    ):
+        served.hub.broadcast_to_all("news", 1)
+        assert (await recv_json(ws))["type"] == "news"
+        since = {"type": "subscribe", "data": {"topics": ["a"], "since": "0-0"}}
+        await send_json(ws, since)  # 5 of the 7 tokens
+        assert (await recv_json(ws))["type"] == "subscribed"
+        await send_json(ws, since)  # 1 as any message, then 4 more: refused
+        refused = await recv_json(ws)
+        assert refused["type"] == "error" and refused["error"]["code"] == 429
+        await ws.send(PING)  # the last token
+        assert (await recv_json(ws))["type"] == "pong"
+        await ws.send(PING)
+        assert (await recv_json(ws))["error"]["code"] == 429
+        assert served.hub.client_info()[0]["subscriptions"] == ["*", "a"]
+        assert hello["type"] == "connection"
+
+
+async def test_no_rate_limit_when_it_is_off(hub_server: Any) -> None:
+    async with (
+        hub_server(client_message_rate=0, client_message_burst=1) as served,
+        client(served.url) as (ws, _),
+    ):
+        for _ in range(50):
+            await ws.send(PING)
+        assert [(await recv_json(ws))["type"] for _ in range(50)] == ["pong"] * 50
+        assert served.hub.stats()["rate_limited"] == 0
+
+
+async def test_protocol_pings_count_against_the_rate_limit(lean_server: Any) -> None:
+    async with (
+        lean_server(client_message_rate=0.001, client_message_burst=3) as served,
+        RawClient.connect(served.url) as raw,
+    ):
+        assert raw.response is not None and raw.response.status_code == 101
+        assert (await raw.next_message())["type"] == "connection"
+        raw.writer.write(RawClient.frame(Opcode.PING, b"x") * 6)
+        assert await raw.close_code() == 1008
+        assert served.hub.stats()["rate_limited"] == 3
+
+
+# Errors never fail (every transport)
+
+
+async def test_errors_echo_a_bounded_part_of_what_the_client_sent(hub_server: Any) -> None:
+    deep: Any = "bottom"
+    for _ in range(300):
+        deep = [deep]
+    async with hub_server() as served, client(served.url) as (ws, _):
+        await ws.send(json.dumps({"type": deep}))
+        await ws.send(json.dumps({"type": "subscribe", "data": {"topics": {"a": deep}}}))
+        await ws.send(json.dumps({"type": "x" * 100_000}))
+        await ws.send(json.dumps({"type": "subscribe", "data": {"topics": list(range(50))}}))
+        errors = await _pong_after_errors(ws, 4)
+    unknown_type, bad_topics, long_type, many_topics = errors
+    assert unknown_type["message"] == "unknown message type"
+    # SHOWN_DEPTH levels, the details object included.
+    assert unknown_type["details"]["type"] == [["..."]]
+    assert bad_topics["details"] == {"topics": {"a": ["..."]}}
+    assert long_type["details"]["type"] == "x" * SHOWN_STRING + "..."
+    assert many_topics["message"] == "topic must be a string"
+    assert many_topics["details"] == {"topic": 0}
+    assert len(json.dumps(errors)) < 2000
+
+
+def test_shown_bounds_depth_items_and_strings() -> None:
+    assert shown("a" * 100) == "a" * SHOWN_STRING + "..."
+    assert shown(list(range(25))) == [*range(SHOWN_ITEMS), "... 15 more"]
+    assert shown({str(n): n for n in range(12)}) == {
+        **{str(n): n for n in range(SHOWN_ITEMS)},
+        "...": "2 more",
+    }
+    nested: Any = 1
+    for _ in range(SHOWN_DEPTH + 2):
+        nested = {"k": nested}
+    assert json.dumps(shown(nested)).count("{") == SHOWN_DEPTH
+    assert shown(2**70) == str(2**70)[:SHOWN_STRING]
+    assert shown(object()) == "object"
+    assert shown([1.5, None, True]) == [1.5, None, True]
+
+
+# The opening handshake (the lean server's own HTTP)
+
+
+async def test_pipelined_requests_get_the_101_first(
+    lean_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with lean_server() as served:
+        uri = served.url
+        async with RawClient.connect(uri, after_request=opening_request(uri)) as raw:
+            assert raw.response is not None and raw.response.status_code == 101
+            # The second request is read as frames: not a valid one, so a clean 1002.
+            assert await raw.close_code() == 1002
+        async with client(uri) as (ws, _):  # and the hub serves on
+            await ws.send(PING)
+            assert (await recv_json(ws))["type"] == "pong"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_frames_in_the_same_packet_as_the_request_are_read(lean_server: Any) -> None:
+    ping = RawClient.frame(Opcode.TEXT, PING.encode())
+    async with lean_server() as served, RawClient.connect(served.url, after_request=ping) as raw:
+        assert raw.response is not None and raw.response.status_code == 101
+        types = [(await raw.next_message())["type"] for _ in range(2)]
+        assert types == ["connection", "pong"]
+
+
+async def test_a_wrong_websocket_version_gets_426_naming_13(lean_server: Any) -> None:
+    async with lean_server() as served:
+        host, port = served.url.removeprefix("ws://").split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                b"GET /api/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 8\r\n\r\n"
+            )
+            async with asyncio.timeout(TIMEOUT):
+                answer = await reader.read()
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 426 ")
+    assert b"\r\nSec-WebSocket-Version: 13\r\n" in answer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /api/ws HTTP/1.1\r\nHost: h\r\nX-Padding: " + b"a" * MAX_REQUEST_HEAD,
+        b"GET /api/ws HTTP/1.1\r\n"
+        + b"".join(b"X-%d: 1\r\n" % n for n in range(MAX_REQUEST_HEADERS + 1))
+        + b"\r\n",
+    ],
+    ids=["large", "many"],
+)
+async def test_an_oversized_request_head_gets_431(lean_server: Any, head: bytes) -> None:
+    async with lean_server() as served:
+        host, port = served.url.removeprefix("ws://").split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(head)
+            async with asyncio.timeout(TIMEOUT):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        async with client(served.url):  # the next handshake is served as usual
+            pass
+
+
+async def test_unfinished_handshakes_are_capped(lean_server: Any) -> None:
+    async with lean_server(max_pending_handshakes=2) as served:
+        host, port = served.url.removeprefix("ws://").split("/")[0].split(":")
+        async with RawClient.connect(served.url) as opened:  # a client: not pending
+            assert opened.response is not None and opened.response.status_code == 101
+            pending = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+            try:
+                # A third is closed at once, while the first two still wait for their
+                # requests (open_timeout is 10 s).
+                reader, writer = await asyncio.open_connection(host, int(port))
+                async with asyncio.timeout(TIMEOUT):
+                    assert await reader.read() == b""
+                writer.close()
+                first_reader, first_writer = pending[0]
+                first_writer.write(opening_request(served.url))
+                async with asyncio.timeout(TIMEOUT):
+                    assert (await first_reader.readline()).startswith(b"HTTP/1.1 101 ")
+            finally:
+                for _, pending_writer in pending:
+                    pending_writer.close()
+
+
+async def test_stop_does_not_wait_for_a_client_that_never_closes_tcp(lean_server: Any) -> None:
+    """The client answers the hub's close frame but never closes its side (websocket-client
+    does this): the hub closes the TCP connection itself (RFC 6455 7.1.1), so stop() does
+    not wait write_timeout for it."""
+    connection = None
+    try:
+        async with lean_server(write_timeout=60.0) as served:
+            connection = RawClient.connect(served.url)
+            raw = await connection.__aenter__()
+            assert (await raw.next_message())["type"] == "connection"
+            answering = asyncio.create_task(raw.close_code(timeout=60.0))
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < TIMEOUT
+        assert await answering == 1001 and raw.eof
+    finally:
+        if connection is not None:
+            await connection.__aexit__(None, None, None)
+
+
+# Fragments (the lean server assembles them itself)
+
+
+async def test_too_many_fragments_close_with_1009(lean_server: Any) -> None:
+    async with lean_server() as served, RawClient.connect(served.url) as raw:
+        assert (await raw.next_message())["type"] == "connection"
+        frames = [RawClient.frame(Opcode.TEXT, b"{", fin=False)]
+        frames += [RawClient.frame(Opcode.CONT, b"", fin=False)] * MAX_FRAGMENTS
+        raw.writer.write(b"".join(frames))
+        assert await raw.close_code() == 1009
+
+
+async def test_a_message_in_many_fragments_within_the_limit_is_read(lean_server: Any) -> None:
+    async with lean_server() as served, RawClient.connect(served.url) as raw:
+        assert (await raw.next_message())["type"] == "connection"
+        data = PING.encode()
+        frames = [RawClient.frame(Opcode.TEXT, data[:1], fin=False)]
+        frames += [RawClient.frame(Opcode.CONT, bytes([byte]), fin=False) for byte in data[1:]]
+        frames += [RawClient.frame(Opcode.CONT, b"", fin=True)]
+        raw.writer.write(b"".join(frames))
+        assert (await raw.next_message())["type"] == "pong"
+
+
+# Keepalive: only the pong that answers the hub's ping counts
+
+
+async def test_unsolicited_pongs_do_not_keep_a_dead_client_alive(lean_server: Any) -> None:
+    async with (
+        lean_server(ping_interval=0.2, pong_timeout=0.3, client_message_rate=0) as served,
+        RawClient.connect(served.url) as raw,
+    ):
+        assert (await raw.next_message())["type"] == "connection"
+        started = time.monotonic()
+
+        async def pong_forever() -> None:
+            while True:
+                raw.send(Opcode.PONG, b"")
+                await asyncio.sleep(0.05)
+
+        ponging = asyncio.create_task(pong_forever())
+        try:
+            assert await raw.close_code(timeout=TIMEOUT) == 1011
+        finally:
+            ponging.cancel()
+        assert time.monotonic() - started < TIMEOUT
+
+
+async def test_a_pong_that_echoes_the_ping_keeps_the_client(lean_server: Any) -> None:
+    async with (
+        lean_server(ping_interval=0.1, pong_timeout=0.3, client_message_rate=0) as served,
+        RawClient.connect(served.url) as raw,
+    ):
+        assert (await raw.next_message())["type"] == "connection"
+        for _ in range(5):  # five rounds, well past pong_timeout in all
+            ping = await raw.next_frame()
+            assert ping.opcode is Opcode.PING
+            raw.send(Opcode.PONG, ping.data)
+        assert served.hub.client_count == 1
+
+
+# Fair reading: one client's flood does not freeze the others
+
+
+async def test_a_flood_in_one_write_does_not_freeze_the_other_clients(lean_server: Any) -> None:
+    """200,000 valid messages in one write (4 MiB): handled READ_BUDGET bytes per loop
+    iteration, so the victim's stream goes on meanwhile."""
+    flood = RawClient.frame(Opcode.TEXT, b'{"type":"pong"}') * 200_000
+    async with (
+        lean_server(client_message_rate=0) as served,
+        client(served.url) as (victim, _),
+        RawClient.connect(served.url + "?topics=quiet") as attacker,
+    ):
+        hub = served.hub
+        assert (await attacker.next_message())["type"] == "connection"
+        stop = asyncio.Event()
+
+        async def publish() -> None:
+            sequence = 0
+            while not stop.is_set():
+                hub.broadcast_to_subscribers("tick", sequence, ("ticks",))
+                sequence += 1
+                await asyncio.sleep(0.01)
+
+        await send_json(victim, {"type": "subscribe", "data": {"topics": ["ticks"]}})
+        assert (await recv_json(victim))["type"] == "subscribed"
+        publisher = asyncio.create_task(publish())
+        try:
+            assert (await recv_json(victim))["type"] == "tick"
+            attacker.writer.write(flood)
+            attacker.send(Opcode.TEXT, PING.encode())  # answered once the flood is handled
+            answered = asyncio.create_task(attacker.next_frame(timeout=120))
+            gaps = []
+            last = time.monotonic()
+            while not answered.done():
+                assert (await recv_json(victim))["type"] == "tick"
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+            assert json.loads(bytes((await answered).data))["type"] == "pong"
+        finally:
+            stop.set()
+            await publisher
+    # Handled in one callback, the flood froze every client for seconds on this machine.
+    assert max(gaps) < 1.0, max(gaps)
