@@ -29,7 +29,7 @@ from wshub.api import (
 )
 from wshub.bench.redis_server import RedisServer
 
-from .helpers import TIMEOUT, HubServer, client, recv_json, wait_until
+from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
 
 TOKEN = "s3cret-token"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -83,21 +83,21 @@ class Api:
 
 
 ApiFactory = Callable[..., contextlib.AbstractAsyncContextManager[Api]]
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 def api(lean_server: Any) -> ApiFactory:
     """Start a hub (both cores) and its API on free ports of 127.0.0.1, with an HTTP client.
 
-    Keyword arguments ``publish_token`` and ``max_body_size`` go to the API, the rest to the
-    hub's config.
+    Keyword arguments ``publish_token``, ``max_body_size`` and ``allowed_origins`` go to the
+    API, the rest to the hub's config.
     """
 
     @contextlib.asynccontextmanager
     async def start(**options: Any) -> AsyncIterator[Api]:
-        api_options = {
-            key: options.pop(key) for key in ("publish_token", "max_body_size") if key in options
-        }
+        names = ("publish_token", "max_body_size", "allowed_origins")
+        api_options = {key: options.pop(key) for key in names if key in options}
         async with lean_server(**options) as served:
             server = await start_api(served.hub, "127.0.0.1", 0, **api_options)
             try:
@@ -215,16 +215,62 @@ async def test_publish_with_topics_reaches_only_their_subscribers(api: ApiFactor
         assert recipients_of(reply.body) == 0  # only "*" subscribers match no topic at all
 
 
-async def test_any_content_type_is_accepted_when_the_body_is_json(api: ApiFactory) -> None:
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"]
+)
+async def test_a_body_a_web_page_could_post_without_preflight_is_refused(
+    api: ApiFactory, content_type: str
+) -> None:
+    """A browser on the hub's host sends these cross-site without asking first (no CORS
+    preflight), so any web page could publish to every dashboard: 415, nothing published."""
     async with api() as running, client(running.ws_url()) as (ws, _):
         reply = await running.request(
             "POST",
             "/api/publish",
             data=b'{"type": "plain"}',
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            headers={"Content-Type": content_type},
         )
-        assert (reply.status, recipients_of(reply.body)) == (200, 1)
-        assert (await recv_json(ws))["type"] == "plain"
+        assert reply.status == 415
+        assert reply.body == {
+            "error": {"code": 415, "message": "Content-Type must be application/json"}
+        }
+        await assert_nothing_published(running, ws)
+
+
+async def test_a_post_from_another_origin_is_refused(api: ApiFactory) -> None:
+    async with (
+        api(allowed_origins=["https://runner.example"]) as running,
+        client(running.ws_url()) as (ws, _),
+    ):
+        reply = await running.post(
+            "/api/publish", {"type": "x"}, headers={"Origin": "https://evil.example"}
+        )
+        assert reply.status == 403
+        assert "https://evil.example" in reply.body["error"]["message"]
+        await assert_nothing_published(running, ws)
+        allowed = await running.post(
+            "/api/publish", {"type": "x"}, headers={"Origin": "https://runner.example"}
+        )
+        assert (allowed.status, recipients_of(allowed.body)) == (200, 1)
+        assert (await recv_json(ws))["type"] == "x"
+
+
+async def test_a_publish_larger_than_max_publish_size_is_413(api: ApiFactory) -> None:
+    async with api(max_publish_size=1000) as running, client(running.ws_url()) as (ws, _):
+        reply = await running.post("/api/publish", {"type": "big", "data": "x" * 1000})
+        assert reply.status == 413
+        assert "max_publish_size (1000 bytes)" in reply.body["error"]["message"]
+        await assert_nothing_published(running, ws)
+        fits = await running.post("/api/publish", {"type": "small", "data": "x" * 800})
+        assert (fits.status, recipients_of(fits.body)) == (200, 1)
+        assert (await recv_json(ws))["type"] == "small"
+
+
+async def assert_nothing_published(running: Api, ws: Any) -> None:
+    """Nothing reached ``ws``: the next thing it gets is the pong to its ping."""
+    assert running.served.hub.stats()["messages_published"] == 0
+    await send_json(ws, {"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"
 
 
 # The runner's notifications
@@ -588,7 +634,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
 async def test_bad_bodies_are_400_naming_the_field(api: ApiFactory) -> None:
     async with api() as running, client(running.ws_url()) as (ws, _):
         for path, raw, field in BAD_BODIES:
-            reply = await running.request("POST", path, data=raw)
+            reply = await running.request("POST", path, data=raw, headers=JSON_HEADERS)
             assert reply.status == 400, (path, raw[:80], reply.text)
             error = reply.body["error"]
             assert (error["code"], error["field"]) == (400, field), (path, raw[:80], error)
@@ -607,13 +653,13 @@ async def test_bodies_over_max_body_size_are_413(api: ApiFactory) -> None:
         padding = limit - len(orjson.dumps({"type": "fits", "data": ""}))
         exact = orjson.dumps({"type": "fits", "data": "x" * padding})
         assert len(exact) == limit
-        reply = await running.request("POST", "/api/publish", data=exact)
+        reply = await running.request("POST", "/api/publish", data=exact, headers=JSON_HEADERS)
         assert (reply.status, recipients_of(reply.body)) == (200, 1)
         assert (await recv_json(ws))["type"] == "fits"
 
         too_big = orjson.dumps({"type": "fits", "data": "x" * (padding + 1)})
         assert len(too_big) == limit + 1
-        reply = await running.request("POST", "/api/publish", data=too_big)
+        reply = await running.request("POST", "/api/publish", data=too_big, headers=JSON_HEADERS)
         assert reply.status == 413
         assert reply.body["error"]["code"] == 413
 
@@ -623,13 +669,15 @@ async def test_bodies_over_max_body_size_are_413(api: ApiFactory) -> None:
                 yield b" " * 512
             yield b'{"type": "big"}'
 
-        reply = await running.request("POST", "/api/notify/run_failed", data=chunks())
+        reply = await running.request(
+            "POST", "/api/notify/run_failed", data=chunks(), headers=JSON_HEADERS
+        )
         assert reply.status == 413
         assert reply.body["error"]["code"] == 413
 
         # A much larger body is refused from its Content-Length, and the server goes on.
         huge = io.BytesIO(b"x" * (2 * 1024 * 1024))
-        reply = await running.request("POST", "/api/publish", data=huge)
+        reply = await running.request("POST", "/api/publish", data=huge, headers=JSON_HEADERS)
         assert reply.status == 413
         assert running.hub.stats()["messages_published"] == 1
         assert (await running.get("/healthz")).status == 200
@@ -652,7 +700,10 @@ async def test_a_client_leaving_mid_body_is_no_server_error(
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     async with api() as running:
         _, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
-        writer.write(b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        writer.write(
+            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
         await writer.drain()
         writer.close()
         await writer.wait_closed()

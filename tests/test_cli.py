@@ -23,8 +23,11 @@ LISTENING = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)/api/ws")
 
 @asynccontextmanager
 async def wshub_serve(*arguments: str, **environment: str) -> AsyncIterator[tuple[Any, int]]:
-    """Start ``python -m wshub serve`` on free ports; yields the process and its WS port."""
-    process = await asyncio.create_subprocess_exec(
+    """Start ``python -m wshub serve`` on free ports; yields the process and its WS port.
+
+    The lines logged before the ports are known stay readable as ``process.startup_lines``.
+    """
+    process: Any = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "wshub",
@@ -40,11 +43,15 @@ async def wshub_serve(*arguments: str, **environment: str) -> AsyncIterator[tupl
         env={**os.environ, **environment},
     )
     assert process.stderr is not None
+    process.startup_lines = []
     try:
         async with asyncio.timeout(20):
-            while not (match := LISTENING.search((await process.stderr.readline()).decode())):
+            while not (
+                match := LISTENING.search(line := (await process.stderr.readline()).decode())
+            ):
                 if process.returncode is not None:
                     raise AssertionError("wshub serve exited early")
+                process.startup_lines.append(line)
         yield process, int(match.group(1))
     finally:
         if process.returncode is None:
@@ -107,6 +114,9 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             while not (match := API.search((await process.stderr.readline()).decode())):
                 pass
         url = match.group(1)
+        # A command line is readable by every user of the machine: the hub says so.
+        lines = process.startup_lines
+        assert any("publish token is on the command line" in line for line in lines), lines
         data = tmp_path / "run.json"
         data.write_text('{"run_id": "r1", "progress": 0.5}')
         async with client(f"ws://127.0.0.1:{port}/api/ws?topics=run:r1") as (ws, _):
@@ -150,6 +160,21 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             _, error = await refused.communicate()
             assert refused.returncode == 1
             assert "(401)" in error.decode()
+
+
+async def test_the_publish_token_from_a_file_is_not_warned_about(tmp_path: Any) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    async with wshub_serve("--publish-token-file", str(token)) as (process, _):
+        assert process.stderr is not None
+        lines = list(process.startup_lines)
+        async with asyncio.timeout(20):
+            while not API.search(line := (await process.stderr.readline()).decode()):
+                lines.append(line)
+        assert not any("WARNING" in line for line in lines), lines
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
 
 
 async def test_serve_over_tls(certificate: tuple[Any, Any]) -> None:

@@ -89,3 +89,48 @@ def test_workers_from_every_source(tmp_path: Path) -> None:
     assert from_environment.workers == 4
     flags = {"workers": "2", "redis_url": "redis://127.0.0.1:6379/0"}
     assert load_settings(flags, environ={}).workers == 2
+
+
+def test_the_publish_token_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    from_file = load_settings({"publish_token_file": str(token_file)}, environ={})
+    assert from_file.publish_token == "s3cret"
+    from_environment = load_settings({}, environ={"WSHUB_PUBLISH_TOKEN": "t0ken"})
+    assert from_environment.publish_token == "t0ken"
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        (
+            {"publish_token_file": "{missing}"},
+            {},
+            "publish_token_file cannot be read: {missing}",
+        ),
+        ({"publish_token_file": "{empty}"}, {}, "publish_token_file {empty} is empty"),
+        (
+            {"publish_token_file": "{empty}"},
+            {"WSHUB_PUBLISH_TOKEN": "x"},
+            "publish_token_file and publish_token are both set",
+        ),
+        ({"api_host": "0.0.0.0"}, {}, "publish_token must be set when api_host"),
+        ({"api_host": "api.internal"}, {}, "publish_token must be set when api_host"),
+    ],
+)
+def test_token_mistakes_fail_at_start(
+    tmp_path: Path, flags: dict[str, str], environ: dict[str, str], expected: str
+) -> None:
+    (tmp_path / "empty").write_text(" \n")
+    paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty")}
+    flags = {name: value.format(**paths) for name, value in flags.items()}
+    with pytest.raises(SettingsError) as error:
+        load_settings(flags, environ=environ)
+    assert str(error.value).startswith(expected.format(**paths))
+
+
+def test_the_api_may_listen_beyond_loopback_with_a_token() -> None:
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert load_settings({"api_host": host}, environ={}).api_host == host
+    settings = load_settings({"api_host": "0.0.0.0", "publish_token": "x"}, environ={})
+    assert settings.api_host == "0.0.0.0"

@@ -25,7 +25,7 @@ from .redis_backplane import RedisBackplane
 from .runner import HistoricRun, Regression
 from .session import ClientSession, ClientTransport, FrameKind, HandshakeRequest, Refusal
 from .transports import AsgiApp, aiohttp_handler, asgi_app, serve, server_options
-from .wire import MessageType, ProtocolError
+from .wire import MessageTooLarge, MessageType, ProtocolError
 
 __all__ = [
     "IMPLEMENTATION",
@@ -42,6 +42,7 @@ __all__ = [
     "HubConfig",
     "MemoryBackplane",
     "MemoryStream",
+    "MessageTooLarge",
     "MessageType",
     "ProtocolError",
     "PublishError",

@@ -39,7 +39,14 @@ from . import runner
 from .backplane import BackplaneUnavailable
 from .hub import Hub
 from .metrics import LATENCY_BUCKETS, HubCollector
-from .wire import JSON_OPTIONS, MessageType, check_message_type, topic_problem
+from .wire import (
+    JSON_OPTIONS,
+    MessageTooLarge,
+    MessageType,
+    check_message_type,
+    shown,
+    topic_problem,
+)
 
 __all__ = [
     "DEFAULT_HOST",
@@ -387,9 +394,11 @@ class _Api:
         publish_token: str | None,
         max_body_size: int,
         registry: CollectorRegistry,
+        allowed_origins: Sequence[str],
     ) -> None:
         self.hub = hub
         self.max_body_size = max_body_size
+        self.allowed_origins = frozenset(allowed_origins)
         self.registry = registry
         self._token = publish_token.encode() if publish_token is not None else None
         registry.register(HubCollector(hub))
@@ -421,6 +430,19 @@ class _Api:
         except Exception:
             _logger.exception("error handling %s %s", request.method, request.path)
             return _error_response(_ApiError(500, "internal error"))
+
+    @web.middleware
+    async def browsers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a POST a web page could make: one from an origin not allowed, or one whose
+        body is not declared JSON (a form or ``text/plain`` post needs no CORS preflight, so
+        any page a browser on this host opens could send it)."""
+        if request.method == "POST":
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in self.allowed_origins:
+                raise _ApiError(403, f"requests from origin {shown(origin)!r} are not allowed")
+            if request.content_type != _JSON:
+                raise _ApiError(415, "Content-Type must be application/json")
+        return await handler(request)
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -490,6 +512,8 @@ class _Api:
             published = await self.hub.publish(publish.type, data, publish.topics)
         except BackplaneUnavailable as exc:
             raise _ApiError(503, f"not published: {exc}") from None
+        except MessageTooLarge as exc:
+            raise _ApiError(413, str(exc)) from None
         except RuntimeError as exc:
             if self.hub.running:
                 raise  # a fault inside the hub: the error middleware's 500
@@ -574,6 +598,7 @@ def create_api_app(
     publish_token: str | None = None,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     registry: CollectorRegistry | None = None,
+    allowed_origins: Sequence[str] = (),
 ) -> web.Application:
     """Build the aiohttp application of the internal API for ``hub``.
 
@@ -587,6 +612,9 @@ def create_api_app(
         max_body_size: Largest request body in bytes; larger ones are answered 413.
         registry: Where the hub's metrics are registered; a new registry when None. One
             registry serves one application: the metric names would clash.
+        allowed_origins: Browser origins whose pages may POST here; a POST with any other
+            ``Origin`` header is answered 403. Programs send no ``Origin``. Every POST must
+            say ``Content-Type: application/json`` (else 415).
 
     Returns:
         The application, ready for an :class:`aiohttp.web.AppRunner`.
@@ -605,9 +633,15 @@ def create_api_app(
         raise ValueError(f"max_body_size must be a positive integer, got {max_body_size!r}")
     if registry is None:
         registry = CollectorRegistry()
-    api = _Api(hub, publish_token=publish_token, max_body_size=max_body_size, registry=registry)
-    # errors wraps auth, so a 401 is answered as JSON like every other error.
-    app = web.Application(middlewares=[api.errors, api.auth])
+    api = _Api(
+        hub,
+        publish_token=publish_token,
+        max_body_size=max_body_size,
+        registry=registry,
+        allowed_origins=allowed_origins,
+    )
+    # errors wraps the others, so a 403, 415 or 401 is answered as JSON like every error.
+    app = web.Application(middlewares=[api.errors, api.browsers, api.auth])
     app[HUB_KEY] = hub
     app[REGISTRY_KEY] = registry
     app.router.add_post("/api/publish", api.publish)
@@ -673,6 +707,7 @@ async def start_api(
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     registry: CollectorRegistry | None = None,
     reuse_port: bool = False,
+    allowed_origins: Sequence[str] = (),
 ) -> ApiServer:
     """Serve the internal API of ``hub`` on ``host:port`` on the running event loop.
 
@@ -683,6 +718,7 @@ async def start_api(
         publish_token: See :func:`create_api_app`.
         max_body_size: See :func:`create_api_app`.
         registry: See :func:`create_api_app`.
+        allowed_origins: See :func:`create_api_app`.
         reuse_port: Bind with ``SO_REUSEPORT``, so that several processes share the port
             and the kernel spreads connections over them (``wshub serve --workers``).
 
@@ -695,7 +731,11 @@ async def start_api(
         ValueError: See :func:`create_api_app`.
     """
     app = create_api_app(
-        hub, publish_token=publish_token, max_body_size=max_body_size, registry=registry
+        hub,
+        publish_token=publish_token,
+        max_body_size=max_body_size,
+        registry=registry,
+        allowed_origins=allowed_origins,
     )
     runner = web.AppRunner(app)
     await runner.setup()

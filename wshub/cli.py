@@ -56,7 +56,12 @@ HELP = {
     "api_port": "internal HTTP API port (0 picks a free one)",
     "certfile": "TLS certificate (PEM) for wss://, with --keyfile",
     "keyfile": "TLS private key (PEM)",
-    "publish_token": "bearer token the internal API requires",
+    "publish_token": (
+        "bearer token the internal API requires (visible to other users here: prefer "
+        "--publish-token-file or WSHUB_PUBLISH_TOKEN)"
+    ),
+    "publish_token_file": "file holding the publish token",
+    "api_allowed_origins": "browser origins whose pages may POST to the internal API",
     "log_format": "text or json",
     "log_level": "debug, info, warning or error",
     "workers": "processes sharing both ports (SO_REUSEPORT, Linux); more than 1 needs --redis-url",
@@ -236,6 +241,7 @@ async def run_server(
             settings.api_host,
             settings.api_port,
             publish_token=settings.publish_token,
+            allowed_origins=settings.api_allowed_origins,
             reuse_port=reuse_port,
         )
         scheme, web = ("wss", "https") if context else ("ws", "http")
@@ -267,6 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_format, settings.log_level)
+    if flags.get("publish_token") is not None:
+        logger.warning(
+            "the publish token is on the command line, where every user of this machine can "
+            "read it (ps, /proc); use --publish-token-file or WSHUB_PUBLISH_TOKEN"
+        )
     if settings.workers > 1:
         return _supervise(settings)
     return _serve(run_server(settings))

@@ -41,6 +41,9 @@ class HubConfig:
         ping_interval: Seconds between protocol pings to each client.
         pong_timeout: A client that has not answered a ping within this is closed (1011).
         max_message_size: Largest frame a client may send, in bytes; larger closes with 1009.
+        max_publish_size: Largest message the hub sends, envelope included, in bytes; a
+            larger publish is refused (:class:`wshub.wire.MessageTooLarge`, HTTP 413). The
+            default is what websockets clients take by default (1 MiB); browsers take more.
         client_buffer_size: Most messages queued in the hub for one client.
         broadcast_buffer_size: Most messages waiting from ``publish_threadsafe`` at once.
         enable_ping_pong: Send protocol pings and enforce ``pong_timeout``.
@@ -78,6 +81,7 @@ class HubConfig:
     ping_interval: float = 54.0
     pong_timeout: float = 60.0
     max_message_size: int = 524288
+    max_publish_size: int = 1024 * 1024
     client_buffer_size: int = 256
     broadcast_buffer_size: int = 1000
     enable_ping_pong: bool = True
@@ -101,6 +105,7 @@ class HubConfig:
         for name in (
             "max_clients",
             "max_message_size",
+            "max_publish_size",
             "client_buffer_size",
             "broadcast_buffer_size",
             "max_buffered_bytes",

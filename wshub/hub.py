@@ -34,7 +34,15 @@ from .redis_backplane import RedisBackplane
 from .resume import Resumer
 from .runner import RunnerNotifications
 from .session import ClientTransport, HandshakeRequest, Refusal
-from .wire import MessageClock, MessageType, check_message_type, parse_message_id, topic_list
+from .wire import (
+    MessageClock,
+    MessageTooLarge,
+    MessageType,
+    check_envelope_size,
+    check_message_type,
+    parse_message_id,
+    topic_list,
+)
 
 __all__ = ["BroadcastBufferFull", "Hub", "Published"]
 
@@ -358,6 +366,7 @@ class Hub(RunnerNotifications):
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
             ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
                 longer than 256 characters.
+            MessageTooLarge: The message would exceed ``max_publish_size`` (a ValueError).
             BackplaneUnavailable: The backplane could not take it (Redis is unreachable);
                 the message was not published.
             RuntimeError: The hub is not running.
@@ -370,6 +379,7 @@ class Hub(RunnerNotifications):
             return Published(*self._publish_here(message_type, data, topic_names))
         check_message_type(message_type)
         payload = encode_data(data)
+        self._check_size(message_type, payload)
         self._origin_sequence += 1
         origin = f"{self._origin}:{self._origin_sequence}"
         returned: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -399,6 +409,7 @@ class Hub(RunnerNotifications):
             TypeError: ``data`` cannot be serialized, or ``message_type`` is not a string.
             ValueError: ``message_type`` is one the protocol uses (``connection``, ``error``,
                 ``subscribed``, ...).
+            MessageTooLarge: The message would exceed ``max_publish_size``.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
         return self._broadcast(message_type, data, None)
@@ -418,6 +429,7 @@ class Hub(RunnerNotifications):
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
             ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
                 longer than 256 characters.
+            MessageTooLarge: The message would exceed ``max_publish_size``.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
         return self._broadcast(message_type, data, topics)
@@ -439,7 +451,15 @@ class Hub(RunnerNotifications):
         check_message_type(message_type)
         message_id, timestamp = self._clock.next()
         message = self._framer.published(str(message_type), data, message_id, timestamp)
+        limit = self.config.max_publish_size
+        if len(message.payload) > limit:
+            raise MessageTooLarge(len(message.payload), limit)
         return message_id, self._fan_out(message_id, topics, message)
+
+    def _check_size(self, message_type: str, payload: bytes | None) -> None:
+        """Refuse, before it leaves for the backplane, a message that could be too large."""
+        size = len(payload) if payload is not None else 0
+        check_envelope_size(message_type, size, self.config.max_publish_size)
 
     def _fan_out(self, message_id: str, topics: Sequence[str] | None, message: Any) -> int:
         """Record a message in the history and queue it for its recipients here."""
@@ -456,6 +476,7 @@ class Hub(RunnerNotifications):
         assert self._backplane is not None
         check_message_type(message_type)
         payload = encode_data(data)
+        self._check_size(message_type, payload)
         future = self._backplane.publish(message_type, payload, topics)
         future.add_done_callback(self._sent_to_backplane)
 

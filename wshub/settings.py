@@ -8,9 +8,10 @@ that names the setting and where the value came from.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,13 @@ class ServerSettings:
         api_port: The internal HTTP API port (0 picks a free one).
         certfile: TLS certificate (PEM) for ``wss://``; with ``keyfile``.
         keyfile: TLS private key (PEM).
-        publish_token: Bearer token the internal API requires, when set.
+        publish_token: Bearer token the internal API requires, when set. Required when
+            ``api_host`` is not a loopback address. Prefer ``publish_token_file`` or
+            ``WSHUB_PUBLISH_TOKEN``: a command line is readable by every user of the machine.
+        publish_token_file: A file holding the publish token (surrounding whitespace is
+            dropped); instead of ``publish_token``.
+        api_allowed_origins: Browser origins whose pages may POST to the internal API; a
+            POST from any other page is refused (403).
         log_format: ``"text"`` for people, ``"json"`` for machines.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         workers: Processes serving the same ports (``SO_REUSEPORT``, Linux); more than 1
@@ -61,6 +68,8 @@ class ServerSettings:
     certfile: str | None = None
     keyfile: str | None = None
     publish_token: str | None = None
+    publish_token_file: str | None = None
+    api_allowed_origins: Sequence[str] = ()
     log_format: str = "text"
     log_level: str = "info"
     workers: int = 1
@@ -83,6 +92,20 @@ class ServerSettings:
             )
         if self.publish_token is not None and not self.publish_token:
             raise SettingsError("publish_token must not be empty")
+        if self.publish_token is None and not _is_loopback(self.api_host):
+            # Anyone who reaches the API could publish to every dashboard.
+            raise SettingsError(
+                f"publish_token must be set when api_host is not a loopback address "
+                f"(api_host is {self.api_host!r}); set publish_token_file or "
+                f"WSHUB_PUBLISH_TOKEN"
+            )
+        if isinstance(self.api_allowed_origins, str) or not all(
+            isinstance(origin, str) for origin in self.api_allowed_origins
+        ):
+            raise SettingsError(
+                f"api_allowed_origins must be a list of origins, got {self.api_allowed_origins!r}"
+            )
+        object.__setattr__(self, "api_allowed_origins", tuple(self.api_allowed_origins))
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise SettingsError(f"workers must be a positive integer, got {self.workers!r}")
         if self.workers > 1 and self.hub.redis_url is None:
@@ -92,6 +115,27 @@ class ServerSettings:
                 f"workers must be 1 unless redis_url is set (each worker would see only the "
                 f"messages published through it), got {self.workers}"
             )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _read_token_file(path: str, source: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(
+            f"publish_token_file cannot be read: {path}: {exc} (from {source})"
+        ) from None
+    if not token:
+        raise SettingsError(f"publish_token_file {path} is empty (from {source})")
+    return token
 
 
 SERVER_FIELDS = tuple(
@@ -217,6 +261,15 @@ def load_settings(
             flag = "--" + name.replace("_", "-")
             merged[name] = _convert(name, kinds[name], value, flag)
             sources[name] = flag
+    token_file = merged.get("publish_token_file")
+    if token_file is not None:
+        if merged.get("publish_token") is not None:
+            raise SettingsError(
+                f"publish_token_file and publish_token are both set "
+                f"(from {sources['publish_token_file']} and {sources['publish_token']}); "
+                f"set one"
+            )
+        merged["publish_token"] = _read_token_file(token_file, sources["publish_token_file"])
     hub_values = {name: merged.pop(name) for name in list(merged) if name in HUB_FIELDS}
     try:
         hub = HubConfig(**hub_values)

@@ -25,8 +25,10 @@ __all__ = [
     "PROTOCOL_TYPES",
     "ClientRequest",
     "MessageClock",
+    "MessageTooLarge",
     "MessageType",
     "ProtocolError",
+    "check_envelope_size",
     "check_message_type",
     "parse_client_message",
     "parse_message_id",
@@ -120,6 +122,34 @@ def shown(value: Any, depth: int = 0) -> Any:
             result.append(f"... {len(value) - SHOWN_ITEMS} more")
         return result
     return type(value).__name__
+
+
+# What an envelope adds to its type and data: the keys, the quotes, a timestamp
+# ("2026-12-02T02:19:14.123Z") and an id of two 20-digit numbers, rounded up.
+ENVELOPE_OVERHEAD = 128
+
+
+class MessageTooLarge(ValueError):
+    """A published message would be larger than ``max_publish_size``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the message would be {size} bytes, larger than max_publish_size ({limit} bytes)"
+        )
+        self.size = size
+        self.limit = limit
+
+
+def check_envelope_size(message_type: str, data_size: int, limit: int) -> None:
+    """Refuse a message whose envelope, around ``data_size`` bytes of data, could exceed
+    ``limit`` bytes.
+
+    Raises:
+        MessageTooLarge: It could.
+    """
+    size = data_size + len(message_type.encode()) + ENVELOPE_OVERHEAD
+    if size > limit:
+        raise MessageTooLarge(size, limit)
 
 
 class ProtocolError(ValueError):
