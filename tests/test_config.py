@@ -64,6 +64,13 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("history_ttl", -1),
     ("history_ttl", float("nan")),
     ("history_ttl", "300"),
+    ("open_timeout", 0),
+    ("max_pending_handshakes", 0),
+    ("max_publish_size", 0),
+    ("client_message_rate", -1),
+    ("client_message_rate", float("inf")),
+    ("client_message_burst", 0),
+    ("client_message_burst", 2.5),
 ]
 
 

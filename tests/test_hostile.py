@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError
 from websockets.frames import Opcode
 
+from wshub import MemoryBackplane, MemoryStream, MessageTooLarge
 from wshub.limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS
 from wshub.wire import SHOWN_DEPTH, SHOWN_ITEMS, SHOWN_STRING, shown
 
@@ -366,3 +367,25 @@ async def test_a_flood_in_one_write_does_not_freeze_the_other_clients(lean_serve
             await publisher
     # Handled in one callback, the flood froze every client for seconds on this machine.
     assert max(gaps) < 1.0, max(gaps)
+
+
+# Sizes: nothing is published that common clients would refuse to receive
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["alone", "backplane"])
+async def test_a_message_over_max_publish_size_is_refused_everywhere(
+    hub_server: Any, joined: bool
+) -> None:
+    options: dict[str, Any] = {"max_publish_size": 600}
+    if joined:
+        options["backplane"] = MemoryBackplane(MemoryStream())
+    async with hub_server(**options) as served, client(served.url) as (ws, _):
+        hub = served.hub
+        with pytest.raises(MessageTooLarge, match=r"max_publish_size \(600 bytes\)"):
+            hub.broadcast_to_all("big", "x" * 600)
+        with pytest.raises(MessageTooLarge):
+            hub.broadcast_to_subscribers("big", "x" * 600, "a")
+        with pytest.raises(MessageTooLarge):
+            await hub.publish("big", "x" * 600)
+        await hub.publish("small", "x" * 300)
+        assert (await recv_json(ws))["type"] == "small"
