@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from wshub.history import MemoryHistory, Replay
+from wshub.history import MemoryHistory, Replay, missed
 from wshub.settings import load_settings
-from wshub.wire import ProtocolError
+from wshub.wire import ProtocolError, parse_message_id
 
 
 class Clock:
@@ -124,3 +126,82 @@ def test_settings_reach_the_history_fields() -> None:
         {"history_size": "50"}, environ={"WSHUB_HISTORY_TTL": "2.5", "WSHUB_HISTORY_SIZE": "9"}
     )
     assert (settings.hub.history_size, settings.hub.history_ttl) == (50, 2.5)
+
+
+def _reference(
+    published: list[tuple[str, list[str] | None]],
+    kept: int,
+    since: str,
+    topics: set[str],
+    delivered_after: str | None,
+    delivered_topics: set[str],
+) -> Replay:
+    """The rule of History.since, written as plainly as possible: a scan of every message."""
+    retained = published[-kept:]
+    evicted = published[-kept - 1][0] if len(published) > kept else None
+    key = parse_message_id(since)
+    ids = [parse_message_id(message_id) for message_id, _ in retained]
+    if key not in ids:
+        if ids and key > ids[0]:  # between two retained ids, or after the newest
+            return Replay(False, "unknown message id", [])
+        if evicted is None or key > parse_message_id(evicted):
+            return Replay(False, "unknown message id", [])
+        if key < parse_message_id(evicted):
+            return Replay(False, f"history does not reach back to {since}", [])
+    after = parse_message_id(delivered_after) if delivered_after is not None else None
+    frames = [
+        message_id
+        for message_id, message_topics in retained
+        if parse_message_id(message_id) > key
+        and missed(parse_message_id(message_id), message_topics, topics, after, delivered_topics)
+    ]
+    return Replay(True, None, frames)
+
+
+TOPIC_NAMES = st.sampled_from(["a", "b", "c", "*"])
+
+
+@given(
+    published=st.lists(
+        st.one_of(st.none(), st.lists(st.sampled_from("abc"), max_size=3)), max_size=12
+    ),
+    kept=st.integers(1, 8),
+    since_index=st.integers(0, 13),
+    between=st.booleans(),
+    topics=st.sets(TOPIC_NAMES, max_size=3),
+    delivered=st.one_of(st.none(), st.integers(0, 26)),
+    delivered_topics=st.sets(TOPIC_NAMES, max_size=2),
+)
+@example(
+    published=[["a"], ["b"], ["a", "b"], None, ["c"]],
+    kept=5,
+    since_index=1,
+    between=False,
+    topics={"b", "a"},
+    delivered=None,
+    delivered_topics=set(),
+)
+@settings(max_examples=300)
+def test_since_agrees_with_a_plain_scan(
+    published: list[list[str] | None],
+    kept: int,
+    since_index: int,
+    between: bool,
+    topics: set[str],
+    delivered: int | None,
+    delivered_topics: set[str],
+) -> None:
+    """The per-topic index answers exactly what a scan of the whole history would."""
+    history = MemoryHistory(kept, 60.0)
+    messages = [(f"100-{2 * n + 2}", message_topics) for n, message_topics in enumerate(published)]
+    for message_id, message_topics in messages:
+        history.append(message_id, message_topics, message_id)
+    # Message n has id 100-(2n + 2): mostly a published id (kept or evicted), sometimes one
+    # between two of them.
+    since_id = f"100-{max(0, 2 * since_index - between)}"
+    delivered_id = f"100-{delivered}" if delivered is not None else None
+    expected = _reference(messages, kept, since_id, topics, delivered_id, delivered_topics)
+    got = history.since(
+        since_id, topics, delivered_after=delivered_id, delivered_topics=delivered_topics
+    )
+    assert got == expected

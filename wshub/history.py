@@ -14,7 +14,9 @@ from the Redis stream, whose entry ids are of the same form.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import heapq
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -105,12 +107,26 @@ def missed(
     )
 
 
+class _Entry(NamedTuple):
+    key: _Key  # the id, parsed once, so that finding a range costs no parsing
+    message_id: str
+    topics: Sequence[str] | None
+    frame: Any
+    stored_at: float
+
+
 class MemoryHistory:
     """The last ``max_size`` published messages of this process, each kept ``ttl`` seconds.
 
-    Appending is O(1): an entry is a tuple of references (the message is shared, not copied),
-    and eviction only ever looks at the oldest entry. ``max_size`` or ``ttl`` of 0 disables
-    the history: nothing is kept and every resume is reported as not recovered.
+    Appending is O(1) per topic of the message: an entry is a tuple of references (the
+    message is shared, not copied), and eviction only ever looks at the oldest entry.
+    ``max_size`` or ``ttl`` of 0 disables the history: nothing is kept and every resume is
+    reported as not recovered.
+
+    Besides the entries in id order, each topic has the entries published to it, and the
+    messages to every client have theirs: a resume walks only the topics the client holds,
+    from the newest back to its id, so it costs what it replays (plus a binary search), not a
+    scan of the whole history; only a ``"*"`` subscriber, who gets everything, walks it all.
 
     Args:
         max_size: Most messages kept.
@@ -118,7 +134,16 @@ class MemoryHistory:
         clock: Monotonic seconds; injectable for tests.
     """
 
-    __slots__ = ("_clock", "_entries", "_evicted", "enabled", "max_size", "ttl")
+    __slots__ = (
+        "_by_topic",
+        "_clock",
+        "_entries",
+        "_evicted",
+        "_to_everyone",
+        "enabled",
+        "max_size",
+        "ttl",
+    )
 
     def __init__(
         self, max_size: int, ttl: float, *, clock: Callable[[], float] = time.monotonic
@@ -127,10 +152,10 @@ class MemoryHistory:
         self.ttl = ttl
         self.enabled = max_size > 0 and ttl > 0
         self._clock = clock
-        # (id, topics, message, stored at); ids increase from left to right.
-        self._entries: collections.deque[tuple[str, Sequence[str] | None, Any, float]] = (
-            collections.deque()
-        )
+        # Ids increase from left to right in every one of these.
+        self._entries: collections.deque[_Entry] = collections.deque()
+        self._by_topic: dict[str, collections.deque[_Entry]] = {}
+        self._to_everyone: collections.deque[_Entry] = collections.deque()
         # The newest id that left the history: tells "too old" from "never issued".
         self._evicted: str | None = None
 
@@ -142,20 +167,44 @@ class MemoryHistory:
         if not self.enabled:
             return
         now = self._clock()
+        entry = _Entry(parse_message_id(message_id), message_id, topics, frame, now)
         entries = self._entries
-        entries.append((message_id, topics, frame, now))
+        entries.append(entry)
+        if topics is None:
+            self._to_everyone.append(entry)
+        else:
+            by_topic = self._by_topic
+            for topic in dict.fromkeys(topics):
+                queue = by_topic.get(topic)
+                if queue is None:
+                    queue = by_topic[topic] = collections.deque()
+                queue.append(entry)
         if len(entries) > self.max_size:
-            self._evicted = entries.popleft()[0]
+            self._evict()
         # Inline test of the oldest entry; _expire() runs only when something is due.
-        if entries[0][3] <= now - self.ttl:
+        if entries[0].stored_at <= now - self.ttl:
             self._expire(now)
+
+    def _evict(self) -> None:
+        """Drop the oldest entry, from the topics' queues too (it is the oldest there)."""
+        entry = self._entries.popleft()
+        self._evicted = entry.message_id
+        if entry.topics is None:
+            self._to_everyone.popleft()
+            return
+        by_topic = self._by_topic
+        for topic in dict.fromkeys(entry.topics):
+            queue = by_topic[topic]
+            queue.popleft()
+            if not queue:
+                del by_topic[topic]
 
     def _expire(self, now: float) -> None:
         # Entries are in time order, so only the oldest needs looking at: amortized O(1).
         entries = self._entries
         deadline = now - self.ttl
-        while entries and entries[0][3] <= deadline:
-            self._evicted = entries.popleft()[0]
+        while entries and entries[0].stored_at <= deadline:
+            self._evict()
 
     def since(
         self,
@@ -173,22 +222,70 @@ class MemoryHistory:
         if not self.enabled:
             return Replay(False, "history is disabled", [])
         self._expire(self._clock())
-        frames: list[Any] = []
-        # Newest first, down to the client's id: the cost follows what is replayed.
-        for entry_id, entry_topics, frame, _ in reversed(self._entries):
-            entry_key = parse_message_id(entry_id)
-            if entry_key <= key:
-                if entry_key != key:  # between two ids this hub issued, or after the newest
-                    return Replay(False, "unknown message id", [])
-                break
-            if missed(entry_key, entry_topics, topics, skip_after, delivered_topics):
-                frames.append(frame)
-        else:
-            # Every retained message is newer than the id: did it leave the history?
-            evicted = parse_message_id(self._evicted) if self._evicted is not None else None
-            if evicted is None or key > evicted:
+        entries = self._entries
+        position = bisect.bisect_left(entries, key, key=_key_of)
+        if position < len(entries):
+            if position > 0 and entries[position].key != key:
+                # Between two ids this hub issued: not one of its ids.
                 return Replay(False, "unknown message id", [])
-            if key < evicted:
-                return Replay(False, f"history does not reach back to {message_id}", [])
-        frames.reverse()
+            if position == 0 and entries[0].key != key:
+                # Every retained message is newer than the id: did it leave the history?
+                evicted = parse_message_id(self._evicted) if self._evicted is not None else None
+                if evicted is None or key > evicted:
+                    return Replay(False, "unknown message id", [])
+                if key < evicted:
+                    return Replay(False, f"history does not reach back to {message_id}", [])
+        elif entries and entries[-1].key != key:
+            return Replay(False, "unknown message id", [])  # after the newest
+        elif not entries:
+            evicted = parse_message_id(self._evicted) if self._evicted is not None else None
+            if evicted != key:
+                reason = (
+                    f"history does not reach back to {message_id}"
+                    if evicted is not None and key < evicted
+                    else "unknown message id"
+                )
+                return Replay(False, reason, [])
+        if "*" in topics:
+            sources: list[collections.deque[_Entry]] = [entries]
+        else:
+            by_topic = self._by_topic
+            sources = [self._to_everyone]
+            sources += [by_topic[topic] for topic in topics if topic in by_topic]
+        found = _merge([_newer_than(source, key) for source in sources])
+        frames = [
+            entry.frame
+            for entry in found
+            if missed(entry.key, entry.topics, topics, skip_after, delivered_topics)
+        ]
         return Replay(True, None, frames)
+
+
+def _key_of(entry: _Entry) -> _Key:
+    return entry.key
+
+
+def _newer_than(queue: collections.deque[_Entry], key: _Key) -> list[_Entry]:
+    """The entries of ``queue`` after ``key``, oldest first: a walk back from the newest,
+    so it costs what it returns."""
+    newer = []
+    for entry in reversed(queue):
+        if entry.key <= key:
+            break
+        newer.append(entry)
+    newer.reverse()
+    return newer
+
+
+def _merge(runs: list[list[_Entry]]) -> list[_Entry]:
+    """Runs in id order merged into one, each message once (it may be in several topics)."""
+    runs = [run for run in runs if run]
+    if len(runs) == 1:
+        return runs[0]
+    merged: list[_Entry] = []
+    last: _Key | None = None
+    for entry in heapq.merge(*runs, key=_key_of):
+        if entry.key != last:
+            merged.append(entry)
+            last = entry.key
+    return merged
