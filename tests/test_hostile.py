@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import sys
 import time
 from typing import Any
 
@@ -389,3 +392,36 @@ async def test_a_message_over_max_publish_size_is_refused_everywhere(
             await hub.publish("big", "x" * 600)
         await hub.publish("small", "x" * 300)
         assert (await recv_json(ws))["type"] == "small"
+
+
+# Kernel buffers
+
+
+def _server_side_send_buffer(client_address: tuple[str, int]) -> int:
+    """SO_SNDBUF of this process's socket whose peer is ``client_address``: the hub's end of
+    that client's connection, whatever the transport."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            candidate = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with candidate:
+            try:
+                if candidate.getpeername() != client_address:
+                    continue
+                if candidate.getsockname() == client_address:
+                    continue  # the client's own end
+            except OSError:
+                continue
+            return candidate.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    raise AssertionError(f"no socket of this process is connected to {client_address}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/fd")
+async def test_socket_send_buffer_fixes_the_kernel_buffer(hub_server: Any, transport: str) -> None:
+    async with hub_server(socket_send_buffer=32768) as served, client(served.url) as (ws, _):
+        size = _server_side_send_buffer(ws.local_address[:2])
+    if transport == "asgi":  # the ASGI server owns its sockets: nothing to set
+        assert size != 2 * 32768
+    else:
+        assert size == 2 * 32768  # Linux doubles it for its bookkeeping

@@ -66,6 +66,9 @@ class HubConfig:
             several hubs into one (see :mod:`wshub.backplane`); None runs this hub alone.
         redis_stream: The Redis stream key the joined hubs share; hubs on other keys of the
             same Redis form separate groups.
+        socket_send_buffer: The kernel send buffer of each client's socket (``SO_SNDBUF``),
+            in bytes; 0 leaves it to the kernel, which grows it up to ``net.ipv4.tcp_wmem``'s
+            maximum (4 MiB by default on Linux) for a client that reads slowly.
         client_message_rate: Messages (and control frames) per second one client may send,
             on average; past it, messages are refused with an ``error`` 429 (see
             :mod:`wshub.limits`). 0 disables the limit.
@@ -97,6 +100,7 @@ class HubConfig:
     history_ttl: float = 300.0
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
+    socket_send_buffer: int = 0
     # A dashboard sends a few subscribes when it opens and a ping now and then.
     client_message_rate: float = 10.0
     client_message_burst: int = 40
@@ -124,6 +128,15 @@ class HubConfig:
             _check_number(name, getattr(self, name), allow_zero=False)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
         _check_number("history_ttl", self.history_ttl, allow_zero=True)
+        if (
+            isinstance(self.socket_send_buffer, bool)
+            or not isinstance(self.socket_send_buffer, int)
+            or self.socket_send_buffer < 0
+        ):
+            raise ValueError(
+                f"socket_send_buffer must be zero (the kernel's choice) or a number of bytes, "
+                f"got {self.socket_send_buffer!r}"
+            )
         _check_number(
             "client_message_rate",
             self.client_message_rate,

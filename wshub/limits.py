@@ -12,6 +12,10 @@ the loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+
 __all__ = [
     "CONTROL_FRAME_COST",
     "MAX_FRAGMENTS",
@@ -23,6 +27,7 @@ __all__ = [
     "READ_BUDGET",
     "RESUME_COST",
     "RateLimit",
+    "set_send_buffer",
 ]
 
 #: What any message costs, whatever it turns out to be (malformed ones included).
@@ -86,3 +91,16 @@ class RateLimit:
     def exhausted(self) -> bool:
         """The client was refused as many times in a row as its burst: it keeps going."""
         return self.refusals >= self.burst
+
+
+def set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Fix the kernel send buffer of ``transport``'s socket at ``size`` bytes
+    (``socket_send_buffer``), so that what a slow client pins in the kernel is bounded too;
+    0 leaves the kernel's autotuning alone. Linux doubles the value for its bookkeeping and
+    caps it at ``net.core.wmem_max``."""
+    if not size:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # a socket already closed: nothing to bound
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)

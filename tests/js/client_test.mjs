@@ -97,6 +97,7 @@ async function connected(client, ms = TIMEOUT) {
 async function api(path, body) {
   const response = await fetch(`${API_URL}${path}`, {
     method: body === undefined ? "GET" : "POST",
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const answer = await response.json();

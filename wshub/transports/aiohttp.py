@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from ..limits import set_send_buffer
 from ..session import (
     ClientSession,
     FrameKind,
@@ -155,6 +156,7 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
         if transport is None:  # the client left during the handshake
             return ws
         transport.set_write_buffer_limits(HIGH_WATER)
+        set_send_buffer(transport, config.socket_send_buffer)
         client = _Client(ws, transport, request.writer, config.write_timeout)
         opened = hub.open_session(client, handshake)
         if isinstance(opened, Refusal):

@@ -35,7 +35,13 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..config import HubConfig
-from ..limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, READ_BUDGET
+from ..limits import (
+    MAX_FRAGMENTS,
+    MAX_REQUEST_HEAD,
+    MAX_REQUEST_HEADERS,
+    READ_BUDGET,
+    set_send_buffer,
+)
 from ..session import (
     ClientSession,
     FrameKind,
@@ -409,6 +415,7 @@ class HubConnection(asyncio.Protocol):
             transport.abort()
             return
         transport.set_write_buffer_limits(WRITE_LIMIT)
+        set_send_buffer(transport, endpoint.config.socket_send_buffer)
         endpoint.connections[self] = None
         endpoint.handshakes += 1
         self._head = bytearray()

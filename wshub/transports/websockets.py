@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from ..limits import set_send_buffer
 from ..session import (
     ClientSession,
     FrameKind,
@@ -158,6 +159,7 @@ async def serve_connection(hub: SessionHost, connection: ServerConnection) -> No
     """
     assert connection.request is not None
     request = _handshake_request(connection.request, connection.remote_address)
+    set_send_buffer(connection.transport, hub.config.socket_send_buffer)
     client = _Client(connection, hub.config.write_timeout)
     opened = hub.open_session(client, request)
     if isinstance(opened, Refusal):
