@@ -44,6 +44,7 @@ class RawClient:
         self.response: Response | None = None
         self.frames: list[Frame] = []  # received, not taken yet
         self.eof = False
+        self.ended = False  # this side ended its stream: nothing more can be sent
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -63,6 +64,11 @@ class RawClient:
             yield client
         finally:
             writer.transport.abort()
+
+    def end(self) -> None:
+        """End this side of the TCP stream (a half-close); reading goes on."""
+        self.writer.write_eof()
+        self.ended = True
 
     def send(
         self, opcode: Opcode, data: bytes | bytearray | memoryview = b"", *, fin: bool = True
@@ -106,8 +112,9 @@ class RawClient:
                 frame = self.frames.pop(0)
                 if frame.opcode is Opcode.CLOSE and code is None:
                     code = Close.parse(frame.data).code
-                    with contextlib.suppress(ConnectionError):
-                        self.send(Opcode.CLOSE, frame.data[:2])
+                    if not self.ended:
+                        with contextlib.suppress(ConnectionError):
+                            self.send(Opcode.CLOSE, frame.data[:2])
         return code
 
     async def _read(self) -> None:

@@ -18,9 +18,12 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosedError
 from websockets.frames import Opcode
 
+import wshub
 from wshub import MemoryBackplane, MemoryStream, MessageTooLarge
 from wshub.limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS
 from wshub.wire import SHOWN_DEPTH, SHOWN_ITEMS, SHOWN_STRING, shown
@@ -425,3 +428,106 @@ async def test_socket_send_buffer_fixes_the_kernel_buffer(hub_server: Any, trans
         assert size != 2 * 32768
     else:
         assert size == 2 * 32768  # Linux doubles it for its bookkeeping
+
+
+# Fuzzing: random frames, valid and not, never hurt the hub
+
+CLIENT_MESSAGES = [
+    b'{"type": "ping"}',
+    b'{"type": "subscribe", "data": {"topics": ["a", "b"]}}',
+    b'{"type": "subscribe", "data": {"topics": ["a"], "since": "0-0"}}',
+    b'{"type": "subscribe", "data": {"topics": ["a"], "since": "99999999999999999999-1"}}',
+    b'{"type": "unsubscribe", "data": {"topics": ["*"]}}',
+    b'{"type": "subscribe", "data": {"topics": [[[[[]]]]], "since": {"a": 1}}}',
+    b'{"type": 1e999}',
+    b'{"type": ' + b"[" * 300 + b"]" * 300 + b"}",
+    b"[" * 1000,
+    b"\xff\xfe",
+]
+
+
+def _raw_frame(opcode: int, fin: bool, rsv: int, payload: bytes, mask: bytes | None) -> bytes:
+    """Any frame a hostile client can put on the wire, valid or not (no checks at all)."""
+    head = bytes([(fin << 7) | (rsv << 4) | opcode])
+    length = len(payload)
+    mask_bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    else:
+        head += bytes([mask_bit | 126]) + length.to_bytes(2, "big")
+    if mask is None:
+        return head + payload
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    return head + mask + masked
+
+
+MASKS = st.binary(min_size=4, max_size=4)
+FRAMES = st.lists(
+    st.one_of(
+        # A valid text frame carrying one of the messages above,
+        st.builds(
+            _raw_frame,
+            opcode=st.just(1),
+            fin=st.just(True),
+            rsv=st.just(0),
+            payload=st.sampled_from(CLIENT_MESSAGES),
+            mask=MASKS,
+        ),
+        # any frame at all,
+        st.builds(
+            _raw_frame,
+            opcode=st.sampled_from([0, 1, 2, 8, 9, 10, 3, 11]),
+            fin=st.booleans(),
+            rsv=st.sampled_from([0, 0, 0, 4]),
+            payload=st.one_of(st.binary(max_size=200), st.sampled_from(CLIENT_MESSAGES)),
+            mask=st.one_of(MASKS, st.none()),
+        ),
+        # or bytes that are no frame at all.
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+# What a client may be closed with for what it sent; never 1011 (the hub's own failure).
+CLIENT_FAULTS = {None, 1000, 1002, 1007, 1008, 1009}
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@given(frames=FRAMES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_frames_get_answers_or_a_clean_close(
+    implementation: str, frames: list[bytes]
+) -> None:
+    """Seeded by hypothesis: whatever the frames, no traceback, no 1011, and the hub serves
+    the next client."""
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
+    try:
+        asyncio.run(_fuzz(implementation, frames))
+    finally:
+        logging.getLogger().removeHandler(errors)
+    assert not errors.records, [record.getMessage() for record in errors.records]
+
+
+async def _fuzz(implementation: str, frames: list[bytes]) -> None:
+    config = wshub.HubConfig(log_connection_events=False)
+    hub = wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
+    async with wshub.serve(hub, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/ws"
+        async with RawClient.connect(url) as raw:
+            assert (await raw.next_message())["type"] == "connection"
+            raw.writer.write(b"".join(frames))
+            # Then the end of the stream: whatever the frames left unfinished, the hub
+            # handles what it got and closes.
+            raw.end()
+            assert await raw.close_code() in CLIENT_FAULTS
+        async with client(url) as (ws, _):
+            await ws.send(PING)
+            assert (await recv_json(ws))["type"] == "pong"
