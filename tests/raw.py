@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
@@ -64,6 +64,10 @@ class RawClient:
             yield client
         finally:
             writer.transport.abort()
+
+    def stop_reading(self) -> None:
+        """Read nothing more: what the hub sends piles up in the kernel, then in the hub."""
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     def end(self) -> None:
         """End this side of the TCP stream (a half-close); reading goes on."""

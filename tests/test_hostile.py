@@ -28,7 +28,7 @@ from wshub import MemoryBackplane, MemoryStream, MessageTooLarge
 from wshub.limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS
 from wshub.wire import SHOWN_DEPTH, SHOWN_ITEMS, SHOWN_STRING, shown
 
-from .helpers import TIMEOUT, client, recv_json, send_json
+from .helpers import TIMEOUT, client, recv_json, send_json, wait_until
 from .raw import RawClient, opening_request
 
 PING = json.dumps({"type": "ping"})
@@ -531,3 +531,29 @@ async def _fuzz(implementation: str, frames: list[bytes]) -> None:
         async with client(url) as (ws, _):
             await ws.send(PING)
             assert (await recv_json(ws))["type"] == "pong"
+
+
+async def test_a_client_that_never_reads_is_dropped_whatever_it_sends(lean_server: Any) -> None:
+    """It pings and sends pongs, never reads: its pongs answer none of the hub's pings (it
+    never read one), so the keepalive closes it, and the close deadline drops it."""
+    async with (
+        lean_server(
+            ping_interval=0.2, pong_timeout=0.3, write_timeout=0.3, client_message_rate=0
+        ) as served,
+        RawClient.connect(served.url) as raw,
+    ):
+        raw.stop_reading()
+        started = time.monotonic()
+
+        async def chatter() -> None:
+            while True:
+                raw.send(Opcode.PING, b"alive")
+                raw.send(Opcode.PONG, b"alive")
+                await asyncio.sleep(0.01)
+
+        chatting = asyncio.create_task(chatter())
+        try:
+            await wait_until(lambda: served.hub.client_count == 0)
+        finally:
+            chatting.cancel()
+        assert time.monotonic() - started < TIMEOUT
