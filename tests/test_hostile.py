@@ -557,3 +557,61 @@ async def test_a_client_that_never_reads_is_dropped_whatever_it_sends(lean_serve
         finally:
             chatting.cancel()
         assert time.monotonic() - started < TIMEOUT
+
+
+# Churn: clients that come and go, cleanly or not, leave nothing behind
+
+CHURN_SECONDS = 10.0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self")
+async def test_churn_leaks_no_memory_and_no_file_descriptors(lean_server: Any) -> None:
+    """For CHURN_SECONDS, twenty at a time: clients that subscribe and leave cleanly, that
+    drop the connection mid-handshake, after the greeting or mid-frame."""
+    async with lean_server(max_clients=1000, client_message_rate=0) as served:
+        url = served.url
+        host, port = url.removeprefix("ws://").split("/")[0].split(":")
+        request = opening_request(url)
+        cycles = 0
+
+        async def one(kind: int) -> None:
+            if kind == 0:
+                async with client(url + "?topics=a,b") as (ws, _):
+                    await send_json(ws, {"type": "subscribe", "data": {"topics": ["c"]}})
+                    assert (await recv_json(ws))["type"] == "subscribed"
+                return
+            reader, writer = await asyncio.open_connection(host, int(port))
+            if kind == 1:
+                writer.write(request[: len(request) // 2])
+            else:
+                writer.write(request)
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+                if kind == 3:
+                    writer.write(RawClient.frame(Opcode.TEXT, PING.encode())[:5])
+            await writer.drain()
+            writer.transport.abort()
+
+        async def churn() -> None:
+            nonlocal cycles
+            deadline = time.monotonic() + CHURN_SECONDS
+            while time.monotonic() < deadline:
+                await asyncio.gather(*(one(n % 4) for n in range(20)))
+                cycles += 1
+
+        await churn()  # warm up: the allocator's pools, the loop's structures
+        await wait_until(lambda: served.hub.client_count == 0)
+        fds, rss = len(os.listdir("/proc/self/fd")), _rss_bytes()
+        await churn()
+        await wait_until(lambda: served.hub.client_count == 0)
+        await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2)
+        growth = _rss_bytes() - rss
+        assert cycles > 20  # it did churn
+        assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {cycles} cycles"
+        async with client(url) as (ws, _):  # and serves on
+            await ws.send(PING)
+            assert (await recv_json(ws))["type"] == "pong"
