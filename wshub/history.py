@@ -167,7 +167,9 @@ class MemoryHistory:
         if not self.enabled:
             return
         now = self._clock()
-        entry = _Entry(parse_message_id(message_id), message_id, topics, frame, now)
+        # The hub's own id, well formed: split, not matched against the id pattern.
+        milliseconds, _, sequence = message_id.partition("-")
+        entry = _Entry((int(milliseconds), int(sequence)), message_id, topics, frame, now)
         entries = self._entries
         entries.append(entry)
         if topics is None:
