@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 from websockets.frames import Opcode
 
@@ -615,3 +616,60 @@ async def test_churn_leaks_no_memory_and_no_file_descriptors(lean_server: Any) -
         async with client(url) as (ws, _):  # and serves on
             await ws.send(PING)
             assert (await recv_json(ws))["type"] == "pong"
+
+
+# A resume read from the backplane holds live messages for the client: a bounded number
+
+
+class GatedBackplane(MemoryBackplane):
+    """A memory backplane whose stored entries are read only once the gate opens, as a slow
+    Redis would answer."""
+
+    def __init__(self, stream: MemoryStream) -> None:
+        super().__init__(stream)
+        self.gate = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def entries(self, after: str, until: str) -> Any:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().entries(after, until)
+
+
+async def test_a_replay_that_falls_behind_while_it_is_read_closes_with_4008(
+    hub_server: Any,
+) -> None:
+    backplane = GatedBackplane(MemoryStream())
+    async with hub_server(backplane=backplane, history_size=1, client_buffer_size=5) as served:
+        hub = served.hub
+        first = await hub.publish("old", 0)
+        for n in (1, 2):  # the hub's own history holds the last only
+            await hub.publish("old", n)
+        async with connect(f"{served.url}?since={first.id}") as ws:
+            await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
+            for n in range(6):  # one more than the client may have queued
+                await hub.publish("live", n)
+            backplane.gate.set()
+            with pytest.raises(ConnectionClosedError) as closed:
+                await recv_json(ws)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4008, "slow consumer")
+        assert hub.stats()["slow_consumer_disconnects"] == 1
+
+
+async def test_a_replay_within_the_bound_gets_everything(hub_server: Any) -> None:
+    backplane = GatedBackplane(MemoryStream())
+    async with hub_server(backplane=backplane, history_size=1, client_buffer_size=20) as served:
+        hub = served.hub
+        first = await hub.publish("old", 0)
+        for n in (1, 2):
+            await hub.publish("old", n)
+        async with connect(f"{served.url}?since={first.id}") as ws:
+            await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
+            for n in range(6):
+                await hub.publish("live", n)
+            backplane.gate.set()
+            hello = await recv_json(ws)
+            assert hello["type"] == "connection" and hello["data"]["recovered"] is True
+            received = [(await recv_json(ws))["data"] for _ in range(8)]
+            assert received == [1, 2, 0, 1, 2, 3, 4, 5]

@@ -461,8 +461,15 @@ class Clients:
             stored = await self.resumer.read_stored(pending)
         finally:
             self.resumer.pending.pop(session.client_id, None)
-        if self.sessions.get(session.client_id) is session:
-            self._send_stored(session, pending, stored)
+        if self.sessions.get(session.client_id) is not session:
+            return
+        if pending.overflowed:
+            # A replay without what was held would have a gap: the client resumes again.
+            limit = self.config.client_buffer_size
+            why = f"more than {limit} messages arrived while its replay was read"
+            self.slow.disconnect(session.client_id, why)
+            return
+        self._send_stored(session, pending, stored)
 
     def _send_stored(
         self, session: ClientSession, pending: PendingReplay, stored: StoredEntries

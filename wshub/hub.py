@@ -119,7 +119,12 @@ class Hub(RunnerNotifications):
             )
         self._backplane = backplane
         self._resumer = Resumer(
-            self._history, backplane, self._framer, self._last_id, config.write_timeout
+            self._history,
+            backplane,
+            self._framer,
+            self._last_id,
+            config.write_timeout,
+            config.client_buffer_size,
         )
         # With a backplane: publishes awaiting their return.
         self._origin = secrets.token_hex(6)

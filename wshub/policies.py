@@ -58,7 +58,7 @@ class SlowConsumers:
 
     def overflowed(self, client: Any) -> None:
         """The core gave up on ``client``: its buffer overflowed under "disconnect"."""
-        self._disconnect(client.client_id, "its buffer overflowed")
+        self.disconnect(client.client_id, "its buffer overflowed")
 
     def blocked(self, client: Any) -> None:
         """The core holds frames for ``client`` until its transport is writable again."""
@@ -91,9 +91,10 @@ class SlowConsumers:
 
     def _expired(self, client_id: str) -> None:
         self.unblocked(client_id)
-        self._disconnect(client_id, f"its transport did not drain in {self.write_timeout}s")
+        self.disconnect(client_id, f"its transport did not drain in {self.write_timeout}s")
 
-    def _disconnect(self, client_id: str, why: str) -> None:
+    def disconnect(self, client_id: str, why: str) -> None:
+        """Close a client as a slow consumer (4008), counted and logged with ``why``."""
         session = self.sessions.get(client_id)
         if session is None:
             return

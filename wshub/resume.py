@@ -45,6 +45,9 @@ class PendingReplay:
     errors: list[ProtocolError]
     held: list[tuple[_Key, Any]] = dataclasses.field(default_factory=list)
     inbox: list[str | bytes] = dataclasses.field(default_factory=list)
+    # More was delivered meanwhile than the client may have queued: nothing more is held,
+    # and the client is closed as a slow consumer instead of being sent a replay with a gap.
+    overflowed: bool = False
 
 
 def answer_recovery(answer: dict[str, Any], recovered: bool, reason: str | None) -> None:
@@ -63,6 +66,7 @@ class Resumer:
         framer: Frames entries read from the backplane.
         last_id: The newest message id this hub has queued for its clients.
         write_timeout: How long a pending resume waits for this hub to catch up.
+        max_held: Most live messages held for one pending resume (``client_buffer_size``).
     """
 
     def __init__(
@@ -72,7 +76,9 @@ class Resumer:
         framer: Framer,
         last_id: Callable[[], str],
         write_timeout: float,
+        max_held: int,
     ) -> None:
+        self.max_held = max_held
         self.history = history
         self.backplane = backplane
         self.framer = framer
@@ -107,10 +113,16 @@ class Resumer:
         """A message was queued for this hub's clients: hold it for pending resumes."""
         for pending in self.pending.values():
             live = pending.live_topics
+            if pending.overflowed:
+                continue
             if missed(key, topics, pending.topics, None, ()) and not (
                 live is not None and missed(key, topics, live, None, ())
             ):
-                pending.held.append((key, message))
+                if len(pending.held) >= self.max_held:
+                    pending.overflowed = True
+                    pending.held.clear()
+                else:
+                    pending.held.append((key, message))
         self._delivered.set()
 
     async def read_stored(self, pending: PendingReplay) -> StoredEntries:
