@@ -21,12 +21,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.frames import Opcode
 
 import wshub
 from wshub import MemoryBackplane, MemoryStream, MessageTooLarge
-from wshub.limits import MAX_FRAGMENTS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS
+from wshub.limits import (
+    MAX_FRAGMENTS,
+    MAX_REQUEST_HEAD,
+    MAX_REQUEST_HEADERS,
+    client_address,
+    proxy_networks,
+)
+from wshub.session import HandshakeRequest
 from wshub.wire import SHOWN_DEPTH, SHOWN_ITEMS, SHOWN_STRING, shown
 
 from .helpers import TIMEOUT, client, recv_json, send_json, wait_until
@@ -673,3 +680,72 @@ async def test_a_replay_within_the_bound_gets_everything(hub_server: Any) -> Non
             assert hello["type"] == "connection" and hello["data"]["recovered"] is True
             received = [(await recv_json(ws))["data"] for _ in range(8)]
             assert received == [1, 2, 0, 1, 2, 3, 4, 5]
+
+
+# Connections per address
+
+
+async def test_max_connections_per_ip_refuses_the_next_with_429(hub_server: Any) -> None:
+    async with hub_server(max_connections_per_ip=2) as served:
+        async with client(served.url), client(served.url):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(served.url):
+                    pass
+            assert refused.value.response.status_code == 429
+            assert served.hub.stats()["rejected_connections"] == 1
+        await wait_until(lambda: served.hub.client_count == 0)
+        async with client(served.url), client(served.url):  # room again
+            pass
+
+
+async def test_forwarded_addresses_count_only_through_trusted_proxies(hub_server: Any) -> None:
+    """Behind a trusted proxy (here: the test itself, on 127.0.0.1), each forwarded
+    address has its own allowance; a client cannot spoof its way past the limit by adding
+    addresses of its own to the left of what the proxy appended."""
+    async with hub_server(max_connections_per_ip=1, trusted_proxies=["127.0.0.0/8"]) as served:
+
+        def via_proxy(chain: str) -> Any:
+            return client(served.url, additional_headers={"X-Forwarded-For": chain})
+
+        async with via_proxy("203.0.113.7"), via_proxy("198.51.100.1, 203.0.113.8"):
+            with pytest.raises(InvalidStatus) as refused:
+                # Claims another address, but the proxy appended 203.0.113.7.
+                async with via_proxy("192.0.2.99, 203.0.113.7"):
+                    pass
+            assert refused.value.response.status_code == 429
+
+
+async def test_forwarded_addresses_from_untrusted_peers_are_ignored(hub_server: Any) -> None:
+    first = {"X-Forwarded-For": "203.0.113.7"}
+    async with (
+        hub_server(max_connections_per_ip=1) as served,
+        client(served.url, additional_headers=first),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(served.url, additional_headers={"X-Forwarded-For": "192.0.2.1"}):
+                pass
+        assert refused.value.response.status_code == 429
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        (
+            "192.0.2.5:4000",
+            "203.0.113.7",
+            "192.0.2.5",
+        ),  # not a trusted proxy: its header is ignored
+        ("10.0.0.2:4000", None, "10.0.0.2"),
+        ("10.0.0.2:4000", "203.0.113.7", "203.0.113.7"),
+        ("10.0.0.2:4000", "192.0.2.99, 203.0.113.7, 10.0.0.3", "203.0.113.7"),
+        ("10.0.0.2:4000", "10.0.0.9, 10.0.0.3", "10.0.0.9"),  # every hop trusted: the first
+        ("10.0.0.2:4000", "not an address", "not an address"),
+        ("[::1]:4000", "2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
+    peer: str, forwarded: str | None, expected: str
+) -> None:
+    headers = [("X-Forwarded-For", forwarded)] if forwarded is not None else []
+    request = HandshakeRequest.from_target("/api/ws", headers, peer)
+    assert client_address(request, proxy_networks(["10.0.0.0/8", "::1"])) == expected

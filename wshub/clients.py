@@ -26,6 +26,8 @@ from .limits import (
     RATE_LIMITED,
     RESUME_COST,
     RateLimit,
+    client_address,
+    proxy_networks,
 )
 from .logs import RateLimitedLog
 from .policies import SlowConsumers
@@ -59,10 +61,13 @@ class ClientSession:
         last_ping: When it last sent ``ping`` or ``pong`` (seconds since the epoch).
         pending: Its resume being read from the backplane, if any.
         limit: What it may still send (``client_message_rate``).
+        address: The address it connects from, through trusted proxies
+            (``max_connections_per_ip``).
     """
 
     __slots__ = (
         "_clients",
+        "address",
         "client",
         "connected_at",
         "joined_after",
@@ -91,6 +96,7 @@ class ClientSession:
         self.joined_after = joined_after
         self.last_ping: float | None = None
         self.pending: PendingReplay | None = None
+        self.address = clients.address_of(request)
         config = clients.config
         self.limit = RateLimit(
             config.client_message_rate, config.client_message_burst, time.monotonic()
@@ -168,6 +174,9 @@ class Clients:
         self.slow = SlowConsumers(config, self.client_log, self.sessions, self.close)
         self.protocol_errors = 0
         self.rate_limited = 0
+        self.proxies = proxy_networks(config.trusted_proxies)
+        # Connected clients by the address they connect from.
+        self.per_address: dict[str, int] = {}
         self._all_closed: asyncio.Event | None = None
 
     # Joining and leaving
@@ -185,6 +194,7 @@ class Clients:
         client = self.core.Client(client_id, transport.write, int(transport.frame_kind))
         session = ClientSession(self, client, transport, request, self.last_id())
         self.sessions[client_id] = session
+        self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
         greeting: dict[str, Any] = {
             "client_id": client_id,
             "status": "connected",
@@ -228,6 +238,14 @@ class Clients:
             )
         return session
 
+    def address_of(self, request: HandshakeRequest) -> str:
+        """The address a handshake comes from, through trusted proxies."""
+        return client_address(request, self.proxies)
+
+    def connections_from(self, request: HandshakeRequest) -> int:
+        """How many clients are connected from the address of ``request``."""
+        return self.per_address.get(self.address_of(request), 0)
+
     def closing(self, session: ClientSession) -> None:
         """The session's transport began closing: nothing more is written to it."""
         self.fanout.close_client(session.client)
@@ -238,6 +256,9 @@ class Clients:
         client = session.client
         if self.sessions.pop(client.client_id, None) is None:
             return
+        left = self.per_address.pop(session.address, 1) - 1
+        if left:
+            self.per_address[session.address] = left
         self.resumer.pending.pop(client.client_id, None)
         self.fanout.remove_client(client)
         self.slow.unblocked(client.client_id)

@@ -11,6 +11,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from .limits import proxy_networks
 from .wire import MAX_TOPIC_LENGTH, topic_problem
 
 __all__ = ["SLOW_CLIENT_POLICIES", "HubConfig"]
@@ -69,6 +70,11 @@ class HubConfig:
         socket_send_buffer: The kernel send buffer of each client's socket (``SO_SNDBUF``),
             in bytes; 0 leaves it to the kernel, which grows it up to ``net.ipv4.tcp_wmem``'s
             maximum (4 MiB by default on Linux) for a client that reads slowly.
+        max_connections_per_ip: Most clients connected at once from one address; more get
+            HTTP 429. 0 (the default) sets no limit: behind a proxy every client shares the
+            proxy's address unless it is in ``trusted_proxies``.
+        trusted_proxies: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose
+            ``X-Forwarded-For`` names the client; nobody else's header is believed.
         client_message_rate: Messages (and control frames) per second one client may send,
             on average; past it, messages are refused with an ``error`` 429 (see
             :mod:`wshub.limits`). 0 disables the limit.
@@ -101,6 +107,8 @@ class HubConfig:
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
     socket_send_buffer: int = 0
+    max_connections_per_ip: int = 0
+    trusted_proxies: Sequence[str] = ()
     # A dashboard sends a few subscribes when it opens and a ping now and then.
     client_message_rate: float = 10.0
     client_message_burst: int = 40
@@ -182,6 +190,21 @@ class HubConfig:
                 f"({self.max_subscriptions})"
             )
         object.__setattr__(self, "default_topics", topics)
+        if (
+            isinstance(self.max_connections_per_ip, bool)
+            or not isinstance(self.max_connections_per_ip, int)
+            or self.max_connections_per_ip < 0
+        ):
+            raise ValueError(
+                f"max_connections_per_ip must be zero (no limit) or a positive integer, "
+                f"got {self.max_connections_per_ip!r}"
+            )
+        proxies = _as_string_tuple("trusted_proxies", self.trusted_proxies)
+        try:
+            proxy_networks(proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies must be IP addresses or networks: {exc}") from None
+        object.__setattr__(self, "trusted_proxies", proxies)
         if self.allowed_origins is not None:
             origins = _as_string_tuple("allowed_origins", self.allowed_origins)
             object.__setattr__(self, "allowed_origins", origins)

@@ -275,6 +275,14 @@ class Hub(RunnerNotifications):
         if self.client_count >= self.config.max_clients:
             self._rejected += 1
             return Refusal(503, "Too many clients", _TRY_AGAIN_LATER)
+        per_ip = self.config.max_connections_per_ip
+        if (
+            per_ip
+            and self._clients is not None
+            and self._clients.connections_from(request) >= per_ip
+        ):
+            self._rejected += 1
+            return Refusal(429, "Too many connections from this address", _TRY_AGAIN_LATER)
         return None
 
     def open_session(

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the session port imports the config, which imports this
+    from .session import HandshakeRequest
 
 __all__ = [
     "CONTROL_FRAME_COST",
@@ -27,6 +33,8 @@ __all__ = [
     "READ_BUDGET",
     "RESUME_COST",
     "RateLimit",
+    "client_address",
+    "proxy_networks",
     "set_send_buffer",
 ]
 
@@ -104,3 +112,49 @@ def set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):  # a socket already closed: nothing to bound
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(proxies: Sequence[str]) -> tuple[Network, ...]:
+    """``trusted_proxies`` as networks (an address is a network of one).
+
+    Raises:
+        ValueError: An entry is not an IP address or network.
+    """
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def _peer_host(remote_address: str) -> str:
+    """The host of ``host:port`` or ``[host]:port``."""
+    host = remote_address.rpartition(":")[0] if ":" in remote_address else remote_address
+    return host.removeprefix("[").removesuffix("]")
+
+
+def _is_trusted(host: str, proxies: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in proxies)
+
+
+def client_address(request: HandshakeRequest, proxies: Sequence[Network]) -> str:
+    """The address a client connects from, for ``max_connections_per_ip``.
+
+    The peer's address, unless the peer is one of ``proxies``: then ``X-Forwarded-For`` is
+    read from the right (each proxy appends the address it received from), skipping trusted
+    proxies, and the first other address is the client's. What a client writes into the
+    header itself sits further left and is never reached through an untrusted hop.
+    """
+    host = _peer_host(request.remote_address)
+    if not proxies or not _is_trusted(host, proxies):
+        return host
+    forwarded = request.headers.get("x-forwarded-for", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, proxies):
+            return hop[:64]
+        host = hop
+    return host

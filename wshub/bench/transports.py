@@ -98,6 +98,9 @@ async def _asgi(hub: wshub.Hub, host: str) -> AsyncIterator[tuple[Any, int]]:
             log_level="warning",
             ws_max_size=config.max_message_size,
             ws_per_message_deflate=False,
+            # The hub decides whose X-Forwarded-For it believes (trusted_proxies); uvicorn's
+            # own rewriting of the client address would trust 127.0.0.1 by default.
+            proxy_headers=False,
             ws_ping_interval=config.ping_interval if config.enable_ping_pong else None,
             ws_ping_timeout=config.pong_timeout if config.enable_ping_pong else None,
             timeout_graceful_shutdown=max(1, round(config.write_timeout)),
