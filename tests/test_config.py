@@ -72,6 +72,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("client_message_burst", 0),
     ("client_message_burst", 2.5),
     ("socket_send_buffer", -1),
+    ("file_descriptor_reserve", -1),
     ("max_connections_per_ip", -1),
     ("trusted_proxies", "10.0.0.1"),
     ("trusted_proxies", ["not-an-address"]),

@@ -9,14 +9,17 @@ tell a frozen hub from a working one, not a fast machine from a slow one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +29,7 @@ from websockets.frames import Opcode
 
 import wshub
 from wshub import MemoryBackplane, MemoryStream, MessageTooLarge
+from wshub.api import start_api
 from wshub.limits import (
     MAX_FRAGMENTS,
     MAX_REQUEST_HEAD,
@@ -749,3 +753,40 @@ def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
     headers = [("X-Forwarded-For", forwarded)] if forwarded is not None else []
     request = HandshakeRequest.from_target("/api/ws", headers, peer)
     assert client_address(request, proxy_networks(["10.0.0.0/8", "::1"])) == expected
+
+
+# File descriptors: the reserve keeps the rest of the process working at the limit
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/fd")
+async def test_at_the_descriptor_limit_clients_get_503_and_the_api_answers(
+    lean_server: Any,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the server, a handful of clients (two descriptors each here: both ends are
+    # in this process), then the reserve.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 60, hard))
+    try:
+        async with (
+            lean_server(file_descriptor_reserve=30) as served,
+            contextlib.AsyncExitStack() as opened,
+        ):
+            statuses: list[int] = []
+            while len(statuses) < 30 and 503 not in statuses:  # well before 30
+                raw = await opened.enter_async_context(RawClient.connect(served.url))
+                assert raw.response is not None
+                statuses.append(raw.response.status_code)
+            assert statuses[-1] == 503 and set(statuses[:-1]) == {101}, statuses
+            assert len(statuses) >= 3
+            # The internal API still accepts and answers.
+            api = await start_api(served.hub, "127.0.0.1", 0)
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(api.url + "/healthz") as answer,
+                ):
+                    assert answer.status == 200
+            finally:
+                await api.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -75,6 +75,10 @@ class HubConfig:
             proxy's address unless it is in ``trusted_proxies``.
         trusted_proxies: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose
             ``X-Forwarded-For`` names the client; nobody else's header is believed.
+        file_descriptor_reserve: File descriptors the lean server leaves free for the rest
+            of the process (the internal API and its health checks, Redis, log files): a
+            connection accepted with fewer free is answered 503 and closed at once, instead
+            of the process running out and failing every accept.
         client_message_rate: Messages (and control frames) per second one client may send,
             on average; past it, messages are refused with an ``error`` 429 (see
             :mod:`wshub.limits`). 0 disables the limit.
@@ -108,6 +112,7 @@ class HubConfig:
     redis_stream: str = "wshub:messages"
     socket_send_buffer: int = 0
     max_connections_per_ip: int = 0
+    file_descriptor_reserve: int = 100
     trusted_proxies: Sequence[str] = ()
     # A dashboard sends a few subscribes when it opens and a ping now and then.
     client_message_rate: float = 10.0
@@ -190,6 +195,15 @@ class HubConfig:
                 f"({self.max_subscriptions})"
             )
         object.__setattr__(self, "default_topics", topics)
+        if (
+            isinstance(self.file_descriptor_reserve, bool)
+            or not isinstance(self.file_descriptor_reserve, int)
+            or self.file_descriptor_reserve < 0
+        ):
+            raise ValueError(
+                f"file_descriptor_reserve must be zero or a positive integer, "
+                f"got {self.file_descriptor_reserve!r}"
+            )
         if (
             isinstance(self.max_connections_per_ip, bool)
             or not isinstance(self.max_connections_per_ip, int)

@@ -22,6 +22,7 @@ import html
 import http
 import importlib.resources
 import logging
+import resource
 import ssl as ssl_module
 import struct
 import urllib.parse
@@ -42,6 +43,7 @@ from ..limits import (
     READ_BUDGET,
     set_send_buffer,
 )
+from ..logs import RateLimitedLog
 from ..session import (
     ClientSession,
     FrameKind,
@@ -215,6 +217,15 @@ class HubEndpoint:
         # Pending handshakes and open connections alike, so that aclose() reaches both.
         self.connections: dict[HubConnection, None] = {}
         self.handshakes = 0  # connections whose opening handshake is not answered yet
+        # A connection whose socket gets a number this high leaves fewer than the reserve
+        # free: the kernel hands out the lowest free number, so every one below is in use.
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.last_descriptor = (
+            None
+            if soft_limit == resource.RLIM_INFINITY
+            else soft_limit - self.config.file_descriptor_reserve
+        )
+        self.log = RateLimitedLog(logger)
         self._heartbeat: asyncio.TimerHandle | None = None
         # Pong deadlines of the ping rounds in flight, by the round's loop time (more than
         # one when pong_timeout is longer than ping_interval).
@@ -414,6 +425,16 @@ class HubConnection(asyncio.Protocol):
         if endpoint.handshakes >= endpoint.config.max_pending_handshakes:
             transport.abort()
             return
+        last = endpoint.last_descriptor
+        sock = transport.get_extra_info("socket")
+        if last is not None and sock is not None and sock.fileno() >= last:
+            endpoint.log.warning(
+                "refusing a connection: fewer than file_descriptor_reserve (%d) file "
+                "descriptors are free",
+                endpoint.config.file_descriptor_reserve,
+            )
+            self._refuse(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server at capacity\n")
+            return
         transport.set_write_buffer_limits(WRITE_LIMIT)
         set_send_buffer(transport, endpoint.config.socket_send_buffer)
         endpoint.connections[self] = None
@@ -477,11 +498,15 @@ class HubConnection(asyncio.Protocol):
 
     def _refuse_head(self) -> None:
         self._head_done()
-        protocol = self.protocol
-        response = protocol.reject(
+        self._refuse(
             http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
             f"Request head larger than {MAX_REQUEST_HEAD} bytes\n",
         )
+
+    def _refuse(self, status: http.HTTPStatus, text: str) -> None:
+        """Answer with an HTTP error before the request is read, and close."""
+        protocol = self.protocol
+        response = protocol.reject(status, text)
         response.headers["Server"] = SERVER
         protocol.send_response(response)
         if self._timer is not None:
