@@ -790,3 +790,123 @@ async def test_at_the_descriptor_limit_clients_get_503_and_the_api_answers(
                 await api.close()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# Every attack family, against a hub that streams to a victim meanwhile
+
+
+async def _ping_flood(url: str) -> None:
+    async with RawClient.connect(url + "?topics=quiet") as raw:
+        await raw.next_message()
+        raw.writer.write(RawClient.frame(Opcode.PING, b"x") * 2000)
+        assert await raw.close_code() == 1008  # past the default rate limit
+
+
+async def _message_flood(url: str) -> None:
+    async with RawClient.connect(url + "?topics=quiet") as raw:
+        await raw.next_message()
+        raw.writer.write(RawClient.frame(Opcode.TEXT, PING.encode()) * 2000)
+        assert await raw.close_code() == 1008
+
+
+async def _deep_nesting(url: str) -> None:
+    deep = b'{"type": ' + b"[" * 300 + b"]" * 300 + b"}"
+    async with RawClient.connect(url + "?topics=quiet") as raw:
+        await raw.next_message()
+        raw.send(Opcode.TEXT, deep)
+        raw.send(Opcode.TEXT, PING.encode())
+        assert (await raw.next_message())["error"]["code"] == 400
+        assert (await raw.next_message())["type"] == "pong"
+
+
+async def _fragment_bomb(url: str) -> None:
+    async with RawClient.connect(url + "?topics=quiet") as raw:
+        await raw.next_message()
+        frames = [RawClient.frame(Opcode.TEXT, b"{", fin=False)]
+        frames += [RawClient.frame(Opcode.CONT, b"", fin=False)] * 5000
+        raw.writer.write(b"".join(frames))
+        assert await raw.close_code() == 1009
+
+
+async def _oversized_head(url: str) -> None:
+    request = opening_request(url)
+    head, _, _ = request.partition(b"\r\n\r\n")
+    padded = head + b"\r\nX-Padding: " + b"a" * (2 * MAX_REQUEST_HEAD) + b"\r\n\r\n"
+    host, port = url.removeprefix("ws://").split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(padded)
+        async with asyncio.timeout(TIMEOUT):
+            assert (await reader.read()).startswith(b"HTTP/1.1 431 ")
+    finally:
+        writer.close()
+
+
+async def _pipelined(url: str) -> None:
+    async with RawClient.connect(url, after_request=opening_request(url) * 3) as raw:
+        assert raw.response is not None and raw.response.status_code == 101
+        assert await raw.close_code() == 1002
+
+
+async def _unfinished_handshakes(url: str) -> None:
+    host, port = url.removeprefix("ws://").split("/")[0].split(":")
+    request = opening_request(url)
+    writers = []
+    for _ in range(50):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request[:20])
+        writers.append(writer)
+    for writer in writers:
+        writer.transport.abort()
+
+
+ATTACKS = {
+    "ping-flood": _ping_flood,
+    "message-flood": _message_flood,
+    "deep-nesting": _deep_nesting,
+    "fragment-bomb": _fragment_bomb,
+    "oversized-head": _oversized_head,
+    "pipelined-requests": _pipelined,
+    "unfinished-handshakes": _unfinished_handshakes,
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/fd")
+@pytest.mark.parametrize("attack", ATTACKS)
+async def test_an_attack_leaves_the_victim_served(
+    lean_server: Any, caplog: pytest.LogCaptureFixture, attack: str
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with lean_server() as served, client(served.url + "?topics=ticks") as (victim, _):
+        hub = served.hub
+        await wait_until(lambda: hub.client_count == 1)
+        fds = len(os.listdir("/proc/self/fd"))
+        stop = asyncio.Event()
+
+        async def publish() -> None:
+            sequence = 0
+            while not stop.is_set():
+                hub.broadcast_to_subscribers("tick", sequence, ("ticks",))
+                sequence += 1
+                await asyncio.sleep(0.01)
+
+        async def watch() -> float:
+            longest, last = 0.0, time.monotonic()
+            while (await recv_json(victim))["type"] == "tick":
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+            return longest
+
+        publisher = asyncio.create_task(publish())
+        watcher = asyncio.create_task(watch())
+        try:
+            await ATTACKS[attack](served.url)
+        finally:
+            stop.set()
+            await publisher
+            hub.broadcast_to_subscribers("end", None, ("ticks",))  # the watcher's sentinel
+        longest = await watcher
+        await wait_until(lambda: hub.client_count == 1)
+        await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
+    assert longest < 1.0, f"the victim waited {longest:.2f} s"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
