@@ -910,3 +910,29 @@ async def test_an_attack_leaves_the_victim_served(
         await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
     assert longest < 1.0, f"the victim waited {longest:.2f} s"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_messages_sent_during_a_stored_replay_are_charged_once(hub_server: Any) -> None:
+    backplane = GatedBackplane(MemoryStream())
+    async with hub_server(
+        backplane=backplane, history_size=1, client_message_rate=0.001, client_message_burst=4
+    ) as served:
+        hub = served.hub
+        first = await hub.publish("old", 0)
+        for n in (1, 2):
+            await hub.publish("old", n)
+        async with connect(f"{served.url}?since={first.id}") as ws:
+            await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
+            for _ in range(3):  # held until the replay is sent: three of the four tokens
+                await ws.send(PING)
+            await wait_until(
+                lambda: hub.stats()["rate_limited"] == 0 and backplane.reading.is_set()
+            )
+            backplane.gate.set()
+            assert (await recv_json(ws))["type"] == "connection"
+            assert [(await recv_json(ws))["data"] for _ in range(2)] == [1, 2]
+            assert [(await recv_json(ws))["type"] for _ in range(3)] == ["pong"] * 3
+            await ws.send(PING)  # the fourth token: not spent twice on the three above
+            assert (await recv_json(ws))["type"] == "pong"
+            await ws.send(PING)
+            assert (await recv_json(ws))["error"]["code"] == 429

@@ -311,13 +311,19 @@ class Clients:
         A failure inside the hub is logged; ``disconnect_on_error`` decides whether it
         closes the client (1011) or is answered with a 500 error.
         """
-        if not self.charge(session, MESSAGE_COST):
-            self.send_error(session, self._rate_limited())
-            return
+        paid = self.charge(session, MESSAGE_COST)
         if session.pending is not None:
-            # Answered after the resume being read, in the order the client sent them.
-            session.pending.inbox.append(message)
+            # Answered after the resume being read, in the order the client sent them (None:
+            # refused over the rate limit); the rate limit bounds how many wait here.
+            session.pending.inbox.append(message if paid else None)
             return
+        if paid:
+            self._act(session, message)
+        else:
+            self.send_error(session, self._rate_limited())
+
+    def _act(self, session: ClientSession, message: str | bytes) -> None:
+        """Act on a message the client has paid for."""
         try:
             self._handle(session, message)
         except Exception:
@@ -514,8 +520,13 @@ class Clients:
             self.send_error(session, error)
         self._replay(session, self.resumer.stored_messages(pending, stored))
         # Messages the client sent meanwhile, in order; one may start another resume.
-        for message in pending.inbox:
-            self.received(session, message)
+        for waiting in pending.inbox:
+            if session.pending is not None:  # one of them began another resume
+                session.pending.inbox.append(waiting)
+            elif waiting is None:
+                self.send_error(session, self._rate_limited())
+            else:
+                self._act(session, waiting)
 
     # Introspection
 

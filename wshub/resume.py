@@ -44,7 +44,7 @@ class PendingReplay:
     greeting: bool  # True: answers the connection (?since=); False: a subscribe
     errors: list[ProtocolError]
     held: list[tuple[_Key, Any]] = dataclasses.field(default_factory=list)
-    inbox: list[str | bytes] = dataclasses.field(default_factory=list)
+    inbox: list[str | bytes | None] = dataclasses.field(default_factory=list)
     # More was delivered meanwhile than the client may have queued: nothing more is held,
     # and the client is closed as a slow consumer instead of being sent a replay with a gap.
     overflowed: bool = False
