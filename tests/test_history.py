@@ -181,7 +181,7 @@ TOPIC_NAMES = st.sampled_from(["a", "b", "c", "*"])
     delivered=None,
     delivered_topics=set(),
 )
-@settings(max_examples=300)
+@settings(max_examples=300, derandomize=True)  # seeded: CI repeats the same cases
 def test_since_agrees_with_a_plain_scan(
     published: list[list[str] | None],
     kept: int,

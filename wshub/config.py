@@ -141,29 +141,14 @@ class HubConfig:
             _check_number(name, getattr(self, name), allow_zero=False)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
         _check_number("history_ttl", self.history_ttl, allow_zero=True)
-        if (
-            isinstance(self.socket_send_buffer, bool)
-            or not isinstance(self.socket_send_buffer, int)
-            or self.socket_send_buffer < 0
-        ):
-            raise ValueError(
-                f"socket_send_buffer must be zero (the kernel's choice) or a number of bytes, "
-                f"got {self.socket_send_buffer!r}"
-            )
+        _check_count("socket_send_buffer", self.socket_send_buffer, "the kernel's choice")
         _check_number(
             "client_message_rate",
             self.client_message_rate,
             allow_zero=True,
             unit="messages per second",
         )
-        if (
-            isinstance(self.history_size, bool)
-            or not isinstance(self.history_size, int)
-            or self.history_size < 0
-        ):
-            raise ValueError(
-                f"history_size must be zero or a positive integer, got {self.history_size!r}"
-            )
+        _check_count("history_size", self.history_size, "no history")
         if self.redis_url is not None and (
             not isinstance(self.redis_url, str)
             or urllib.parse.urlsplit(self.redis_url).scheme not in REDIS_URL_SCHEMES
@@ -195,24 +180,8 @@ class HubConfig:
                 f"({self.max_subscriptions})"
             )
         object.__setattr__(self, "default_topics", topics)
-        if (
-            isinstance(self.file_descriptor_reserve, bool)
-            or not isinstance(self.file_descriptor_reserve, int)
-            or self.file_descriptor_reserve < 0
-        ):
-            raise ValueError(
-                f"file_descriptor_reserve must be zero or a positive integer, "
-                f"got {self.file_descriptor_reserve!r}"
-            )
-        if (
-            isinstance(self.max_connections_per_ip, bool)
-            or not isinstance(self.max_connections_per_ip, int)
-            or self.max_connections_per_ip < 0
-        ):
-            raise ValueError(
-                f"max_connections_per_ip must be zero (no limit) or a positive integer, "
-                f"got {self.max_connections_per_ip!r}"
-            )
+        _check_count("file_descriptor_reserve", self.file_descriptor_reserve, "none")
+        _check_count("max_connections_per_ip", self.max_connections_per_ip, "no limit")
         proxies = _as_string_tuple("trusted_proxies", self.trusted_proxies)
         try:
             proxy_networks(proxies)
@@ -227,6 +196,13 @@ class HubConfig:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_count(name: str, value: Any, zero_means: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{name} must be zero ({zero_means}) or a positive integer, got {value!r}"
+        )
 
 
 def _check_number(name: str, value: Any, *, allow_zero: bool, unit: str = "seconds") -> None:

@@ -85,6 +85,12 @@ MESSAGE_TYPE = "run_progress"
 KEEPALIVE_OFF = 3600.0  # no ping lands inside a measured round
 
 
+def envelope(clock: MessageClock, data: dict[str, Any]) -> dict[str, Any]:
+    """The hub's envelope of an event, as the peers that are not wshub build it."""
+    message_id, timestamp = clock.next()
+    return {"type": MESSAGE_TYPE, "data": data, "timestamp": timestamp, "id": message_id}
+
+
 def nodes_variant(nodes: int) -> str:
     """The name of ``nodes`` Cython hubs joined over Redis."""
     return f"{NODES_PREFIX}{nodes}{NODES_SUFFIX}"
@@ -264,8 +270,7 @@ class WebsocketsVariant(Variant):
             await self.server.wait_closed()
 
     def envelope(self, data: dict[str, Any]) -> dict[str, Any]:
-        message_id, timestamp = self.clock.next()
-        return {"type": MESSAGE_TYPE, "data": data, "timestamp": timestamp, "id": message_id}
+        return envelope(self.clock, data)
 
     def recipients(self, topic: str | None) -> dict[ServerConnection, None]:
         return self.everyone if topic is None else self.by_topic.get(topic, {})
@@ -342,14 +347,7 @@ class PicowsVariant(Variant):
     async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
         text = self.text
         for data, topic in events:
-            message_id, timestamp = self.clock.next()
-            envelope = {
-                "type": MESSAGE_TYPE,
-                "data": data,
-                "timestamp": timestamp,
-                "id": message_id,
-            }
-            payload = orjson.dumps(envelope)
+            payload = orjson.dumps(envelope(self.clock, data))
             recipients = self.everyone if topic is None else self.by_topic.get(topic, {})
             for listener in recipients:
                 listener.transport.send(text, payload)
@@ -427,14 +425,8 @@ class SocketifyVariant(Variant):
     async def publish(self, events: Sequence[tuple[dict[str, Any], str | None]]) -> None:
         app, text = self.app, self.text
         for data, topic in events:
-            message_id, timestamp = self.clock.next()
-            envelope = {
-                "type": MESSAGE_TYPE,
-                "data": data,
-                "timestamp": timestamp,
-                "id": message_id,
-            }
-            app.publish(self.EVERYONE if topic is None else topic, orjson.dumps(envelope), text)
+            payload = orjson.dumps(envelope(self.clock, data))
+            app.publish(self.EVERYONE if topic is None else topic, payload, text)
 
     @property
     def connected(self) -> int:

@@ -505,15 +505,17 @@ class HubConnection(asyncio.Protocol):
 
     def _refuse(self, status: http.HTTPStatus, text: str) -> None:
         """Answer with an HTTP error before the request is read, and close."""
-        protocol = self.protocol
-        response = protocol.reject(status, text)
+        self._respond(self.protocol.reject(status, text))
+        self._arm_close_deadline()
+
+    def _respond(self, response: Response) -> None:
+        """Answer the opening request (the handshake deadline is over) and write it."""
         response.headers["Server"] = SERVER
-        protocol.send_response(response)
+        self.protocol.send_response(response)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._send_data()
-        self._arm_close_deadline()
 
     def _handle_data(self, data: bytes) -> None:
         """Feed the protocol, write what it answers, then handle the request or messages."""
@@ -605,12 +607,7 @@ class HubConnection(asyncio.Protocol):
                         http.HTTPStatus.UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n"
                     )
                     response.headers["Sec-WebSocket-Version"] = "13"
-        response.headers["Server"] = SERVER
-        protocol.send_response(response)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._send_data()
+        self._respond(response)
         if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
             self._arm_close_deadline()
             return
