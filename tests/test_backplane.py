@@ -295,6 +295,33 @@ async def test_redis_outage_keeps_clients_fails_publishes_and_recovers(
             assert message["id"] == after.id
 
 
+async def test_an_outage_is_one_disconnect_and_never_ready_however_long_it_lasts(
+    lean_server: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each retry used to call Redis reachable before any command reached it: ready for a
+    moment, a reconnect and an outage counted and logged per retry."""
+    async with lean_server(redis_url=redis_server.url) as served:
+        hub = served.hub
+        assert hub.ready
+        redis_server.kill()
+        await wait_until(lambda: not hub.ready)
+        # Two seconds of outage: about five retries with the backoff from 50 ms.
+        loop = asyncio.get_running_loop()
+        deadline, ready_seen = loop.time() + 2.0, 0
+        while loop.time() < deadline:
+            ready_seen += hub.ready
+            await asyncio.sleep(0.002)
+        stats = hub.stats()["backplane"]
+        assert ready_seen == 0
+        assert (stats["disconnects"], stats["reconnects"]) == (1, 0)
+        assert caplog.text.count("is unreachable (") == 1
+        assert "reachable again" not in caplog.text
+        redis_server.restart()
+        await wait_until(lambda: hub.ready, timeout=15)
+        assert hub.stats()["backplane"]["reconnects"] == 1
+        assert caplog.text.count("is reachable again") == 1
+
+
 async def test_a_hub_starts_while_redis_is_down_and_joins_later(
     lean_server: Any, redis_server: RedisServer
 ) -> None:

@@ -47,6 +47,9 @@ BATCH_SIZE: Final = 512
 READ_BLOCK_MS: Final = 1000
 #: First and longest wait between reconnection attempts, in seconds.
 RECONNECT_DELAY: Final = (0.05, 5.0)
+#: Seconds a connection must stay healthy before the reconnection delay starts over: a
+#: Redis that answers one command and fails the next does not reset the backoff.
+HEALTHY_AFTER: Final = 10.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,6 +144,7 @@ class RedisBackplane:
         # The stream's entries-added as of this hub's position (see _check_gap).
         self._read_count = 0
         self._delay = RECONNECT_DELAY[0]
+        self._up_since = 0.0  # loop time of the last round trip after an outage
         self._attempted = asyncio.Event()
 
     @property
@@ -195,7 +199,12 @@ class RedisBackplane:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks)
+            # A cancellation can be lost inside redis-py's reads on Python 3.11 (its timeout
+            # and ours at once), so the loops also stop on _closed; they see it within one
+            # XREAD block. A task that still has not ended is left behind, not waited for.
+            _, stuck = await asyncio.wait(self._tasks, timeout=READ_BLOCK_MS / 1000 + 2.0)
+            if stuck:
+                self.logger.warning("the Redis reader did not stop in time; left behind")
         self._tasks = []
         self._fail_outgoing("the hub is stopping")
         if self._redis is not None:
@@ -229,7 +238,7 @@ class RedisBackplane:
     async def _write(self) -> None:
         """Send queued publishes in order, as pipelined batches on one connection."""
         outgoing = self._outgoing
-        while True:
+        while not self._closed:
             batch = [await outgoing.get()]
             while len(batch) < BATCH_SIZE and not outgoing.empty():
                 batch.append(outgoing.get_nowait())
@@ -278,8 +287,9 @@ class RedisBackplane:
     # Reading
 
     async def _read(self) -> None:
-        """Read the stream for ever: deliver entries, and reconnect with backoff on errors."""
-        while True:
+        """Read the stream until closed: deliver entries, and reconnect with backoff on
+        errors."""
+        while not self._closed:
             try:
                 await self._read_until_error()
             except asyncio.CancelledError:
@@ -301,10 +311,15 @@ class RedisBackplane:
         if self._last_id is None:
             # Start at the end: a new hub delivers what is published from now on.
             self._last_id, self._read_count = await self._stream_end(redis)
+        else:
+            # A round trip before this hub calls Redis reachable: a retry that only got as
+            # far as here must not count (and log) a recovery and then a new outage.
+            await redis.ping()
         self._found()
+        loop = asyncio.get_running_loop()
         deliver = self._deliver
         streams: dict[Any, Any] = {self.stream: self._last_id}
-        while True:
+        while not self._closed:
             # XINFO in the same round trip, just before XREAD: an entry after this hub's
             # position that had already left the stream is one its clients never get.
             pipe = redis.pipeline(transaction=False)
@@ -314,6 +329,8 @@ class RedisBackplane:
             if isinstance(response, Exception):
                 raise response
             self._found()
+            if self._delay > RECONNECT_DELAY[0] and loop.time() - self._up_since >= HEALTHY_AFTER:
+                self._delay = RECONNECT_DELAY[0]
             if isinstance(info, dict):
                 self._check_gap(info)
             else:  # no stream (yet, or Redis lost it): the next one counts from zero
@@ -386,8 +403,8 @@ class RedisBackplane:
 
     def _found(self) -> None:
         self._attempted.set()
-        self._delay = RECONNECT_DELAY[0]
         if not self._ready:
+            self._up_since = asyncio.get_running_loop().time()
             if self._disconnects:
                 self._reconnects += 1
                 self.logger.warning("Redis at %s is reachable again", redact_url(self.url))
