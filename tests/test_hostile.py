@@ -34,6 +34,7 @@ from wshub.limits import (
     MAX_FRAGMENTS,
     MAX_REQUEST_HEAD,
     MAX_REQUEST_HEADERS,
+    RateLimit,
     client_address,
     proxy_networks,
 )
@@ -938,3 +939,18 @@ async def test_messages_sent_during_a_stored_replay_are_charged_once(hub_server:
             assert (await recv_json(ws))["type"] == "pong"
             await ws.send(PING)
             assert (await recv_json(ws))["error"]["code"] == 429
+
+
+def test_the_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    bucket = RateLimit(2.0, 3, now=100.0)
+    assert [bucket.take(1.0, 100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.refusals == 1 and not bucket.exhausted
+    assert not bucket.take(5.0, 100.0)  # costs more than it holds
+    assert bucket.take(1.0, 100.5)  # half a second: one token back
+    assert bucket.refusals == 0
+    assert [bucket.take(1.0, 200.0) for _ in range(4)] == [True, True, True, False]  # capped
+    for _ in range(2):
+        bucket.take(1.0, 200.0)
+    assert bucket.exhausted  # refused as many times in a row as its burst
+    unlimited = RateLimit(0, 1, now=0.0)
+    assert all(unlimited.take(10.0, 0.0) for _ in range(100))

@@ -1,13 +1,18 @@
-"""What one client may send: a token bucket per client, and what each thing it sends costs.
+"""What one client may send and hold, each rule once.
 
-Sans-I/O and the same for every transport: :class:`wshub.clients.Clients` charges a client's
-bucket for each message it handles, and a transport charges control frames (pings, pongs)
-through :meth:`wshub.session.ClientSession.control_received` where it sees them.
+The rate limit, sans-I/O and the same for every transport: :class:`wshub.clients.Clients`
+charges a client's bucket for each message it handles, and a transport charges control
+frames (pings, pongs) through :meth:`wshub.session.ClientSession.control_received` where it
+sees them.
 
 Over the limit, a message is refused with an ``error`` 429 and not acted on; a client that
 keeps sending while refused (as many refusals in a row as its burst) is closed with 1008, so
 that neither its messages nor the hub's answers to them can take more than a bounded share of
 the loop.
+
+Also here: the lean server's bounds on what it reads of a connection, the address a client
+connects from through trusted proxies (``max_connections_per_ip``), and the kernel send
+buffer of a client's socket. docs/security.md explains each limit and its default.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ MAX_FRAGMENTS = 1024
 class RateLimit:
     """A token bucket: ``burst`` tokens, refilled at ``rate`` per second.
 
-    Time comes from the caller (the event loop's clock), so the rule is testable without
+    Time comes from the caller (monotonic seconds), so the rule is testable without
     waiting. ``rate`` 0 means no limit: every ``take`` succeeds.
 
     Attributes:
