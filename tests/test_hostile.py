@@ -657,16 +657,23 @@ class GatedBackplane(MemoryBackplane):
         return await super().entries(after, until)
 
 
+async def _beyond_own_history(hub: wshub.Hub) -> str:
+    """Publish ``old`` 0, 1, 2 to a hub whose own history holds one message; the id of the
+    first: a resume from it is read from the backplane."""
+    first = await hub.publish("old", 0)
+    for n in (1, 2):
+        await hub.publish("old", n)
+    return first.id
+
+
 async def test_a_replay_that_falls_behind_while_it_is_read_closes_with_4008(
     hub_server: Any,
 ) -> None:
     backplane = GatedBackplane(MemoryStream())
     async with hub_server(backplane=backplane, history_size=1, client_buffer_size=5) as served:
         hub = served.hub
-        first = await hub.publish("old", 0)
-        for n in (1, 2):  # the hub's own history holds the last only
-            await hub.publish("old", n)
-        async with connect(f"{served.url}?since={first.id}") as ws:
+        since = await _beyond_own_history(hub)
+        async with connect(f"{served.url}?since={since}") as ws:
             await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
             for n in range(6):  # one more than the client may have queued
                 await hub.publish("live", n)
@@ -682,10 +689,8 @@ async def test_a_replay_within_the_bound_gets_everything(hub_server: Any) -> Non
     backplane = GatedBackplane(MemoryStream())
     async with hub_server(backplane=backplane, history_size=1, client_buffer_size=20) as served:
         hub = served.hub
-        first = await hub.publish("old", 0)
-        for n in (1, 2):
-            await hub.publish("old", n)
-        async with connect(f"{served.url}?since={first.id}") as ws:
+        since = await _beyond_own_history(hub)
+        async with connect(f"{served.url}?since={since}") as ws:
             await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
             for n in range(6):
                 await hub.publish("live", n)
@@ -921,10 +926,8 @@ async def test_messages_sent_during_a_stored_replay_are_charged_once(hub_server:
         backplane=backplane, history_size=1, client_message_rate=0.001, client_message_burst=4
     ) as served:
         hub = served.hub
-        first = await hub.publish("old", 0)
-        for n in (1, 2):
-            await hub.publish("old", n)
-        async with connect(f"{served.url}?since={first.id}") as ws:
+        since = await _beyond_own_history(hub)
+        async with connect(f"{served.url}?since={since}") as ws:
             await asyncio.wait_for(backplane.reading.wait(), TIMEOUT)
             for _ in range(3):  # held until the replay is sent: three of the four tokens
                 await ws.send(PING)
