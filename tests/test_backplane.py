@@ -388,12 +388,18 @@ async def test_messages_trimmed_before_a_hub_read_them_are_counted_and_logged(
         finally:
             writer.close()
         received: list[int] = []
+        gaps: list[dict[str, Any]] = []
         while not received or received[-1] != 19:
-            received.append((await recv_json(ws))["data"])
+            message = await recv_json(ws)
+            if message["type"] == "gap":
+                gaps.append(message["data"])
+            else:
+                received.append(message["data"])
         assert received[-5:] == [15, 16, 17, 18, 19]
         assert received == sorted(received) and len(received) < 20
-        # Exactly the messages it did not receive are counted.
+        # Exactly the messages it did not receive are counted, and the client is told.
         assert served.hub.stats()["backplane"]["missed"] == 20 - len(received)
+        assert sum(gap["missed"] for gap in gaps) == 20 - len(received)
         assert "left Redis stream wshub:messages before this hub read them" in caplog.text
         await served.hub.publish("m", 20)
         assert (await recv_json(ws))["data"] == 20

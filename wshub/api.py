@@ -36,8 +36,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from . import runner
-from .backplane import BackplaneUnavailable
+from .backplane import NOT_PUBLISHED, UNKNOWN, BackplaneUnavailable
 from .hub import Hub
+from .idempotency import check_idempotency_key
 from .metrics import LATENCY_BUCKETS, HubCollector
 from .wire import (
     JSON_OPTIONS,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_PORT",
     "HUB_KEY",
+    "IDEMPOTENCY_KEY_HEADER",
     "LATENCY_BUCKETS",
     "NOTIFY_KINDS",
     "REGISTRY_KEY",
@@ -75,6 +77,8 @@ REGISTRY_KEY: Final = web.AppKey("wshub.registry", CollectorRegistry)
 _logger = logging.getLogger("wshub.api")
 
 _JSON: Final = "application/json"
+#: The header that carries a publish's idempotency key (as in the IETF httpapi draft).
+IDEMPOTENCY_KEY_HEADER: Final = "Idempotency-Key"
 
 
 class _ApiError(Exception):
@@ -87,12 +91,14 @@ class _ApiError(Exception):
         *,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        outcome: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
         self.headers = dict(headers) if headers is not None else {}
+        self.outcome = outcome
 
 
 def _bad(field: str, message: str) -> _ApiError:
@@ -111,7 +117,11 @@ def _error_response(error: _ApiError) -> web.Response:
     body: dict[str, Any] = {"code": error.status, "message": error.message}
     if error.field is not None:
         body["field"] = error.field
-    return _json_response({"error": body}, error.status, error.headers)
+    answer: dict[str, Any] = {"error": body}
+    if error.outcome is not None:
+        # Beside the error, not in it: a publisher reads it to decide whether to retry.
+        answer["outcome"] = error.outcome
+    return _json_response(answer, error.status, error.headers)
 
 
 # Validation. Every check runs before the hub is called, so a bad request changes nothing.
@@ -213,6 +223,24 @@ def _record(body: Mapping[str, Any], name: str) -> dict[str, Any]:
     return record
 
 
+def _idempotency_key(request: web.Request, body: Mapping[str, Any] | None) -> str | None:
+    """The publish's key: the ``Idempotency-Key`` header, or the body's ``idempotency_key``
+    (``POST /api/publish`` only); both given must agree."""
+    header = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    given = body.get("idempotency_key") if body is not None else None
+    if header is not None and given is not None and header != given:
+        raise _bad(
+            "idempotency_key", f"idempotency_key and the {IDEMPOTENCY_KEY_HEADER} header differ"
+        )
+    key = header if header is not None else given
+    if key is None:
+        return None
+    try:
+        return check_idempotency_key(key)
+    except (TypeError, ValueError) as exc:
+        raise _bad("idempotency_key", str(exc)) from None
+
+
 def _topics(body: Mapping[str, Any]) -> list[str] | None:
     topics = body.get("topics")
     if topics is None:
@@ -254,6 +282,7 @@ class _Publish(NamedTuple):
     data: Any
     topics: Sequence[str] | None
     suspects: tuple[tuple[str, Any, int], ...] = ()
+    idempotency_key: str | None = None
 
     def serialized(self) -> orjson.Fragment | None:
         """``data`` serialized, once: the hub puts these bytes in the envelope as they are.
@@ -509,9 +538,13 @@ class _Api:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            published = await self.hub.publish(publish.type, data, publish.topics)
+            published = await self.hub.publish(
+                publish.type, data, publish.topics, idempotency_key=publish.idempotency_key
+            )
         except BackplaneUnavailable as exc:
-            raise _ApiError(503, f"not published: {exc}") from None
+            if exc.outcome == UNKNOWN:
+                raise _ApiError(503, str(exc), outcome=UNKNOWN) from None
+            raise _ApiError(503, f"not published: {exc}", outcome=NOT_PUBLISHED) from None
         except MessageTooLarge as exc:
             raise _ApiError(413, str(exc)) from None
         except RuntimeError as exc:
@@ -531,7 +564,10 @@ class _Api:
                 loop.call_later(interval, loop.call_soon, self._observe, started)
             else:
                 loop.call_soon(self._observe, started)
-        return _json_response({"id": published.id, "recipients": recipients})
+        answer: dict[str, Any] = {"id": published.id, "recipients": recipients}
+        if published.duplicate:
+            answer["duplicate"] = True
+        return _json_response(answer)
 
     def _observe(self, started: float) -> None:
         self.latency.observe(time.perf_counter() - started)
@@ -548,7 +584,10 @@ class _Api:
             raise _bad("type", f"type {message_type!r} is reserved for the protocol") from None
         topics = _topics(body)
         data = body.get("data")
-        return await self._publish(_Publish(str(message_type), data, topics, (("data", data, 0),)))
+        key = _idempotency_key(request, body)
+        return await self._publish(
+            _Publish(str(message_type), data, topics, (("data", data, 0),), key)
+        )
 
     async def notify(self, request: web.Request) -> web.Response:
         """``POST /api/notify/{kind}``."""
@@ -557,7 +596,8 @@ class _Api:
         if notifier is None:
             raise _ApiError(404, f"unknown notify kind {kind!r}; known: {', '.join(NOTIFY_KINDS)}")
         body = await self._body(request)
-        return await self._publish(notifier(body))
+        key = _idempotency_key(request, None)
+        return await self._publish(notifier(body)._replace(idempotency_key=key))
 
     # Introspection
 

@@ -6,16 +6,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, Protocol
 
+from .idempotency import IdempotencyKeys
 from .wire import MessageClock, parse_message_id
 
 __all__ = [
     "MIN_STREAM_LENGTH",
+    "NOT_PUBLISHED",
+    "UNKNOWN",
+    "Added",
     "Backplane",
     "BackplaneUnavailable",
     "Deliver",
     "Entry",
     "MemoryBackplane",
     "MemoryStream",
+    "Missed",
     "StoredEntries",
     "stored_since",
 ]
@@ -25,8 +30,42 @@ __all__ = [
 MIN_STREAM_LENGTH: Final = 10_000
 
 
+#: :attr:`BackplaneUnavailable.outcome` of a message that never left the hub.
+NOT_PUBLISHED: Final = "not_published"
+#: :attr:`BackplaneUnavailable.outcome` of a message that may have reached the store: its
+#: command was sent and no answer came. Publish it again with the same idempotency key.
+UNKNOWN: Final = "unknown"
+
+
 class BackplaneUnavailable(RuntimeError):
-    """The backplane cannot take a publish now (Redis is unreachable); it was not published."""
+    """The backplane could not take a publish (Redis is unreachable or stopped answering).
+
+    Args:
+        message: Why, for people.
+        outcome: :data:`NOT_PUBLISHED` when the message never left this hub (the store was
+            known to be down, or the hub stopped first); :data:`UNKNOWN` when it was sent
+            and no answer came, so the store may have taken it and deliver it after all.
+
+    Attributes:
+        outcome: As given.
+    """
+
+    def __init__(self, message: str, outcome: str = NOT_PUBLISHED) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class Added(NamedTuple):
+    """What the store did with a publish.
+
+    Attributes:
+        message_id: The message's id; for a duplicate, the id of the first publish.
+        duplicate: True when its idempotency key was published within the window already,
+            so this one was not added and will not be delivered.
+    """
+
+    message_id: str
+    duplicate: bool = False
 
 
 class Entry(NamedTuple):
@@ -62,6 +101,9 @@ class StoredEntries(NamedTuple):
 
 
 Deliver = Callable[[Entry], None]
+#: Told when messages left the store before this hub read them: how many (None when the
+#: store cannot tell) and the id of the last message delivered before them.
+Missed = Callable[[int | None, str], None]
 
 
 class Backplane(Protocol):
@@ -83,8 +125,12 @@ class Backplane(Protocol):
         """Why the store was last found unreachable; None while it answers."""
         ...
 
-    async def start(self, deliver: Deliver) -> None:
-        """Begin reading: ``deliver`` gets every entry published from now on, in order.
+    async def start(self, deliver: Deliver, missed: Missed | None = None) -> None:
+        """Begin reading: ``deliver`` gets every entry published from now on, in order, and
+        ``missed`` hears of every entry that left the store before it could be delivered.
+
+        "From now on" is this call's time even when the store cannot be reached yet: what
+        other hubs publish before this one first reaches it is delivered too.
 
         Returns after the first attempt to reach the store, whether it answered or not:
         :attr:`ready` tells, and reading goes on in the background either way.
@@ -101,12 +147,17 @@ class Backplane(Protocol):
         data: bytes | None,
         topics: Sequence[str] | None,
         origin: str | None = None,
-    ) -> asyncio.Future[str]:
-        """Queue a message for the store, in call order; the future gets its id.
+        idempotency_key: str | None = None,
+    ) -> asyncio.Future[Added]:
+        """Queue a message for the store, in call order; the future gets what was added.
+
+        With ``idempotency_key``, a key the store took within its idempotency window makes
+        this publish a duplicate: not added, answered with the first one's id.
 
         Raises:
-            BackplaneUnavailable: At once when the store is known to be unreachable; through
-                the future when it fails while the message is on its way.
+            BackplaneUnavailable: At once when the store is known to be unreachable
+                (:data:`NOT_PUBLISHED`); through the future when it fails while the message
+                is on its way (:data:`UNKNOWN` once it may have been sent).
         """
         ...
 
@@ -177,6 +228,7 @@ class MemoryStream:
         history_size: Most recent messages a resuming client may have missed; 0 disables
             resuming. The stream keeps at least :data:`MIN_STREAM_LENGTH`.
         history_ttl: Seconds a message is kept for resuming clients; 0 disables resuming.
+        idempotency_window: Seconds an idempotency key is remembered.
         clock: Seconds; injectable for tests.
     """
 
@@ -185,6 +237,7 @@ class MemoryStream:
         *,
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        idempotency_window: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.history_size = history_size
@@ -193,6 +246,7 @@ class MemoryStream:
         self.max_length = max(history_size, MIN_STREAM_LENGTH)
         self._clock = clock
         self._ids = MessageClock()
+        self._keys = IdempotencyKeys(idempotency_window, clock=clock)
         self._entries: collections.deque[tuple[Entry, float]] = collections.deque()
         self.added = 0  # entries ever added; the next one is number ``added``
         self._readers: set[MemoryBackplane] = set()
@@ -213,9 +267,17 @@ class MemoryStream:
         data: bytes | None,
         topics: Sequence[str] | None,
         origin: str | None = None,
-    ) -> str:
-        """Append a message and wake the readers; its id."""
+        idempotency_key: str | None = None,
+    ) -> Added:
+        """Append a message and wake the readers, unless ``idempotency_key`` was added
+        within the window (then nothing changes)."""
+        if idempotency_key is not None:
+            first = self._keys.get(idempotency_key)
+            if first is not None:
+                return Added(first, duplicate=True)
         message_id, _ = self._ids.next()
+        if idempotency_key is not None:
+            self._keys.put(idempotency_key, message_id)
         entry = Entry(
             message_id,
             message_type,
@@ -229,7 +291,7 @@ class MemoryStream:
             self._entries.popleft()
         for reader in self._readers:
             reader._wake()
-        return message_id
+        return Added(message_id)
 
     def entry(self, number: int) -> Entry:
         """The entry numbered ``number``, which must be held."""
@@ -282,6 +344,7 @@ class MemoryBackplane:
     def __init__(self, stream: MemoryStream | None = None) -> None:
         self.stream = stream if stream is not None else MemoryStream()
         self._deliver: Deliver | None = None
+        self._missed_callback: Missed | None = None
         self._read = 0  # the number of the next entry to deliver
         self._scheduled = False
         self._closed = False
@@ -309,13 +372,15 @@ class MemoryBackplane:
             "ready": self.ready,
             "disconnects": 0,
             "reconnects": 0,
+            "reconnect_attempts": 0,
             "publish_failures": 0,
             "missed": self._missed,
         }
 
-    async def start(self, deliver: Deliver) -> None:
-        """Deliver every entry added from now on."""
+    async def start(self, deliver: Deliver, missed: Missed | None = None) -> None:
+        """Deliver every entry added from now on; tell ``missed`` of those it fell behind."""
         self._deliver = deliver
+        self._missed_callback = missed
         self._read = self.stream.added
         self._position = self.stream.newest_id
         self.stream._readers.add(self)
@@ -331,12 +396,13 @@ class MemoryBackplane:
         data: bytes | None,
         topics: Sequence[str] | None,
         origin: str | None = None,
-    ) -> asyncio.Future[str]:
+        idempotency_key: str | None = None,
+    ) -> asyncio.Future[Added]:
         """Add a message to the stream; the future is done already."""
         if not self.ready:
             raise BackplaneUnavailable("the backplane is not running")
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        future.set_result(self.stream.add(message_type, data, topics, origin))
+        future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
+        future.set_result(self.stream.add(message_type, data, topics, origin, idempotency_key))
         return future
 
     async def entries(self, after: str, until: str) -> StoredEntries:
@@ -357,8 +423,11 @@ class MemoryBackplane:
         if deliver is None or self._closed:
             return
         if self._read < stream.first_number:
-            self._missed += stream.first_number - self._read
+            missed = stream.first_number - self._read
+            self._missed += missed
             self._read = stream.first_number
+            if self._missed_callback is not None:
+                self._missed_callback(missed, self._position)
         while self._read < stream.added:
             entry = stream.entry(self._read)
             self._read += 1

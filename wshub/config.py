@@ -67,6 +67,8 @@ class HubConfig:
             several hubs into one (see :mod:`wshub.backplane`); None runs this hub alone.
         redis_stream: The Redis stream key the joined hubs share; hubs on other keys of the
             same Redis form separate groups.
+        idempotency_window: Seconds a publish's ``idempotency_key`` is remembered: another
+            publish with the same key within it sends nothing and answers the first one's id.
         socket_send_buffer: The kernel send buffer of each client's socket (``SO_SNDBUF``),
             in bytes; 0 leaves it to the kernel, which grows it up to ``net.ipv4.tcp_wmem``'s
             maximum (4 MiB by default on Linux) for a client that reads slowly.
@@ -110,6 +112,7 @@ class HubConfig:
     history_ttl: float = 300.0
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
+    idempotency_window: float = 300.0
     socket_send_buffer: int = 0
     max_connections_per_ip: int = 0
     file_descriptor_reserve: int = 100
@@ -137,6 +140,7 @@ class HubConfig:
             "open_timeout",
             "ping_interval",
             "pong_timeout",
+            "idempotency_window",
         ):
             _check_number(name, getattr(self, name), allow_zero=False)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)

@@ -24,11 +24,12 @@ from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from .backplane import Backplane, Entry
+from .backplane import Added, Backplane, Entry
 from .clients import Clients, ClientSession
 from .config import HubConfig
 from .fanout import Framer, Implementation, core_module, encode_data
 from .history import History, MemoryHistory
+from .idempotency import IdempotencyKeys, check_idempotency_key
 from .policies import SlowConsumers
 from .redis_backplane import RedisBackplane
 from .resume import Resumer
@@ -61,11 +62,14 @@ class Published(NamedTuple):
     Attributes:
         id: The message's id, global across hubs joined by a backplane.
         recipients: How many clients of this hub it was queued for; None when this hub had
-            not read it back from the backplane within ``write_timeout``.
+            not read it back from the backplane within ``write_timeout``; 0 for a duplicate.
+        duplicate: True when its idempotency key had been published within
+            ``idempotency_window``: ``id`` is the first publish's, and nothing was sent again.
     """
 
     id: str
     recipients: int | None
+    duplicate: bool = False
 
 
 class Hub(RunnerNotifications):
@@ -115,9 +119,12 @@ class Hub(RunnerNotifications):
                 stream=config.redis_stream,
                 history_size=config.history_size,
                 history_ttl=config.history_ttl,
+                idempotency_window=config.idempotency_window,
                 logger=self.logger,
             )
         self._backplane = backplane
+        # Alone, the hub remembers its own keys; a backplane remembers them for all hubs.
+        self._keys = IdempotencyKeys(config.idempotency_window)
         self._resumer = Resumer(
             self._history,
             backplane,
@@ -202,7 +209,7 @@ class Hub(RunnerNotifications):
         )
         self._state = "running"
         if self._backplane is not None:
-            await self._backplane.start(self._deliver)
+            await self._backplane.start(self._deliver, self._missed)
         self.logger.debug("hub started with the %s fan-out core", self.implementation)
 
     async def stop(self) -> None:
@@ -365,6 +372,8 @@ class Hub(RunnerNotifications):
         message_type: str,
         data: Any = None,
         topics: Iterable[str] | str | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> Published:
         """Publish to every client subscribed to one of ``topics`` (or to ``"*"``), or to every
         client when ``topics`` is None, on this hub and on every hub joined with it.
@@ -372,24 +381,39 @@ class Hub(RunnerNotifications):
         Alone, the hub queues the message at once. With a backplane, this returns once the
         backplane took the message and this hub read it back and queued it for its clients.
 
+        With ``idempotency_key``, publishing again under the same key within
+        ``idempotency_window`` (on any hub of a backplane) sends nothing and answers the first
+        publish's id with ``duplicate`` True: after an outcome-unknown failure, publish again
+        with the same key, and the message is delivered once whatever happened to the first.
+
         Returns:
             The message's id and how many clients of this hub it was queued for.
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
-            ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
-                longer than 256 characters.
+            ValueError: ``message_type`` is one the protocol uses, a topic is empty or
+                longer than 256 characters, or ``idempotency_key`` is empty or too long.
             MessageTooLarge: The message would exceed ``max_publish_size`` (a ValueError).
-            BackplaneUnavailable: The backplane could not take it (Redis is unreachable);
-                the message was not published.
+            BackplaneUnavailable: The backplane could not take it. Its ``outcome`` says
+                whether it was not published (Redis was known to be unreachable) or the
+                outcome is unknown (sent, unanswered: it may be delivered yet).
             RuntimeError: The hub is not running.
         """
         if self._state != "running":
             raise RuntimeError("the hub is not running")
         topic_names = topic_list(topics) if topics is not None else None
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         backplane = self._backplane
         if backplane is None:
-            return Published(*self._publish_here(message_type, data, topic_names))
+            if idempotency_key is None:
+                return Published(*self._publish_here(message_type, data, topic_names))
+            first = self._keys.get(idempotency_key)
+            if first is not None:
+                return Published(first, 0, duplicate=True)
+            published = Published(*self._publish_here(message_type, data, topic_names))
+            self._keys.put(idempotency_key, published.id)
+            return published
         check_message_type(message_type)
         payload = encode_data(data)
         self._check_size(message_type, payload)
@@ -398,7 +422,11 @@ class Hub(RunnerNotifications):
         returned: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._returning[origin] = returned
         try:
-            message_id = await backplane.publish(message_type, payload, topic_names, origin)
+            added = await backplane.publish(
+                message_type, payload, topic_names, origin, idempotency_key
+            )
+            if added.duplicate:
+                return Published(added.message_id, 0, duplicate=True)
             try:
                 async with asyncio.timeout(self.config.write_timeout):
                     recipients: int | None = await returned
@@ -406,7 +434,7 @@ class Hub(RunnerNotifications):
                 recipients = None
         finally:
             self._returning.pop(origin, None)
-        return Published(message_id, recipients)
+        return Published(added.message_id, recipients)
 
     def broadcast_to_all(self, message_type: str, data: Any = None) -> int:
         """Queue a message for every connected client, whatever it subscribed to.
@@ -493,7 +521,7 @@ class Hub(RunnerNotifications):
         future = self._backplane.publish(message_type, payload, topics)
         future.add_done_callback(self._sent_to_backplane)
 
-    def _sent_to_backplane(self, future: asyncio.Future[str]) -> None:
+    def _sent_to_backplane(self, future: asyncio.Future[Added]) -> None:
         if future.cancelled():
             return
         exc = future.exception()
@@ -590,6 +618,18 @@ class Hub(RunnerNotifications):
                 returned.set_result(recipients)
         if self._resumer.pending:
             self._resumer.delivered(parse_message_id(entry.message_id), entry.topics, message)
+
+    def _missed(self, count: int | None, after: str) -> None:
+        """Messages left the backplane before this hub read them: tell every client.
+
+        Which topics they had is gone with them, so every client is told: a ``gap`` says
+        that what it holds may be incomplete after ``after`` (wshub.js reports it, and the
+        dashboard offers a reload).
+        """
+        if self._state != "running" or self._fanout is None:
+            return
+        data = {"missed": count, "after": after}
+        self._fanout.publish_all(self._framer.reply(MessageType.GAP, data))
 
     def _last_id(self) -> str:
         """The newest message id this hub has queued for its clients."""

@@ -5,10 +5,12 @@
 - Each hub reads the stream (``XREAD``) and fans every entry out to its own clients.
 - A resume that a hub cannot serve from its own history reads the stream (``XRANGE``).
 
-When Redis is unreachable the hubs keep serving their clients, report
-:attr:`RedisBackplane.ready` False, refuse publishes with
-:class:`~wshub.backplane.BackplaneUnavailable` and reconnect with a growing delay; once back,
-each hub goes on reading where it stopped.
+When Redis is unreachable, or stops answering (a health probe on a connection of its own
+notices within :data:`PROBE_INTERVAL` + :data:`COMMAND_TIMEOUT`), the hubs keep serving
+their clients, report :attr:`RedisBackplane.ready` False, refuse publishes with
+:class:`~wshub.backplane.BackplaneUnavailable` and reconnect with a growing delay; once a
+round trip succeeds, each hub goes on reading where it stopped. A hub that could not reach
+Redis when it started reads from its start time, so it skips nothing published meanwhile.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ import orjson
 
 from .backplane import (
     MIN_STREAM_LENGTH,
+    NOT_PUBLISHED,
+    UNKNOWN,
+    Added,
     BackplaneUnavailable,
     Deliver,
     Entry,
+    Missed,
     StoredEntries,
     stored_since,
 )
@@ -38,7 +44,15 @@ from .wire import parse_message_id
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["BATCH_SIZE", "READ_BLOCK_MS", "RECONNECT_DELAY", "RedisBackplane", "redact_url"]
+__all__ = [
+    "BATCH_SIZE",
+    "COMMAND_TIMEOUT",
+    "PROBE_INTERVAL",
+    "READ_BLOCK_MS",
+    "RECONNECT_DELAY",
+    "RedisBackplane",
+    "redact_url",
+]
 
 #: Most entries one ``XREAD`` or one pipelined batch of ``XADD`` carries.
 BATCH_SIZE: Final = 512
@@ -50,12 +64,32 @@ RECONNECT_DELAY: Final = (0.05, 5.0)
 #: Seconds a connection must stay healthy before the reconnection delay starts over: a
 #: Redis that answers one command and fails the next does not reset the backoff.
 HEALTHY_AFTER: Final = 10.0
+#: Seconds between health probes (``PING`` on a connection of the probe's own).
+PROBE_INTERVAL: Final = 1.0
+#: Seconds a probe, a publish or a history query waits for Redis' answer. The reader waits
+#: longer (its ``XREAD`` blocks), so it is the probe that notices a Redis that stopped
+#: answering with its connections open (frozen, paused, partitioned) within seconds.
+COMMAND_TIMEOUT: Final = 2.0
+
+# One round trip checks the key and adds the entry, so two hubs given the same key at once
+# add it once. KEYS: the stream, the key's own key. ARGV: the stream's MAXLEN, the window
+# in milliseconds, then the entry's fields and values.
+_ADD_ONCE: Final = """
+local first = redis.call('GET', KEYS[2])
+if first then
+    return {first, 1}
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+return {id, 0}
+"""
 
 
 @dataclasses.dataclass(slots=True)
 class _Outgoing:
     fields: dict[bytes, bytes]
-    future: asyncio.Future[str]
+    idempotency_key: str | None
+    future: asyncio.Future[Added]
 
 
 def redact_url(url: str) -> str:
@@ -103,6 +137,7 @@ class RedisBackplane:
         history_size: Most recent messages a resuming client may have missed; 0 disables
             resuming. The stream itself keeps at least :data:`MIN_STREAM_LENGTH`.
         history_ttl: Seconds a message is kept for resuming clients; 0 disables resuming.
+        idempotency_window: Seconds Redis remembers a publish's idempotency key.
         logger: Where connection trouble is logged.
 
     Raises:
@@ -116,6 +151,7 @@ class RedisBackplane:
         stream: str = "wshub:messages",
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        idempotency_window: float = 300.0,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         try:
@@ -128,10 +164,17 @@ class RedisBackplane:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.max_length = max(history_size, MIN_STREAM_LENGTH)
+        self.idempotency_window = idempotency_window
         self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
-        self._redis: Redis | None = None
+        self._redis: Redis | None = None  # the reader's
+        self._commands: Redis | None = None  # publishes, history queries and the probe
         self._ready = False
+        # Ready is both: the reader's last round trip worked, and so did the last probe.
+        self._reading = False
+        self._probing = True
         self._deliver: Deliver | None = None
+        self._missed_callback: Missed | None = None
+        self._started_ms = 0  # wall clock of start(), the position of a hub that starts blind
         self._last_id: str | None = None
         self._outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,6 +187,7 @@ class RedisBackplane:
         # The stream's entries-added as of this hub's position (see _check_gap).
         self._read_count = 0
         self._delay = RECONNECT_DELAY[0]
+        self._attempts = 0  # reconnection attempts since start
         self._up_since = 0.0  # loop time of the last round trip after an outage
         self._attempted = asyncio.Event()
 
@@ -163,34 +207,47 @@ class RedisBackplane:
         return self._last_error
 
     def stats(self) -> dict[str, Any]:
-        """``ready``, and since start: ``disconnects``, ``reconnects``, ``publish_failures``
-        and ``missed`` (messages that left the stream before this hub read them)."""
+        """``ready``, and since start: ``disconnects``, ``reconnects``, ``reconnect_attempts``
+        (with the backoff, a few per outage), ``publish_failures`` and ``missed`` (messages
+        that left the stream before this hub read them)."""
         return {
             "ready": self.ready,
             "disconnects": self._disconnects,
             "reconnects": self._reconnects,
+            "reconnect_attempts": self._attempts,
             "publish_failures": self._publish_failures,
             "missed": self._missed,
         }
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, missed: Missed | None = None) -> None:
         """Deliver every entry added from now on; returns once Redis answered or failed to."""
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         self._deliver = deliver
-        # No retries inside redis-py: a publish must fail at once and visibly, and the
-        # reader has its own reconnection loop with backoff.
-        self._redis = Redis.from_url(
-            self.url,
-            socket_connect_timeout=2.0,
-            socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
-        )
+        self._missed_callback = missed
+        self._started_ms = int(time.time() * 1000)
+
+        def client(timeout: float) -> Redis:
+            # No retries inside redis-py: a publish must fail at once and visibly, and the
+            # reader has its own reconnection loop with backoff.
+            return Redis.from_url(
+                self.url,
+                socket_connect_timeout=COMMAND_TIMEOUT,
+                socket_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_error=[],
+            )
+
+        self._redis = client(READ_BLOCK_MS / 1000 + 5.0)
+        self._commands = client(COMMAND_TIMEOUT)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self._write())]
+        self._tasks = [
+            loop.create_task(self._read()),
+            loop.create_task(self._write()),
+            loop.create_task(self._probe()),
+        ]
         await self._attempted.wait()
 
     async def close(self) -> None:
@@ -207,9 +264,10 @@ class RedisBackplane:
                 self.logger.warning("the Redis reader did not stop in time; left behind")
         self._tasks = []
         self._fail_outgoing("the hub is stopping")
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for redis in (self._redis, self._commands):
+            if redis is not None:
+                await redis.aclose()
+        self._redis = self._commands = None
 
     # Publishing
 
@@ -219,7 +277,8 @@ class RedisBackplane:
         data: bytes | None,
         topics: Sequence[str] | None,
         origin: str | None = None,
-    ) -> asyncio.Future[str]:
+        idempotency_key: str | None = None,
+    ) -> asyncio.Future[Added]:
         """Queue a message for ``XADD`` (see :meth:`Backplane.publish`)."""
         if not self.ready:
             self._publish_failures += 1
@@ -231,8 +290,8 @@ class RedisBackplane:
             fields[b"topics"] = orjson.dumps(list(topics))
         if origin is not None:
             fields[b"origin"] = origin.encode()
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._outgoing.put_nowait(_Outgoing(fields, future))
+        future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
+        self._outgoing.put_nowait(_Outgoing(fields, idempotency_key, future))
         return future
 
     async def _write(self) -> None:
@@ -248,35 +307,57 @@ class RedisBackplane:
             try:
                 ids = await self._add(batch)
             except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(BackplaneUnavailable("the hub is stopping"))
+                self._fail(batch, "the hub is stopped while the message was on its way")
                 raise
             except Exception as exc:  # redis-py's errors, OSError and timeouts alike
                 self._lost(exc)
                 self._publish_failures += len(batch)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(BackplaneUnavailable(self._unavailable()))
+                # The commands may have reached Redis before the connection failed or the
+                # answer timed out: a frozen Redis executes them when it resumes.
+                self._fail(batch, self._unavailable())
                 continue
-            for item, entry_id in zip(batch, ids, strict=True):
+            for item, added in zip(batch, ids, strict=True):
                 if not item.future.done():
-                    item.future.set_result(_id_text(entry_id))
+                    item.future.set_result(added)
 
-    async def _add(self, batch: list[_Outgoing]) -> list[Any]:
-        redis = self._redis
+    def _fail(self, batch: list[_Outgoing], why: str) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(
+                    BackplaneUnavailable(f"outcome unknown, {why}", outcome=UNKNOWN)
+                )
+
+    async def _add(self, batch: list[_Outgoing]) -> list[Added]:
+        redis = self._commands
         assert redis is not None
         pipe = redis.pipeline(transaction=False)
+        window_ms = max(int(self.idempotency_window * 1000), 1)
         for item in batch:
-            pipe.xadd(self.stream, item.fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
-        ids: list[Any] = await pipe.execute()
-        return ids
+            if item.idempotency_key is None:
+                pipe.xadd(self.stream, item.fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
+                continue
+            pipe.eval(
+                _ADD_ONCE,
+                2,
+                self.stream,
+                f"{self.stream}:idempotency:{item.idempotency_key}",
+                self.max_length,
+                window_ms,
+                *(part for pair in item.fields.items() for part in pair),
+            )
+        results: list[Any] = await pipe.execute()
+        return [
+            Added(_id_text(result[0]), bool(result[1]))
+            if isinstance(result, list)
+            else Added(_id_text(result))
+            for result in results
+        ]
 
     def _fail_outgoing(self, why: str) -> None:
         while not self._outgoing.empty():
             item = self._outgoing.get_nowait()
             if not item.future.done():
-                item.future.set_exception(BackplaneUnavailable(why))
+                item.future.set_exception(BackplaneUnavailable(why, outcome=NOT_PUBLISHED))
 
     def _unavailable(self) -> str:
         if self._closed:
@@ -298,24 +379,34 @@ class RedisBackplane:
                 self._lost(exc)
                 # Every pooled connection went down with Redis: drop them all, or the
                 # writer's first batch after Redis returns would fail on a dead socket.
-                if self._redis is not None:
-                    with contextlib.suppress(Exception):
-                        await self._redis.connection_pool.disconnect()
+                for redis in (self._redis, self._commands):
+                    if redis is not None:
+                        with contextlib.suppress(Exception):
+                            await redis.connection_pool.disconnect()
             # Jitter spreads the reconnections of many hubs after a Redis restart.
             await asyncio.sleep(self._delay * random.uniform(0.5, 1.0))
             self._delay = min(self._delay * 2, RECONNECT_DELAY[1])
+            self._attempts += 1
 
     async def _read_until_error(self) -> None:
         redis = self._redis
         assert redis is not None and self._deliver is not None
         if self._last_id is None:
-            # Start at the end: a new hub delivers what is published from now on.
-            self._last_id, self._read_count = await self._stream_end(redis)
+            if self._attempts == 0:
+                # Start at the end: a new hub delivers what is published from now on.
+                self._last_id, self._read_count = await self._stream_end(redis)
+            else:
+                # Redis was out of reach when this hub started: read from its start time,
+                # or what other hubs published since Redis returned would never reach this
+                # hub's clients.
+                self._last_id, self._read_count = await self._stream_at(
+                    redis, f"{self._started_ms}-0"
+                )
         else:
             # A round trip before this hub calls Redis reachable: a retry that only got as
             # far as here must not count (and log) a recovery and then a new outage.
             await redis.ping()
-        self._found()
+        self._reader_found()
         loop = asyncio.get_running_loop()
         deliver = self._deliver
         streams: dict[Any, Any] = {self.stream: self._last_id}
@@ -328,8 +419,12 @@ class RedisBackplane:
             info, response = await pipe.execute(raise_on_error=False)
             if isinstance(response, Exception):
                 raise response
-            self._found()
-            if self._delay > RECONNECT_DELAY[0] and loop.time() - self._up_since >= HEALTHY_AFTER:
+            self._reader_found()
+            if (
+                self._delay > RECONNECT_DELAY[0]
+                and self._ready
+                and loop.time() - self._up_since >= HEALTHY_AFTER
+            ):
                 self._delay = RECONNECT_DELAY[0]
             if isinstance(info, dict):
                 self._check_gap(info)
@@ -380,16 +475,23 @@ class RedisBackplane:
         if missed <= 0:
             return
         self._read_count += missed
-        self._missed += missed
+        self._report_missed(missed)
+
+    def _report_missed(self, missed: int | None) -> None:
+        """Log, count and tell the hub of messages its clients will never get."""
+        if missed is not None:
+            self._missed += missed
         self.logger.error(
-            "%d messages left Redis stream %s before this hub read them (it had read up to "
+            "%s messages left Redis stream %s before this hub read them (it had read up to "
             "%s): its clients missed them. The stream keeps max(history_size, %d) messages, "
             "and this hub fell further behind",
-            missed,
+            missed if missed is not None else "an unknown number of",
             self.stream,
             self.position,
             MIN_STREAM_LENGTH,
         )
+        if self._missed_callback is not None:
+            self._missed_callback(missed, self.position)
 
     async def _stream_end(self, redis: Redis) -> tuple[str, int]:
         """The stream's newest id and how many entries it took, as a new reader's start."""
@@ -401,21 +503,82 @@ class RedisBackplane:
             return "0-0", 0
         return _id_text(info["last-generated-id"]), int(info["entries-added"])
 
-    def _found(self) -> None:
-        self._attempted.set()
-        if not self._ready:
-            self._up_since = asyncio.get_running_loop().time()
-            if self._disconnects:
-                self._reconnects += 1
-                self.logger.warning("Redis at %s is reachable again", redact_url(self.url))
-            else:
-                self.logger.info("joined Redis stream %s at %s", self.stream, redact_url(self.url))
-            self._ready = True
-            self._last_error = None
+    async def _stream_at(self, redis: Redis, position: str) -> tuple[str, int]:
+        """``position`` and the stream's count of entries up to it, as a reader's start.
 
-    def _lost(self, exc: BaseException) -> None:
+        The count is what the stream took minus what it holds after ``position``: once,
+        when a hub that started blind first reaches Redis, so the whole stream is read.
+        """
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await redis.xinfo_stream(self.stream)
+        except ResponseError:  # no such key: nothing was published since
+            return position, 0
+        length = int(info["length"])
+        following = (
+            await redis.xrange(self.stream, min=f"({position}", max="+", count=length)
+            if length
+            else None
+        ) or []
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None and parse_message_id(_id_text(deleted)) > parse_message_id(
+            position
+        ):
+            # Trimmed past the start already: some published after it are gone, and the
+            # stream does not say how many.
+            self._last_id = position
+            self._report_missed(None)
+        return position, int(info["entries-added"]) - len(following)
+
+    async def _probe(self) -> None:
+        """PING Redis every :data:`PROBE_INTERVAL` on a connection of the probe's own.
+
+        The reader's ``XREAD`` waits longer than :data:`COMMAND_TIMEOUT`, and a Redis that
+        is frozen rather than gone keeps its connections open: this is what notices it.
+        """
+        redis = self._commands
+        assert redis is not None
+        while not self._closed:
+            try:
+                await redis.ping()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._lost(exc, probe=True)
+            else:
+                self._probing = True
+                self._update()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    def _reader_found(self) -> None:
+        self._attempted.set()
+        self._reading = True
+        self._update()
+
+    def _update(self) -> None:
+        """Become ready once the reader and the probe both had a round trip: counted and
+        logged once per recovery."""
+        if self._ready or not (self._reading and self._probing):
+            return
+        self._up_since = asyncio.get_running_loop().time()
+        if self._disconnects:
+            self._reconnects += 1
+            self.logger.warning("Redis at %s is reachable again", redact_url(self.url))
+        else:
+            self.logger.info("joined Redis stream %s at %s", self.stream, redact_url(self.url))
+        self._ready = True
+        self._last_error = None
+
+    def _lost(self, exc: BaseException, *, probe: bool = False) -> None:
+        """A round trip failed: not ready until both the reader and the probe have one
+        again; counted and logged once per outage."""
         self._attempted.set()
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if probe:
+            self._probing = False
+        else:
+            self._reading = False
         if self._ready or not self._disconnects:
             self._disconnects += 1
             self.logger.error(
@@ -434,7 +597,7 @@ class RedisBackplane:
 
         if not self.history_enabled:
             return StoredEntries(False, "history is disabled", [])
-        redis = self._redis
+        redis = self._commands
         if redis is None or not self.ready:
             raise BackplaneUnavailable(self._unavailable())
         parse_message_id(after)  # a malformed id raises ProtocolError before Redis is asked

@@ -60,6 +60,7 @@ class MessageType(enum.StrEnum):
     CONNECTION = "connection"
     DISCONNECTION = "disconnection"
     ERROR = "error"
+    GAP = "gap"
     PING = "ping"
     PONG = "pong"
     SUBSCRIBE = "subscribe"
@@ -73,6 +74,7 @@ PROTOCOL_TYPES = frozenset(
         MessageType.CONNECTION,
         MessageType.DISCONNECTION,
         MessageType.ERROR,
+        MessageType.GAP,
         MessageType.PING,
         MessageType.PONG,
         MessageType.SUBSCRIBE,
