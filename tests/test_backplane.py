@@ -20,9 +20,16 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 
 import wshub
-from wshub.backplane import MIN_STREAM_LENGTH, Entry, MemoryBackplane, MemoryStream
+from wshub.backplane import (
+    MIN_STREAM_LENGTH,
+    NOT_PUBLISHED,
+    UNKNOWN,
+    Entry,
+    MemoryBackplane,
+    MemoryStream,
+)
 from wshub.bench.redis_server import RedisServer
-from wshub.redis_backplane import RedisBackplane
+from wshub.redis_backplane import COMMAND_TIMEOUT, PROBE_INTERVAL, RedisBackplane
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
 from .test_resume import nothing_more, published
@@ -322,6 +329,150 @@ async def test_an_outage_is_one_disconnect_and_never_ready_however_long_it_lasts
         assert caplog.text.count("is reachable again") == 1
 
 
+async def test_the_backoff_doubles_through_an_outage(
+    lean_server: Any, redis_server: RedisServer
+) -> None:
+    async with lean_server(redis_url=redis_server.url) as served:
+        hub = served.hub
+        redis_server.kill()
+        await wait_until(lambda: not hub.ready)
+        loop = asyncio.get_running_loop()
+        lost_at = loop.time()
+        # From 50 ms doubling, with jitter of at most half: the sixth retry starts after at
+        # least 0.025 + 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s, and never sooner.
+        await wait_until(lambda: hub.stats()["backplane"]["reconnect_attempts"] >= 6, timeout=10)
+        assert loop.time() - lost_at >= 1.5
+        redis_server.restart()
+        await wait_until(lambda: hub.ready, timeout=15)
+
+
+async def test_a_frozen_redis_is_not_ready_within_seconds_and_for_the_whole_freeze(
+    lean_server: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP keeps Redis' sockets open: each retry used to wait out the reader's 6 s
+    socket timeout while /readyz said ready."""
+    async with lean_server(redis_url=redis_server.url) as served, client(served.url) as (ws, _):
+        hub = served.hub
+        loop = asyncio.get_running_loop()
+        redis_server.freeze()
+        frozen_at = loop.time()
+        await wait_until(lambda: not hub.ready, timeout=PROBE_INTERVAL + COMMAND_TIMEOUT + 1.0)
+        # Longer than the reader's socket timeout, so its own retries fail inside the freeze.
+        while loop.time() < frozen_at + 9.0:
+            assert not hub.ready
+            await asyncio.sleep(0.01)
+        await send_json(ws, {"type": "ping"})  # the hub's clients are still served
+        assert (await recv_json(ws))["type"] == "pong"
+        stats = hub.stats()["backplane"]
+        assert (stats["disconnects"], stats["reconnects"]) == (1, 0)
+        assert caplog.text.count("is unreachable (") == 1
+        redis_server.thaw()
+        await wait_until(lambda: hub.ready, timeout=15)
+        assert hub.stats()["backplane"]["reconnects"] == 1
+        assert caplog.text.count("is reachable again") == 1
+        published_id = (await hub.publish("m", "after")).id
+        assert (await recv_json(ws))["id"] == published_id
+
+
+async def test_a_publish_sent_to_a_frozen_redis_is_unknown_and_its_retry_is_delivered_once(
+    lean_server: Any, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    async with (
+        lean_server(redis_url=url) as first,
+        lean_server(redis_url=url) as second,
+        client(second.url) as (ws, _),
+    ):
+        redis_server.freeze()
+        # Sent before the probe notices: Redis holds the command and runs it when it resumes.
+        with pytest.raises(wshub.BackplaneUnavailable, match="^outcome unknown") as unknown:
+            await first.hub.publish("m", "once", idempotency_key="run-42:new_run")
+        assert unknown.value.outcome == UNKNOWN
+        await wait_until(lambda: not first.hub.ready, timeout=10)
+        with pytest.raises(wshub.BackplaneUnavailable) as refused:
+            await first.hub.publish("m", "never")
+        assert refused.value.outcome == NOT_PUBLISHED
+        redis_server.thaw()
+        await wait_until(lambda: first.hub.ready and second.hub.ready, timeout=15)
+        retried = await first.hub.publish("m", "once", idempotency_key="run-42:new_run")
+        await first.hub.publish("m", "end")
+        messages = [message async for message in until_data(ws, "end")]
+        assert [message["data"] for message in messages] == ["once"]
+        assert messages[0]["id"] == retried.id
+        # The frozen Redis ran the first attempt when it resumed: the retry found its key.
+        assert retried.duplicate and retried.recipients == 0
+
+
+async def until_data(ws: ClientConnection, last: Any) -> AsyncIterator[dict[str, Any]]:
+    """The published messages before the one whose data is ``last``."""
+    while (message := await recv_json(ws))["data"] != last:
+        assert "id" in message, message
+        yield message
+
+
+async def test_idempotency_keys_deliver_once_across_hubs(joined: Joined) -> None:
+    async with (
+        joined(2) as (first, second),
+        client(first.url) as (ws, _),
+        client(second.url) as (other, _),
+    ):
+        original = await first.hub.publish("m", 1, idempotency_key="k")
+        again = await second.hub.publish("m", 1, idempotency_key="k")
+        assert not original.duplicate and original.recipients == 1
+        assert again == (original.id, 0, True)
+        other_key = await second.hub.publish("m", 2, idempotency_key="k2")
+        assert not other_key.duplicate
+        for socket in (ws, other):
+            assert [m["data"] for m in await published(socket, 2)] == [1, 2]
+            await nothing_more(socket)
+
+
+async def test_idempotency_keys_on_a_hub_alone(lean_server: Any) -> None:
+    async with lean_server() as served, client(served.url) as (ws, _):
+        original = await served.hub.publish("m", 1, idempotency_key="k")
+        assert await served.hub.publish("m", 1, idempotency_key="k") == (original.id, 0, True)
+        assert [m["id"] for m in await published(ws, 1)] == [original.id]
+        await nothing_more(ws)
+        for bad, error in (("", ValueError), ("x" * 129, ValueError), (7, TypeError)):
+            with pytest.raises(error, match="idempotency_key"):
+                await served.hub.publish("m", 1, idempotency_key=bad)  # type: ignore[arg-type]
+
+
+async def test_an_idempotency_key_is_forgotten_after_its_window(lean_server: Any) -> None:
+    async with lean_server(idempotency_window=0.2) as served, client(served.url) as (ws, _):
+        first = await served.hub.publish("m", 1, idempotency_key="k")
+        assert (await served.hub.publish("m", 1, idempotency_key="k")).duplicate
+        await asyncio.sleep(0.25)  # the window itself is what is tested
+        second = await served.hub.publish("m", 1, idempotency_key="k")
+        assert not second.duplicate and second.id != first.id
+        assert len(await published(ws, 2)) == 2
+
+
+async def test_a_hub_started_while_redis_is_down_misses_nothing_published_after_its_start(
+    lean_server: Any, redis_server: RedisServer
+) -> None:
+    """It used to start reading at the stream's end when it first reached Redis, skipping
+    what other hubs had published since Redis came back."""
+    redis_server.kill()
+    async with lean_server(redis_url=redis_server.url) as served, client(served.url) as (ws, _):
+        hub = served.hub
+        assert not hub.ready
+        # Its retries are seconds apart by now, so the publishes below come before the next.
+        await wait_until(lambda: hub.stats()["backplane"]["reconnect_attempts"] >= 6, timeout=10)
+        redis_server.restart()
+        writer = Redis.from_url(redis_server.url)
+        try:
+            for n in range(5):
+                await writer.xadd("wshub:messages", {"type": "m", "data": str(n)})
+        finally:
+            await writer.aclose()
+        assert not hub.ready  # what is tested: these were published before it joined
+        await wait_until(lambda: hub.ready, timeout=15)
+        assert [m["data"] for m in await published(ws, 5)] == [0, 1, 2, 3, 4]
+        await hub.publish("m", 5)
+        assert [m["data"] for m in await published(ws, 1)] == [5]
+
+
 async def test_a_hub_starts_while_redis_is_down_and_joins_later(
     lean_server: Any, redis_server: RedisServer
 ) -> None:
@@ -438,17 +589,39 @@ async def test_a_redis_that_lost_its_data_is_joined_again(lean_server: Any) -> N
                 assert hello["data"]["reason"] == f"history does not reach back to {before.id}"
 
 
+async def test_clients_are_told_of_messages_their_hub_never_read(lean_server: Any) -> None:
+    stream = MemoryStream()
+    async with (
+        lean_server(backplane=MemoryBackplane(stream)) as served,
+        client(served.url + "?topics=a") as (ws, _),
+    ):
+        last = (await served.hub.publish("m", "seen", "a")).id
+        assert [m["data"] for m in await published(ws, 1)] == ["seen"]
+        for n in range(MIN_STREAM_LENGTH + 3):  # without yielding: the hub falls behind
+            stream.add("m", str(n).encode(), ["b"])
+        gap = await recv_json(ws)
+        assert gap["type"] == "gap" and "id" not in gap
+        assert gap["data"] == {"missed": 3, "after": last}
+        await nothing_more(ws)
+
+
 async def test_a_memory_backplane_counts_what_left_its_stream_unread() -> None:
     stream = MemoryStream()
     backplane = MemoryBackplane(stream)
     delivered: list[Entry] = []
-    await backplane.start(delivered.append)
+    missed: list[tuple[int | None, str]] = []
+    await backplane.start(delivered.append, lambda count, after: missed.append((count, after)))
+    before = backplane.position
     extra = 5
     # Added without yielding to the loop: the reader falls behind the whole stream.
-    ids = [stream.add("m", str(n).encode(), None) for n in range(MIN_STREAM_LENGTH + extra)]
+    ids = [
+        stream.add("m", str(n).encode(), None).message_id
+        for n in range(MIN_STREAM_LENGTH + extra)
+    ]
     await wait_until(lambda: len(delivered) == MIN_STREAM_LENGTH)
     assert [entry.message_id for entry in delivered] == ids[extra:]
     assert backplane.stats()["missed"] == extra
+    assert missed == [(extra, before)]
     assert backplane.position == ids[-1]
     stored = await backplane.entries(ids[0], ids[-1])
     assert (stored.recovered, stored.reason) == (False, f"history does not reach back to {ids[0]}")

@@ -44,5 +44,5 @@ async def test_refusals_carry_status_and_field(lean_server: Any) -> None:
 
 def test_unreachable_hub() -> None:
     with pytest.raises(PublishError, match="cannot reach") as refused:
-        Publisher("http://127.0.0.1:1", timeout=2).publish("x")
+        Publisher("http://127.0.0.1:1", timeout=2, retry_for=0).publish("x")
     assert refused.value.status is None

@@ -31,7 +31,7 @@ from .api import start_api
 from .config import HubConfig
 from .hub import Hub
 from .logs import configure_logging
-from .publisher import Publisher, PublishError
+from .publisher import UNKNOWN, Publisher, PublishError
 from .settings import (
     HUB_FIELDS,
     SERVER_FIELDS,
@@ -143,6 +143,18 @@ def _add_publish_command(commands: Any) -> None:
         default=os.environ.get("WSHUB_PUBLISH_TOKEN"),
         help="the hub's publish token (env WSHUB_PUBLISH_TOKEN)",
     )
+    publish.add_argument(
+        "--idempotency-key",
+        help="publishes with the same key within the hub's idempotency window are delivered "
+        "once (default: a fresh key, which makes the retries of this command safe)",
+    )
+    publish.add_argument(
+        "--retry-for",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep retrying while the hub answers 503 or cannot be reached (default: 0, try once)",
+    )
 
 
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -155,9 +167,15 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--data: not JSON, or not readable: {exc}")
     topics = [t.strip() for t in args.topics.split(",") if t.strip()] if args.topics else None
     try:
-        count = Publisher(args.url, token=args.token).publish(args.message_type, data, topics)
+        publisher = Publisher(args.url, token=args.token, retry_for=max(args.retry_for, 0.0))
+        count = publisher.publish(
+            args.message_type, data, topics, idempotency_key=args.idempotency_key
+        )
     except PublishError as exc:
-        print(f"wshub publish: {exc}", file=sys.stderr)
+        unknown = (
+            " (outcome unknown: it may have been delivered)" if exc.outcome == UNKNOWN else ""
+        )
+        print(f"wshub publish: {exc}{unknown}", file=sys.stderr)
         return 1
     print(f"queued for {count} clients")
     return 0

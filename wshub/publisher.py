@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-__all__ = ["PublishError", "Publisher"]
+__all__ = ["NOT_PUBLISHED", "RETRY_DELAY", "UNKNOWN", "PublishError", "Publisher"]
+
+
+#: The ``outcome`` of a publish that did not reach the hub, or that the hub refused.
+NOT_PUBLISHED: Final = "not_published"
+#: The ``outcome`` of a publish that may have gone out: the request was sent and no answer
+#: came, or the hub answered that Redis went quiet after the message was sent.
+UNKNOWN: Final = "unknown"
+#: First and longest wait between two attempts at one publish, in seconds.
+RETRY_DELAY: Final = (0.1, 2.0)
 
 
 class PublishError(RuntimeError):
@@ -19,21 +30,36 @@ class PublishError(RuntimeError):
     Attributes:
         status: The HTTP status, or None when the hub was not reached.
         field: The request field the hub named as wrong, if any.
+        outcome: :data:`NOT_PUBLISHED`, or :data:`UNKNOWN` when an attempt may have been
+            delivered (it would be delivered once: every attempt carried the same key).
     """
 
-    def __init__(self, message: str, status: int | None = None, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        field: str | None = None,
+        outcome: str = NOT_PUBLISHED,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
+        self.outcome = outcome
 
 
 class Publisher:
     """Publishes to a hub through its internal API (``POST /api/publish``, ``/api/notify``).
 
+    Every publish carries an idempotency key (the caller's, or a fresh random one), so that
+    retrying it is safe: while the hub answers 503 (Redis unreachable or frozen, the hub
+    restarting) or cannot be reached, the same request is sent again with a growing delay for
+    up to ``retry_for`` seconds, and the hub delivers it once however many attempts reached it.
+
     Args:
         url: The API's base URL, e.g. ``http://127.0.0.1:8081``.
         token: The hub's publish token, sent as ``Authorization: Bearer``.
-        timeout: Seconds to wait for the hub.
+        timeout: Seconds to wait for the hub, per attempt.
+        retry_for: Seconds to keep retrying a publish after its first attempt; 0 tries once.
     """
 
     def __init__(
@@ -42,45 +68,83 @@ class Publisher:
         *,
         token: str | None = None,
         timeout: float = 10.0,
+        retry_for: float = 30.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.retry_for = retry_for
 
     def publish(
-        self, message_type: str, data: Any = None, topics: Iterable[str] | None = None
+        self,
+        message_type: str,
+        data: Any = None,
+        topics: Iterable[str] | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> int:
         """Publish one message to ``topics`` (every client when None).
 
+        Args:
+            message_type: The envelope's ``type``.
+            data: The envelope's ``data``.
+            topics: The topics; None sends to every client.
+            idempotency_key: Publishes with the same key within the hub's
+                ``idempotency_window`` are delivered once; None takes a fresh random key, so
+                that only this call's own retries are recognised.
+
         Returns:
-            How many clients the hub queued it for.
+            How many clients the hub queued it for; 0 when an earlier attempt had already
+            been delivered.
 
         Raises:
-            PublishError: The hub answered with an error or could not be reached.
+            PublishError: The hub refused it, or still could not take it after ``retry_for``.
         """
         body: dict[str, Any] = {"type": message_type, "data": data}
         if topics is not None:
             body["topics"] = list(topics)
-        return self._post("/api/publish", body)
+        return self._post("/api/publish", body, idempotency_key)
 
-    def notify(self, kind: str, **payload: Any) -> int:
+    def notify(self, kind: str, *, idempotency_key: str | None = None, **payload: Any) -> int:
         """Send one of the runner's events, e.g. ``notify("run_progress", run_id=..., ...)``;
-        the fields are those of the matching ``Hub.notify_*`` method.
+        the fields are those of the matching ``Hub.notify_*`` method. Retried as
+        :meth:`publish` is.
 
         Returns:
             How many clients the hub queued it for.
 
         Raises:
-            PublishError: The hub answered with an error or could not be reached.
+            PublishError: The hub refused it, or still could not take it after ``retry_for``.
         """
-        return self._post(f"/api/notify/{kind}", payload)
+        return self._post(f"/api/notify/{kind}", payload, idempotency_key)
 
-    def _post(self, path: str, body: dict[str, Any]) -> int:
-        headers = {"Content-Type": "application/json"}
+    def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> int:
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
+        }
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
+        payload = orjson.dumps(body)
+        deadline = time.monotonic() + self.retry_for
+        delay = RETRY_DELAY[0]
+        maybe_delivered = False
+        while True:
+            try:
+                return self._attempt(path, payload, headers)
+            except PublishError as exc:
+                maybe_delivered = maybe_delivered or exc.outcome == UNKNOWN
+                retryable = exc.status is None or exc.status == 503
+                if not retryable or time.monotonic() + delay > deadline:
+                    if maybe_delivered:
+                        exc.outcome = UNKNOWN
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY[1])
+
+    def _attempt(self, path: str, payload: bytes, headers: dict[str, str]) -> int:
         request = urllib.request.Request(
-            self.url + path, data=orjson.dumps(body), headers=headers, method="POST"
+            self.url + path, data=payload, headers=headers, method="POST"
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -88,19 +152,28 @@ class Publisher:
         except urllib.error.HTTPError as exc:
             raise _refusal(exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise PublishError(f"cannot reach the hub at {self.url}: {exc}") from None
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            # Refused: nothing was sent. Anything else may have failed after the request.
+            refused = isinstance(reason, ConnectionRefusedError)
+            raise PublishError(
+                f"cannot reach the hub at {self.url}: {exc}",
+                outcome=NOT_PUBLISHED if refused else UNKNOWN,
+            ) from None
         recipients: int = answer["recipients"]
         return recipients
 
 
 def _refusal(error: urllib.error.HTTPError) -> PublishError:
     try:
-        details = json.loads(error.read()).get("error", {})
+        answer = json.loads(error.read())
+        details = answer.get("error", {})
+        outcome = answer.get("outcome")
     except (ValueError, AttributeError):
-        details = {}
+        details, outcome = {}, None
     message = details.get("message") or error.reason
     return PublishError(
         f"the hub refused the publish ({error.code}): {message}",
         status=error.code,
         field=details.get("field"),
+        outcome=UNKNOWN if outcome == UNKNOWN else NOT_PUBLISHED,
     )

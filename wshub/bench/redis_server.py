@@ -123,6 +123,7 @@ class RedisServer:
     """``redis-server`` on a free port of 127.0.0.1, with its data in a temporary directory.
 
     ``start`` launches it and returns once it answers PING; ``kill`` crashes it (SIGKILL);
+    ``freeze`` and ``thaw`` stop and continue it (SIGSTOP, SIGCONT);
     ``restart`` brings it back on the same port and directory, where a persistent server
     reloads its data; ``stop`` shuts it down and removes the directory. As a context manager
     it is started on entry and stopped on exit.
@@ -217,6 +218,17 @@ class RedisServer:
         self._process.wait()
         self._process = None
 
+    def freeze(self) -> None:
+        """SIGSTOP the server: its sockets stay open and nothing answers, as with a Redis
+        that hangs, is paused by its host, or sits behind a partition."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT a frozen server: it answers again, running what it was sent meanwhile."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Shut the server down (SIGTERM, SIGKILL if it lingers) and remove its directory.
 
@@ -224,6 +236,7 @@ class RedisServer:
         bring it back.
         """
         if self._process is not None and self._process.poll() is None:
+            self.thaw()  # a frozen server would not act on SIGTERM
             self._process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=STOP_TIMEOUT)

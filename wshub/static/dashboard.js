@@ -421,8 +421,22 @@ function showStatus(status, detail) {
 // or it restarted), say so quietly: the view is live again, but may lack a few events.
 const resumeNotice = $("resume-notice");
 
+const resumeText = $("resume-notice-text").textContent;
+
 function showResume(detail) {
-  if (detail && detail.recovered === false) resumeNotice.hidden = false;
+  if (detail && detail.recovered === false) {
+    $("resume-notice-text").textContent = resumeText;
+    resumeNotice.hidden = false;
+  }
+}
+
+// Messages can also be lost between hubs (the shared stream was trimmed before this page's
+// hub read them): the hub says so with a gap, and only a reload refetches what is current.
+function showGap(data) {
+  const count = typeof data?.missed === "number" ? `${data.missed} events` : "Some events";
+  $("resume-notice-text").textContent =
+    `${count} were lost on the way to this page; reload it to see everything current.`;
+  resumeNotice.hidden = false;
 }
 
 $("resume-notice-dismiss").addEventListener("click", () => {
@@ -497,6 +511,7 @@ client.onStatus((status, detail) => {
   }
 });
 client.on("*", () => arrivals.push(performance.now()));
+client.on("gap", showGap);
 client.on("run_started", onRunStarted);
 client.on("run_progress", onRunProgress);
 client.on("run_complete", onRunComplete);

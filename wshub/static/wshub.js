@@ -193,6 +193,14 @@ export class WshubClient {
      * @type {WshubResume | null}
      */
     this.lastResume = null;
+    /**
+     * The last `gap` the hub reported: messages that left the hubs' shared stream before
+     * this client's hub read them, so neither a resume nor a reconnect brings them back.
+     * `{missed, after}`: how many (null when the hub cannot tell) and the id of the last
+     * message before them. Listen with `on("gap", ...)` to refetch. null until one arrives.
+     * @type {{missed: number | null, after: string} | null}
+     */
+    this.lastGap = null;
     /** How many frames were ignored because they were not a JSON object with a `type`. */
     this.invalidFrames = 0;
   }
@@ -486,6 +494,12 @@ export class WshubClient {
         break;
       case "error":
         this._refused(message);
+        break;
+      case "gap":
+        this.lastGap = {
+          missed: typeof message.data?.missed === "number" ? message.data.missed : null,
+          after: String(message.data?.after ?? ""),
+        };
         break;
       default:
         break;
