@@ -385,7 +385,7 @@ async def test_a_publish_sent_to_a_frozen_redis_is_unknown_and_its_retry_is_deli
     ):
         redis_server.freeze()
         # Sent before the probe notices: Redis holds the command and runs it when it resumes.
-        with pytest.raises(wshub.BackplaneUnavailable, match="^outcome unknown") as unknown:
+        with pytest.raises(wshub.BackplaneUnavailable, match=r"^outcome unknown") as unknown:
             await first.hub.publish("m", "once", idempotency_key="run-42:new_run")
         assert unknown.value.outcome == UNKNOWN
         await wait_until(lambda: not first.hub.ready, timeout=10)
@@ -615,8 +615,7 @@ async def test_a_memory_backplane_counts_what_left_its_stream_unread() -> None:
     extra = 5
     # Added without yielding to the loop: the reader falls behind the whole stream.
     ids = [
-        stream.add("m", str(n).encode(), None).message_id
-        for n in range(MIN_STREAM_LENGTH + extra)
+        stream.add("m", str(n).encode(), None).message_id for n in range(MIN_STREAM_LENGTH + extra)
     ]
     await wait_until(lambda: len(delivered) == MIN_STREAM_LENGTH)
     assert [entry.message_id for entry in delivered] == ids[extra:]
