@@ -435,7 +435,7 @@ async def test_idempotency_keys_on_a_hub_alone(lean_server: Any) -> None:
         await nothing_more(ws)
         for bad, error in (("", ValueError), ("x" * 129, ValueError), (7, TypeError)):
             with pytest.raises(error, match="idempotency_key"):
-                await served.hub.publish("m", 1, idempotency_key=bad)  # type: ignore[arg-type]
+                await served.hub.publish("m", 1, idempotency_key=bad)
 
 
 async def test_an_idempotency_key_is_forgotten_after_its_window(lean_server: Any) -> None:
