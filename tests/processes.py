@@ -132,6 +132,14 @@ class HubProcess:
         result: dict[str, Any] = answer
         return result
 
+    def stats(self) -> dict[str, Any]:
+        """``GET /api/stats``."""
+        status, answer = self._request("GET", "/api/stats")
+        if status != 200:
+            raise ApiError(status, answer)
+        result: dict[str, Any] = answer
+        return result
+
     def ready(self) -> int:
         """The status of ``GET /readyz``: 200 when ready, 503 when not."""
         status, _ = self._request("GET", "/readyz")

@@ -30,6 +30,7 @@ from wshub.api import (
 from wshub.bench.redis_server import RedisServer
 
 from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
+from .test_resume import nothing_more, published
 
 TOKEN = "s3cret-token"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -213,6 +214,43 @@ async def test_publish_with_topics_reaches_only_their_subscribers(api: ApiFactor
 
         reply = await running.post("/api/publish", {"type": "end", "topics": []})
         assert recipients_of(reply.body) == 0  # only "*" subscribers match no topic at all
+
+
+async def test_a_publish_retried_with_its_idempotency_key_is_delivered_once(
+    api: ApiFactory,
+) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        body = {"type": "note", "data": 1, "idempotency_key": "k-body"}
+        first = await running.post("/api/publish", body)
+        again = await running.post("/api/publish", body)
+        assert first.status == again.status == 200
+        assert again.body == {"id": first.body["id"], "recipients": 0, "duplicate": True}
+        # The header does the same, for publish and for every notify kind.
+        headers = {"Idempotency-Key": "k-header"}
+        run = {"run_id": "r", "test_name": "t", "error": "x"}
+        failed = await running.post("/api/notify/run_failed", run, headers=headers)
+        failed_again = await running.post("/api/notify/run_failed", run, headers=headers)
+        assert failed_again.body == {"id": failed.body["id"], "recipients": 0, "duplicate": True}
+        header_only = {"type": "note", "data": 2}
+        noted = await running.post("/api/publish", header_only, headers=headers)
+        assert noted.body["duplicate"] is True  # one key, one message, whichever the endpoint
+        messages = await published(ws, 2)
+        assert [m["id"] for m in messages] == [first.body["id"], failed.body["id"]]
+        await nothing_more(ws)
+
+
+async def test_bad_idempotency_keys_are_400_naming_the_field(api: ApiFactory) -> None:
+    async with api() as running:
+        for body, headers in (
+            ({"type": "n", "idempotency_key": ""}, None),
+            ({"type": "n", "idempotency_key": 5}, None),
+            ({"type": "n"}, {"Idempotency-Key": "x" * 129}),
+            ({"type": "n", "idempotency_key": "a"}, {"Idempotency-Key": "b"}),
+        ):
+            reply = await running.post("/api/publish", body, headers=headers)
+            assert reply.status == 400, (body, reply.body)
+            assert reply.body["error"]["field"] == "idempotency_key"
+        assert running.hub.stats()["messages_published"] == 0
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from wshub.bench.redis_server import RedisServer
+from wshub.publisher import Publisher
+from wshub.redis_backplane import COMMAND_TIMEOUT, PROBE_INTERVAL
 
 from .helpers import client, recv_json, send_json
 from .processes import ApiError, HubProcess
@@ -204,8 +207,8 @@ async def wait_for_count(items: list[Any], count: int) -> None:
             await asyncio.sleep(0.01)
 
 
-async def readiness(hub: HubProcess, status: int) -> None:
-    await eventually(lambda: hub.ready() == status, f"{hub.api}/readyz answers {status}")
+async def readiness(hub: HubProcess, status: int, timeout: float = DEADLINE) -> None:
+    await eventually(lambda: hub.ready() == status, f"{hub.api}/readyz answers {status}", timeout)
 
 
 async def ping(ws: ClientConnection) -> None:
@@ -241,6 +244,131 @@ async def test_redis_outage_keeps_clients_refuses_publishes_and_recovers(
         assert hello["data"]["recovered"] is True, hello
         [message] = await until_count(ws, 1)
         assert message["id"] == after
+
+
+# Faults. A probe notices a frozen Redis within PROBE_INTERVAL + COMMAND_TIMEOUT; /readyz is
+# polled from a thread, so the detection time below includes one poll.
+DETECTION = PROBE_INTERVAL + COMMAND_TIMEOUT + 1.0
+
+
+async def unready_within(hubs: Sequence[HubProcess], seconds: float) -> float:
+    """Wait until every hub's /readyz answers 503; fail after ``seconds``. How long it took."""
+    started = time.monotonic()
+    for hub in hubs:
+        await readiness(hub, 503, seconds - (time.monotonic() - started))
+    return time.monotonic() - started
+
+
+async def stays_unready(hubs: Sequence[HubProcess], until: float) -> int:
+    """Poll every hub's /readyz until ``until`` (time.monotonic()); each must answer 503."""
+    polls = 0
+    while time.monotonic() < until:
+        for hub in hubs:
+            assert await asyncio.to_thread(hub.ready) == 503, hub.api
+            polls += 1
+    return polls
+
+
+def backplane_stats(hub: HubProcess) -> dict[str, Any]:
+    stats: dict[str, Any] = hub.stats()["backplane"]
+    return stats
+
+
+async def test_every_node_is_unready_through_a_freeze_and_a_kill_and_says_so_once(
+    start_hubs: StartHubs, redis_server: RedisServer
+) -> None:
+    hubs = await start_hubs(3)
+    async with clients([ws_url(hub) for hub in hubs]) as sockets:
+        redis_server.freeze()
+        await unready_within(hubs, DETECTION)
+        # Past the reader's 6 s socket timeout: its retries fail inside the freeze too.
+        assert await stays_unready(hubs, time.monotonic() + 8.0) > 0
+        for ws in sockets:
+            await ping(ws)
+        redis_server.thaw()
+        for hub in hubs:
+            await readiness(hub, 200)
+        redis_server.kill()
+        await unready_within(hubs, DETECTION)
+        await stays_unready(hubs, time.monotonic() + 3.0)
+        redis_server.restart()
+        for hub in hubs:
+            await readiness(hub, 200)
+        after = await publish(hubs[0], "m", "after")
+        for ws in sockets:
+            assert (await recv_json(ws))["id"] == after
+    for hub in hubs:
+        stats = await asyncio.to_thread(backplane_stats, hub)
+        assert (stats["disconnects"], stats["reconnects"]) == (2, 2), stats
+        # With the backoff doubling from 50 ms to 5 s: a handful of retries per outage,
+        # not one every 50 ms.
+        assert stats["reconnect_attempts"] <= 16, stats
+        assert hub.output.count("is unreachable (") == 2, hub.output
+        assert hub.output.count("is reachable again") == 2, hub.output
+
+
+async def test_a_publisher_delivers_exactly_once_through_a_redis_freeze_and_a_kill(
+    start_hubs: StartHubs, redis_server: RedisServer
+) -> None:
+    first, second = await start_hubs(2)
+    publisher = Publisher(first.api, retry_for=60.0)
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def publish_until_stopped() -> None:
+        while not stop.is_set():
+            publisher.publish("m", len(sent))
+            sent.append(len(sent))
+
+    async with clients([ws_url(first), ws_url(second)]) as sockets:
+        received: list[list[int]] = [[] for _ in sockets]
+
+        async def receive(ws: ClientConnection, into: list[int]) -> None:
+            while (message := await recv_json(ws))["type"] != END:
+                into.append(message["data"])
+
+        readers = [
+            asyncio.create_task(receive(ws, into))
+            for ws, into in zip(sockets, received, strict=True)
+        ]
+        publishing = asyncio.create_task(asyncio.to_thread(publish_until_stopped))
+        for fault, recover in (
+            (redis_server.freeze, redis_server.thaw),
+            (redis_server.kill, redis_server.restart),
+        ):
+            await wait_for_count(received[1], len(received[1]) + 20)
+            fault()
+            await unready_within([first, second], DETECTION)
+            recover()
+            await readiness(first, 200)
+        await wait_for_count(received[1], len(received[1]) + 20)
+        stop.set()
+        await publishing
+        await asyncio.to_thread(publisher.publish, END)
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(*readers)
+    # Every message once, in order, on both nodes; some attempts failed and were retried.
+    assert received == [sent, sent]
+    assert (await asyncio.to_thread(backplane_stats, first))["publish_failures"] > 0
+
+
+async def test_a_node_started_during_an_outage_delivers_what_was_published_after_it(
+    start_hubs: StartHubs, redis_server: RedisServer
+) -> None:
+    [first] = await start_hubs(1)
+    redis_server.kill()
+    await readiness(first, 503)
+    [late] = await start_hubs(1)
+    assert late.ready() == 503
+    publisher = Publisher(first.api, retry_for=DEADLINE)
+    async with client(ws_url(late)) as (ws, _):
+        redis_server.restart()
+        # Published as soon as the first node is back, likely before the late one joins.
+        ids = [await asyncio.to_thread(publisher.publish, "m", n) for n in range(50)]
+        assert len(ids) == 50
+        await readiness(late, 200)
+        await asyncio.to_thread(publisher.publish, END)
+        assert [message["data"] for message in await until_end(ws)] == list(range(50))
 
 
 async def test_resume_beyond_the_history_is_not_recovered(start_hubs: StartHubs) -> None:
