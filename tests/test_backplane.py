@@ -557,6 +557,33 @@ async def test_messages_trimmed_before_a_hub_read_them_are_counted_and_logged(
         assert served.hub.stats()["backplane"]["missed"] == 20 - len(received)
 
 
+async def test_messages_trimmed_while_a_hub_waited_for_them_reach_its_clients_as_a_gap(
+    joined_redis: Joined, redis_server: RedisServer
+) -> None:
+    """The hub's XREAD is waiting when twenty messages arrive in one transaction that keeps
+    five: it reads those five, and its position is still in the stream afterwards."""
+    async with joined_redis(1) as (served,), client(served.url) as (ws, _):
+        last = (await served.hub.publish("m", "seen")).id
+        assert [m["data"] for m in await published(ws, 1)] == ["seen"]
+        writer = Redis.from_url(redis_server.url)
+        try:
+            async with writer.pipeline(transaction=True) as pipe:
+                for n in range(20):
+                    pipe.xadd(
+                        "wshub:messages",
+                        {"type": "m", "data": str(n)},
+                        maxlen=5,
+                        approximate=False,
+                    )
+                await pipe.execute()
+        finally:
+            await writer.aclose()
+        assert [m["data"] for m in await published(ws, 5)] == [15, 16, 17, 18, 19]
+        gap = await recv_json(ws)
+        assert (gap["type"], gap["data"]) == ("gap", {"missed": 15, "after": last})
+        assert served.hub.stats()["backplane"]["missed"] == 15
+
+
 @pytest.mark.usefixtures("redis_server_binary")
 async def test_a_redis_that_lost_its_data_is_joined_again(lean_server: Any) -> None:
     with RedisServer(persistent=False) as redis_server:

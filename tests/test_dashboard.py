@@ -12,9 +12,13 @@ import importlib.util
 import os
 import pathlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from redis import Redis
+
+from wshub.bench.redis_server import RedisServer
 
 from .helpers import require_tool
 from .processes import HubProcess
@@ -41,9 +45,9 @@ WAIT_MS = 20_000
 
 
 @contextmanager
-def hub_process(port: int = 0) -> Iterator[HubProcess]:
+def hub_process(port: int = 0, extra: Sequence[str] = ()) -> Iterator[HubProcess]:
     """A :class:`HubProcess` for the block, stopped with SIGTERM at its end."""
-    hub = HubProcess(port)
+    hub = HubProcess(port, extra=extra)
     try:
         yield hub
     finally:
@@ -196,7 +200,10 @@ def populate(hub: HubProcess) -> None:
     )
 
 
-def test_dashboard_live_view_filter_and_reconnect() -> None:
+@contextmanager
+def dashboard_page() -> Iterator[Page]:
+    """A page of headless Chromium; an uncaught exception or a failed load in it (a 404
+    asset) fails the test when the block ends."""
     has_playwright, has_chromium = browser_available()
     require_tool("playwright", has_playwright, "pip install playwright (no browser download)")
     require_tool("chromium", has_chromium, f"apt-get install chromium (looked for {CHROMIUM})")
@@ -219,13 +226,48 @@ def test_dashboard_live_view_filter_and_reconnect() -> None:
                 ):
                     errors.append(message.text)
 
-            # An uncaught exception or a failed load (a 404 asset) fails the test.
             page.on("pageerror", page_error)
             page.on("console", console)
-            _exercise(page)
+            yield page
             assert errors == [], errors
         finally:
             browser.close()
+
+
+def test_dashboard_live_view_filter_and_reconnect() -> None:
+    with dashboard_page() as page:
+        _exercise(page)
+
+
+def test_the_dashboard_says_when_events_were_lost_between_hubs(
+    redis_server: RedisServer,
+) -> None:
+    from playwright.sync_api import expect
+
+    with (
+        dashboard_page() as page,
+        hub_process(extra=["--redis-url", redis_server.url]) as hub,
+    ):
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        # Twenty messages in one transaction that keeps the last five: the hub can read
+        # only those, and fifteen are gone before it could.
+        writer = Redis.from_url(redis_server.url)
+        try:
+            with writer.pipeline(transaction=True) as pipe:
+                for n in range(20):
+                    pipe.xadd(
+                        "wshub:messages",
+                        {"type": "m", "data": str(n)},
+                        maxlen=5,
+                        approximate=False,
+                    )
+                pipe.execute()
+        finally:
+            writer.close()
+        notice = page.get_by_test_id("resume-notice")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text("15 events were lost on the way to this page")
 
 
 def _exercise(page: Page) -> None:

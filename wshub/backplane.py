@@ -102,7 +102,7 @@ class StoredEntries(NamedTuple):
 
 Deliver = Callable[[Entry], None]
 #: Told when messages left the store before this hub read them: how many (None when the
-#: store cannot tell) and the id of the last message delivered before them.
+#: store cannot tell) and an id they came after (what was delivered since may lack them).
 Missed = Callable[[int | None, str], None]
 
 

@@ -186,6 +186,7 @@ class RedisBackplane:
         self._missed = 0
         # The stream's entries-added as of this hub's position (see _check_gap).
         self._read_count = 0
+        self._checked = "0-0"  # the position at the last _check_gap
         self._delay = RECONNECT_DELAY[0]
         self._attempts = 0  # reconnection attempts since start
         self._up_since = 0.0  # loop time of the last round trip after an outage
@@ -402,6 +403,7 @@ class RedisBackplane:
                 self._last_id, self._read_count = await self._stream_at(
                     redis, f"{self._started_ms}-0"
                 )
+            self._checked = self._last_id
         else:
             # A round trip before this hub calls Redis reachable: a retry that only got as
             # far as here must not count (and log) a recovery and then a new outage.
@@ -453,15 +455,14 @@ class RedisBackplane:
         """Count the messages trimmed from the stream before this hub read them.
 
         ``entries-added`` counts every entry the stream ever took, and this hub counts what
-        it read (``_read_count``, the stream's count as of its position). Once the stream's
-        first entry is past the position, every entry left is unread, so any other entry
-        added since the position was trimmed unread.
+        it read (``_read_count``, the stream's count as of its position). Caught up (its
+        position is the newest id), every entry added is one it read or one it missed. Behind
+        it, while the stream still holds the position, everything after it is still there to
+        read (a stream is trimmed from its oldest end) and the count waits until it caught
+        up; once the first entry is past the position, every entry left is unread, so any
+        other entry added since the position was trimmed unread.
         """
         added = int(info["entries-added"])
-        first = info.get("first-entry")
-        if first and parse_message_id(_id_text(first[0])) <= parse_message_id(self.position):
-            return  # the stream still holds this hub's position: nothing after it was trimmed
-        unread = int(info["length"])
         if added < self._read_count:
             # A new stream under the same key: Redis lost its data (restarted without
             # persistence) or someone deleted the key. Count from the new stream on.
@@ -469,29 +470,40 @@ class RedisBackplane:
                 "Redis stream %s was created anew; messages published before that may be lost",
                 self.stream,
             )
-            self._read_count = added - unread
+            self._read_count = added - int(info["length"])
             return
-        missed = added - self._read_count - unread
+        position = parse_message_id(self.position)
+        first = info.get("first-entry")
+        # Where the missed ones were: after the position of the last check when caught up
+        # (they were trimmed while this hub's XREAD waited), else right after this one.
+        after, self._checked = self._checked, self.position
+        if parse_message_id(_id_text(info["last-generated-id"])) == position:
+            missed = added - self._read_count
+        elif first and parse_message_id(_id_text(first[0])) <= position:
+            return
+        else:
+            missed = added - self._read_count - int(info["length"])
+            after = self.position
         if missed <= 0:
             return
         self._read_count += missed
-        self._report_missed(missed)
+        self._report_missed(missed, after)
 
-    def _report_missed(self, missed: int | None) -> None:
+    def _report_missed(self, missed: int | None, after: str) -> None:
         """Log, count and tell the hub of messages its clients will never get."""
         if missed is not None:
             self._missed += missed
         self.logger.error(
-            "%s messages left Redis stream %s before this hub read them (it had read up to "
-            "%s): its clients missed them. The stream keeps max(history_size, %d) messages, "
-            "and this hub fell further behind",
+            "%s messages after %s left Redis stream %s before this hub read them: its "
+            "clients missed them. The stream keeps max(history_size, %d) messages, and this "
+            "hub fell further behind",
             missed if missed is not None else "an unknown number of",
+            after,
             self.stream,
-            self.position,
             MIN_STREAM_LENGTH,
         )
         if self._missed_callback is not None:
-            self._missed_callback(missed, self.position)
+            self._missed_callback(missed, after)
 
     async def _stream_end(self, redis: Redis) -> tuple[str, int]:
         """The stream's newest id and how many entries it took, as a new reader's start."""
@@ -527,8 +539,7 @@ class RedisBackplane:
         ):
             # Trimmed past the start already: some published after it are gone, and the
             # stream does not say how many.
-            self._last_id = position
-            self._report_missed(None)
+            self._report_missed(None, position)
         return position, int(info["entries-added"]) - len(following)
 
     async def _probe(self) -> None:
