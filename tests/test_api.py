@@ -874,6 +874,28 @@ async def test_apps_have_registries_of_their_own(api: ApiFactory) -> None:
 # Joined through Redis
 
 
+async def test_a_publish_to_a_frozen_redis_is_503_outcome_unknown_and_its_retry_is_a_duplicate(
+    api: ApiFactory, redis_server: RedisServer
+) -> None:
+    async with (
+        api(redis_url=redis_server.url) as running,
+        client(running.ws_url()) as (ws, _),
+    ):
+        body = {"type": "note", "data": "once", "idempotency_key": "deploy-7"}
+        redis_server.freeze()
+        reply = await running.post("/api/publish", body)
+        assert reply.status == 503
+        assert reply.body["outcome"] == "unknown", reply.body
+        assert reply.body["error"]["message"].startswith("outcome unknown")
+        redis_server.thaw()
+        await wait_until(lambda: running.hub.ready, timeout=15)
+        again = await running.post("/api/publish", body)
+        assert again.status == 200 and again.body["duplicate"] is True
+        [message] = await published(ws, 1)
+        assert (message["data"], message["id"]) == ("once", again.body["id"])
+        await nothing_more(ws)
+
+
 async def test_api_with_redis_publishes_through_it_and_answers_503_while_it_is_down(
     api: ApiFactory, redis_server: RedisServer
 ) -> None:
@@ -898,6 +920,7 @@ async def test_api_with_redis_publishes_through_it_and_answers_503_while_it_is_d
         reply = await running.post("/api/publish", {"type": "note", "data": 1})
         assert reply.status == 503
         assert "not published: Redis at" in reply.body["error"]["message"]
+        assert reply.body["outcome"] == "not_published"
         samples = metric_samples((await running.get("/metrics")).text)
         assert samples[("wshub_backplane_ready", ())] == 0
         assert samples[("wshub_backplane_disconnects_total", ())] == 1
@@ -912,3 +935,4 @@ async def test_api_with_redis_publishes_through_it_and_answers_503_while_it_is_d
         samples = metric_samples((await running.get("/metrics")).text)
         assert samples[("wshub_backplane_ready", ())] == 1
         assert samples[("wshub_backplane_reconnects_total", ())] == 1
+        assert samples[("wshub_backplane_reconnect_attempts_total", ())] >= 1

@@ -151,6 +151,10 @@ def _backplane_families(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
     reconnects = CounterMetricFamily(
         "wshub_backplane_reconnects", "Times the hub reached Redis again after losing it."
     )
+    attempts = CounterMetricFamily(
+        "wshub_backplane_reconnect_attempts",
+        "Attempts to reach Redis again while it was unreachable (a few per outage, with backoff).",
+    )
     missed = CounterMetricFamily(
         "wshub_backplane_missed",
         "Messages that left the Redis stream before the hub read them: its clients missed them.",
@@ -159,8 +163,10 @@ def _backplane_families(stats: Mapping[str, Any] | None) -> Iterator[Metric]:
         ready.add_metric([], 1 if stats["ready"] else 0)
         disconnects.add_metric([], stats["disconnects"])
         reconnects.add_metric([], stats["reconnects"])
+        attempts.add_metric([], stats["reconnect_attempts"])
         missed.add_metric([], stats["missed"])
     yield ready
     yield disconnects
     yield reconnects
+    yield attempts
     yield missed
