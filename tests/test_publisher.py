@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
@@ -11,6 +12,9 @@ from wshub.api import start_api
 from wshub.publisher import Publisher, PublishError
 
 from .helpers import client, recv_json
+from .test_resume import nothing_more
+
+DEADLINE = 15.0
 
 
 async def test_publish_and_notify_reach_subscribers(lean_server: Any) -> None:
@@ -45,4 +49,50 @@ async def test_refusals_carry_status_and_field(lean_server: Any) -> None:
 def test_unreachable_hub() -> None:
     with pytest.raises(PublishError, match="cannot reach") as refused:
         Publisher("http://127.0.0.1:1", timeout=2, retry_for=0).publish("x")
-    assert refused.value.status is None
+    assert (refused.value.status, refused.value.outcome) == (None, "not_published")
+
+
+async def test_one_key_is_one_delivery_and_each_call_has_a_key_of_its_own(
+    lean_server: Any,
+) -> None:
+    async with lean_server() as served, await start_api(served.hub, port=0) as api:
+        publisher = Publisher(api.url)
+        async with client(served.url) as (ws, _):
+            for _ in range(2):
+                await asyncio.to_thread(publisher.publish, "m", "keyed", idempotency_key="k")
+                await asyncio.to_thread(
+                    publisher.notify,
+                    "run_failed",
+                    idempotency_key="f",
+                    run_id="r",
+                    test_name="t",
+                    error="x",
+                )
+            for _ in range(2):  # no key given: two calls, two messages
+                await asyncio.to_thread(publisher.publish, "m", "unkeyed")
+            messages = [await recv_json(ws) for _ in range(4)]
+            assert [m["type"] for m in messages] == ["m", "run_failed", "m", "m"]
+            assert [m.get("data") for m in messages if m["type"] == "m"] == [
+                "keyed",
+                "unkeyed",
+                "unkeyed",
+            ]
+            await nothing_more(ws)
+
+
+async def test_a_publisher_retries_a_lost_answer_until_the_hub_is_up(lean_server: Any) -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    async with lean_server() as served, client(served.url) as (ws, _):
+        publisher = Publisher(f"http://127.0.0.1:{port}", retry_for=DEADLINE)
+        publishing = asyncio.create_task(asyncio.to_thread(publisher.publish, "m", 1))
+        # The first attempt's connection is closed before any answer: outcome unknown.
+        with listener:
+            connection, _ = await loop.sock_accept(listener)
+            connection.close()
+        async with await start_api(served.hub, port=port):
+            assert await publishing == 1
+            assert (await recv_json(ws))["data"] == 1
+            await nothing_more(ws)
