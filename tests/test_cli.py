@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosedOK
 
-from .helpers import client, recv_json
+from .helpers import client, recv_json, send_json
 
 LISTENING = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)/api/ws")
 
@@ -143,6 +143,29 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             message = await recv_json(ws)
             assert message["type"] == "run_progress"
             assert message["data"] == {"run_id": "r1", "progress": 0.5}
+
+            # With a key, running the command twice publishes once.
+            for _ in range(2):
+                keyed = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "wshub",
+                    "publish",
+                    "--url",
+                    url,
+                    "--type",
+                    "deploy",
+                    "--idempotency-key",
+                    "deploy-1",
+                    "--retry-for",
+                    "5",
+                    "--token",
+                    "s3cret",
+                    stdout=asyncio.subprocess.DEVNULL,
+                )
+                assert await keyed.wait() == 0
+            await send_json(ws, {"type": "ping"})
+            assert [(await recv_json(ws))["type"] for _ in range(2)] == ["deploy", "pong"]
 
             refused = await asyncio.create_subprocess_exec(
                 sys.executable,
