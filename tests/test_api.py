@@ -163,7 +163,10 @@ async def test_publish_to_a_stopped_hub_is_answered_503(api: ApiFactory) -> None
         await running.hub.stop()
         reply = await running.post("/api/publish", {"type": "note", "data": 1})
         assert reply.status == 503
-        assert reply.body == {"error": {"code": 503, "message": "the hub is not running"}}
+        assert reply.body == {
+            "error": {"code": 503, "message": "the hub is not running"},
+            "outcome": "not_published",
+        }
 
 
 # Publishing

@@ -533,7 +533,7 @@ class _Api:
         Redis and this hub has queued it, and a Redis outage is a 503, not a lost message.
         """
         if not self.hub.running:
-            raise _ApiError(503, "the hub is not running")
+            raise _ApiError(503, "the hub is not running", outcome=NOT_PUBLISHED)
         data = publish.serialized()
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -550,7 +550,7 @@ class _Api:
         except RuntimeError as exc:
             if self.hub.running:
                 raise  # a fault inside the hub: the error middleware's 500
-            raise _ApiError(503, str(exc)) from None  # the hub stopped meanwhile
+            raise _ApiError(503, str(exc), outcome=NOT_PUBLISHED) from None  # it stopped
         except (TypeError, ValueError) as exc:  # validation above should have caught it
             raise _bad("body", str(exc)) from None
         recipients = published.recipients

@@ -12,14 +12,14 @@ from typing import Any, Final
 
 import orjson
 
+# The outcomes a hub answers with: NOT_PUBLISHED (it did not reach the hub, or the hub
+# refused it), UNKNOWN (the request was sent and no answer came, or the hub's Redis went
+# quiet after the message was sent).
+from .backplane import NOT_PUBLISHED, UNKNOWN
+
 __all__ = ["NOT_PUBLISHED", "RETRY_DELAY", "UNKNOWN", "PublishError", "Publisher"]
 
 
-#: The ``outcome`` of a publish that did not reach the hub, or that the hub refused.
-NOT_PUBLISHED: Final = "not_published"
-#: The ``outcome`` of a publish that may have gone out: the request was sent and no answer
-#: came, or the hub answered that Redis went quiet after the message was sent.
-UNKNOWN: Final = "unknown"
 #: First and longest wait between two attempts at one publish, in seconds.
 RETRY_DELAY: Final = (0.1, 2.0)
 
