@@ -9,6 +9,7 @@ import io
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -332,7 +333,6 @@ NOTIFICATIONS: list[tuple[str, dict[str, Any], dict[str, Any], str | None]] = [
                 "p95_latency_ms": 4.0,
                 "best_client": "geth",
                 "performance_scores": {"geth": 0.9},
-                "unknown_key": "ignored",
             }
         },
         {
@@ -389,6 +389,7 @@ NOTIFICATIONS: list[tuple[str, dict[str, Any], dict[str, Any], str | None]] = [
             "is_significant": True,
             "p_value": 0.01,
             "detected_at": "2026-11-25T18:01:00Z",
+            "test_name": "t-1",
             "run_info": {"test_name": "t-1", "git_commit": "abc123", "timestamp": None},
         },
         None,
@@ -659,7 +660,29 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("/api/notify/new_run", b'{"run": []}', "run"),
     ("/api/notify/new_run", b'{"run": {"test_name": "t"}}', "run.id"),
     ("/api/notify/new_run", b'{"run": {"id": "r", "test_name": 5}}', "run.test_name"),
-    ("/api/notify/new_run", deep('{"run": {"id": "r", "performance_scores": DEEP}}'), "run"),
+    (
+        "/api/notify/new_run",
+        deep('{"run": {"id": "r", "performance_scores": DEEP}}'),
+        "run.performance_scores",
+    ),
+    # Keys that are not the endpoint's or the record's, and values of the wrong kind.
+    ("/api/publish", b'{"type": "note", "topic": ["a"]}', "topic"),
+    ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "progres": 0.5}), "progres"),
+    ("/api/notify/new_run", b'{"run": {"id": "r", "p95_latncy_ms": 3}}', "run.p95_latncy_ms"),
+    ("/api/notify/new_run", b'{"run": {"id": "r", "total_requests": "9"}}', "run.total_requests"),
+    ("/api/notify/new_run", b'{"run": {"id": "r", "is_baseline": 1}}', "run.is_baseline"),
+    ("/api/notify/new_run", b'{"run": {"id": "r", "tags": [1]}}', "run.tags"),
+    ("/api/notify/new_run", b'{"run": {"id": "r"}, "regression": {}}', "regression"),
+    (
+        "/api/notify/regression_detected",
+        b'{"regression": {"id": "g", "percent_chnage": 3}, "run": {"id": "r"}}',
+        "regression.percent_chnage",
+    ),
+    (
+        "/api/notify/regression_detected",
+        b'{"regression": {"id": "g", "percent_change": "18%"}, "run": {"id": "r"}}',
+        "regression.percent_change",
+    ),
     ("/api/notify/regression_detected", b'{"run": {"id": "r"}}', "regression"),
     ("/api/notify/regression_detected", b'{"regression": {"id": "g"}}', "run"),
     ("/api/notify/baseline_updated", b'{"run_id": "r", "test_name": "t"}', "baseline_name"),
@@ -685,6 +708,56 @@ async def test_bad_bodies_are_400_naming_the_field(api: ApiFactory) -> None:
         reply = await running.post("/api/publish", {"type": "after"})
         assert recipients_of(reply.body) == 1
         assert (await recv_json(ws))["type"] == "after"
+
+
+def documented_bodies() -> list[tuple[str, Any]]:
+    """The notify bodies docs/api.md shows under "A body of every kind", with their kinds."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    section = text.split("### A body of every kind", 1)[1].split("\n## ", 1)[0]
+    bodies = [
+        (kind, orjson.loads(body))
+        for body, kind in re.findall(r"```json\n(.*?)```\n\(`(\w+)`\)", section, re.S)
+    ]
+    for kind, body in re.findall(r"api/notify/(\w+) .*?-d '(.*?)'", section, re.S):
+        bodies.append((kind, orjson.loads(body)))
+    return bodies
+
+
+async def test_the_documented_body_of_every_notify_kind_is_accepted(api: ApiFactory) -> None:
+    bodies = documented_bodies()
+    assert sorted(kind for kind, _ in bodies) == sorted(NOTIFY_KINDS)
+    async with api() as running:
+        for kind, body in bodies:
+            reply = await running.post(f"/api/notify/{kind}", body)
+            assert reply.status == 200, (kind, reply.body)
+
+
+async def test_a_misspelt_key_is_named_with_the_key_it_was_meant_to_be(api: ApiFactory) -> None:
+    async with api() as running:
+        body = {"regression": {"id": "g", "percent_chnage": 3.0}, "run": {"id": "r"}}
+        reply = await running.post("/api/notify/regression_detected", body)
+        assert reply.body["error"]["message"] == (
+            "regression.percent_chnage is not a field of the runner's Regression; "
+            "did you mean 'percent_change'?"
+        )
+        reply = await running.post("/api/notify/run_failed", {"run_id": "r", "eror": "x"})
+        assert reply.body["error"]["message"] == (
+            "eror is not a key of this body; did you mean 'error'?"
+        )
+
+
+async def test_metrics_the_runner_did_not_give_are_null_never_zero(api: ApiFactory) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        await running.post("/api/notify/new_run", {"run": {"id": "r", "test_name": "t"}})
+        stored = (await recv_json(ws))["data"]
+        assert set(stored["summary"].values()) == {None}
+        assert (stored["git_commit"], stored["timestamp"]) == (None, None)
+        body = {"regression": {"id": "g", "severity": "high"}, "run": {"id": "r"}}
+        await running.post("/api/notify/regression_detected", body)
+        found = (await recv_json(ws))["data"]
+        for key in ("percent_change", "baseline_value", "current_value", "p_value", "metric"):
+            assert found[key] is None, key
+        assert found["severity"] == "high"
 
 
 async def test_bodies_over_max_body_size_are_413(api: ApiFactory) -> None:

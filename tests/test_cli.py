@@ -167,6 +167,34 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             await send_json(ws, {"type": "ping"})
             assert [(await recv_json(ws))["type"] for _ in range(2)] == ["deploy", "pong"]
 
+            # --notify: the runner's events, checked as the API checks them.
+            async def notify(body: str) -> tuple[int, str]:
+                command = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "wshub",
+                    "publish",
+                    "--url",
+                    url,
+                    "--token",
+                    "s3cret",
+                    "--notify",
+                    "run_failed",
+                    "--data",
+                    body,
+                    stderr=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.DEVNULL,
+                )
+                _, errors = await command.communicate()
+                assert command.returncode is not None
+                return command.returncode, errors.decode()
+
+            status, complaint = await notify('{"run_id": "r1", "test_name": "t", "eror": "x"}')
+            assert status == 1 and "did you mean 'error'?" in complaint, complaint
+            assert await notify('{"run_id": "r1", "test_name": "t", "error": "x"}') == (0, "")
+            failed = await recv_json(ws)
+            assert (failed["type"], failed["data"]["error"]) == ("run_failed", "x")
+
             refused = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

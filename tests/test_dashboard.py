@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -310,6 +311,16 @@ def _exercise(page: Page) -> None:
         expect(page.locator('[data-run-id="r-215"][data-state="complete"]')).to_be_visible()
         expect(page.get_by_test_id("regression")).to_have_count(4)
         expect(page.get_by_test_id("analysis")).to_have_count(1)
+
+        # A regression the runner sent without its numbers says so: n/a, never 0%.
+        bare = regression("g-6", "r-222", "eth_call", "critical")
+        for key in ("percent_change", "baseline_value", "current_value"):
+            del bare["regression"][key]
+        hub.notify("regression_detected", bare)
+        change = page.locator('[data-testid="regression"][data-run-id="r-222"]').get_by_test_id(
+            "regression-change"
+        )
+        expect(change).to_have_text(re.compile(r"^n/a\s+·\s+n/a → n/a$"))
         if os.environ.get("WSHUB_SCREENSHOT") == "1":
             page.wait_for_timeout(600)  # the bars' width transition
             page.screenshot(path=str(SCREENSHOT), full_page=True)

@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 import wshub
 import wshub.clients
+import wshub.runner as runner
 
 from .helpers import client, recv_json, send_json, subscribe
 
@@ -278,6 +279,7 @@ async def test_notifications_carry_runner_payloads_and_topics(hub_server: Any) -
         assert detected["type"] == "regression_detected"
         expected = {key: regression[key] for key in regression if key != "id"}
         expected["regression_id"] = "reg-1"
+        expected["test_name"] = "eth_call"  # at the top, as in every other event
         expected["run_info"] = {
             "test_name": "eth_call",
             "git_commit": "abc123",
@@ -511,3 +513,19 @@ async def test_internal_error_answers_500_when_disconnect_on_error_is_off(
         assert error["type"] == "error" and error["error"]["code"] == 500
         await send_json(ws, {"type": "ping"})
         assert (await recv_json(ws))["type"] == "pong"
+
+
+def test_runner_records_refuse_unknown_keys_and_wrong_kinds_and_keep_missing_ones_null() -> None:
+    with pytest.raises(runner.PayloadError, match="did you mean 'p95_latency_ms'") as unknown:
+        runner.new_run_event({"id": "r", "p95_latency_mss": 1.0})
+    assert unknown.value.field == "run.p95_latency_mss"
+    with pytest.raises(runner.PayloadError, match="must be a finite number or null") as kind:
+        runner.regression_event({"id": "g", "percent_change": "18%"}, {"id": "r"})
+    assert kind.value.field == "regression.percent_change"
+    with pytest.raises(runner.PayloadError, match='needs an "id"'):
+        runner.new_run_event({"test_name": "t"})
+    data, topics = runner.new_run_event({"id": "r", "test_name": "t"})
+    assert data["summary"]["p95_latency_ms"] is None and data["git_commit"] is None
+    assert topics == ["new_run", "run:r", "test:t"]
+    # The dataclasses themselves default to None too.
+    assert runner.new_run_event(wshub.HistoricRun("r"))[0]["summary"]["total_requests"] is None

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import hmac
+import inspect
 import logging
 import math
 import time
@@ -211,16 +213,9 @@ def _object(body: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _record(body: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """A run or regression object: an ``id``; ``run_id``/``test_name`` strings if present.
-
-    Those are the keys that become topics; the other keys pass through as the hub passes them.
-    """
-    record = _object(body, name)
-    _string(record, "id", prefix=name)
-    for key in ("run_id", "test_name"):
-        if key in record and not isinstance(record[key], str):
-            raise _bad(f"{name}.{key}", f"{name}.{key} must be a string")
-    return record
+    """A run or regression object; its keys and values are checked by :mod:`wshub.runner`
+    (its :class:`~wshub.runner.PayloadError` is a 400 naming the key)."""
+    return _object(body, name)
 
 
 def _idempotency_key(request: web.Request, body: Mapping[str, Any] | None) -> str | None:
@@ -409,6 +404,28 @@ _NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any]], _Publish]]] = {
     "run_failed": _run_failed,
 }
 
+# The keys each body may have: any other is refused, so a misspelt one is an error rather
+# than a value silently missing from every dashboard. A notify body's keys are the
+# parameters of its runner event builder.
+_BODY_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "publish": frozenset({"type", "data", "topics", "idempotency_key"}),
+    **{
+        str(kind): frozenset(inspect.signature(builder).parameters)
+        for kind, builder in runner.EVENT_BUILDERS.items()
+    },
+}
+
+
+def _known_keys(body: Mapping[str, Any], endpoint: str) -> None:
+    """Refuse a key the endpoint does not take, naming it and the closest one it takes."""
+    allowed = _BODY_KEYS[endpoint]
+    for key in body:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _bad(key, f"{key} is not a key of this body{hint}")
+
+
 NOTIFY_KINDS: Final = tuple(_NOTIFIERS)
 """The ``<kind>`` values of ``POST /api/notify/<kind>``: the runner's eight event types."""
 
@@ -575,6 +592,7 @@ class _Api:
     async def publish(self, request: web.Request) -> web.Response:
         """``POST /api/publish``."""
         body = await self._body(request)
+        _known_keys(body, "publish")
         message_type = body.get("type")
         try:
             check_message_type(message_type)
@@ -596,8 +614,13 @@ class _Api:
         if notifier is None:
             raise _ApiError(404, f"unknown notify kind {kind!r}; known: {', '.join(NOTIFY_KINDS)}")
         body = await self._body(request)
+        _known_keys(body, kind)
         key = _idempotency_key(request, None)
-        return await self._publish(notifier(body)._replace(idempotency_key=key))
+        try:
+            publish = notifier(body)
+        except runner.PayloadError as exc:
+            raise _bad(exc.field, str(exc)) from None
+        return await self._publish(publish._replace(idempotency_key=key))
 
     # Introspection
 

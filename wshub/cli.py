@@ -27,7 +27,7 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .api import start_api
+from .api import NOTIFY_KINDS, start_api
 from .config import HubConfig
 from .hub import Hub
 from .logs import configure_logging
@@ -128,15 +128,27 @@ def _add_publish_command(commands: Any) -> None:
     publish = commands.add_parser(
         "publish",
         help="publish one message through a hub's internal API",
-        description="POST one message to a running hub's /api/publish.",
+        description="POST one message to a running hub's /api/publish, or one of the "
+        "runner's events to /api/notify/<kind>, where it is checked as the runner's are.",
     )
     publish.add_argument(
         "--url",
         default=os.environ.get("WSHUB_API_URL", "http://127.0.0.1:8081"),
         help="the internal API (default: http://127.0.0.1:8081; env WSHUB_API_URL)",
     )
-    publish.add_argument("--type", required=True, dest="message_type", help="message type")
-    publish.add_argument("--data", help="the data as JSON, or @FILE to read it from a file")
+    what = publish.add_mutually_exclusive_group(required=True)
+    what.add_argument("--type", dest="message_type", help="message type")
+    what.add_argument(
+        "--notify",
+        choices=NOTIFY_KINDS,
+        metavar="KIND",
+        help=f"one of the runner's events ({', '.join(NOTIFY_KINDS)}); --data is its body",
+    )
+    publish.add_argument(
+        "--data",
+        help="the data as JSON, or @FILE to read it from a file (with --notify: the body, "
+        "an object)",
+    )
     publish.add_argument("--topics", help="comma-separated topics (default: every client)")
     publish.add_argument(
         "--token",
@@ -168,9 +180,16 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     topics = [t.strip() for t in args.topics.split(",") if t.strip()] if args.topics else None
     try:
         publisher = Publisher(args.url, token=args.token, retry_for=max(args.retry_for, 0.0))
-        count = publisher.publish(
-            args.message_type, data, topics, idempotency_key=args.idempotency_key
-        )
+        if args.notify is not None:
+            if not isinstance(data, dict):
+                parser.error(f"--data: the body of a {args.notify} event must be a JSON object")
+            if topics is not None:
+                parser.error("--topics: an event goes to the topics of its kind, run and test")
+            count = publisher.notify(args.notify, data, idempotency_key=args.idempotency_key)
+        else:
+            count = publisher.publish(
+                args.message_type, data, topics, idempotency_key=args.idempotency_key
+            )
     except PublishError as exc:
         unknown = (
             " (outcome unknown: it may have been delivered)" if exc.outcome == UNKNOWN else ""

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import orjson
@@ -105,10 +105,18 @@ class Publisher:
             body["topics"] = list(topics)
         return self._post("/api/publish", body, idempotency_key)
 
-    def notify(self, kind: str, *, idempotency_key: str | None = None, **payload: Any) -> int:
-        """Send one of the runner's events, e.g. ``notify("run_progress", run_id=..., ...)``;
-        the fields are those of the matching ``Hub.notify_*`` method. Retried as
-        :meth:`publish` is.
+    def notify(
+        self,
+        kind: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> int:
+        """Send one of the runner's events, e.g. ``notify("run_progress", run_id=..., ...)``
+        or ``notify("new_run", {"run": {...}})``: the body's keys (``body`` and ``fields``
+        together) are the parameters of the matching ``Hub.notify_*`` method, checked by the
+        hub as it checks the runner's. Retried as :meth:`publish` is.
 
         Returns:
             How many clients the hub queued it for.
@@ -116,7 +124,7 @@ class Publisher:
         Raises:
             PublishError: The hub refused it, or still could not take it after ``retry_for``.
         """
-        return self._post(f"/api/notify/{kind}", payload, idempotency_key)
+        return self._post(f"/api/notify/{kind}", {**(body or {}), **fields}, idempotency_key)
 
     def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> int:
         headers = {

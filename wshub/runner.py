@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import math
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from .wire import MessageClock, MessageType
 
 __all__ = [
+    "EVENT_BUILDERS",
     "HistoricRun",
+    "PayloadError",
     "Regression",
     "RunnerNotifications",
     "analysis_complete_event",
@@ -37,65 +41,160 @@ Event = tuple[dict[str, Any], list[str]]
 
 @dataclasses.dataclass
 class HistoricRun:
-    """A finished benchmark run as the runner stores it."""
+    """A finished benchmark run as the runner stores it (its JSON names).
+
+    Every field but ``id`` may be missing: a missing value is None, and reaches clients as
+    ``null``, never as a made-up 0.
+    """
 
     id: str
     timestamp: Timestamp | None = None
-    git_commit: str = ""
-    git_branch: str = ""
-    test_name: str = ""
-    description: str = ""
-    total_requests: int = 0
-    success_rate: float = 0.0
-    avg_latency_ms: float = 0.0
-    p95_latency_ms: float = 0.0
-    p99_latency_ms: float = 0.0
-    max_latency_ms: float = 0.0
-    overall_error_rate: float = 0.0
-    total_errors: int = 0
-    best_client: str = ""
-    performance_scores: dict[str, float] = dataclasses.field(default_factory=dict)
-    clients: list[str] = dataclasses.field(default_factory=list)
-    methods: list[str] = dataclasses.field(default_factory=list)
-    tags: list[str] = dataclasses.field(default_factory=list)
-    is_baseline: bool = False
+    git_commit: str | None = None
+    git_branch: str | None = None
+    test_name: str | None = None
+    description: str | None = None
+    config_hash: str | None = None
+    result_path: str | None = None
+    duration: str | None = None
+    total_requests: int | None = None
+    success_rate: float | None = None
+    avg_latency: float | None = None
+    p95_latency: float | None = None
+    avg_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+    p99_latency_ms: float | None = None
+    max_latency_ms: float | None = None
+    overall_error_rate: float | None = None
+    total_errors: int | None = None
+    best_client: str | None = None
+    performance_scores: dict[str, float] | None = None
+    clients: list[str] | None = None
+    methods: list[str] | None = None
+    tags: list[str] | None = None
+    is_baseline: bool | None = None
     baseline_name: str | None = None
+    clients_count: int | None = None
+    endpoints_count: int | None = None
+    target_rps: int | None = None
+    start_time: Timestamp | None = None
+    end_time: Timestamp | None = None
+    created_at: Timestamp | None = None
+    notes: str | None = None
+    full_results: Any = None
 
 
 @dataclasses.dataclass
 class Regression:
-    """A performance regression the runner detected against a baseline run."""
+    """A performance regression the runner detected against a baseline run (its JSON
+    names); every field but ``id`` may be missing, as in :class:`HistoricRun`."""
 
     id: str
-    run_id: str = ""
-    baseline_run_id: str = ""
-    client: str = ""
-    metric: str = ""
-    method: str = ""
-    baseline_value: float = 0.0
-    current_value: float = 0.0
-    percent_change: float = 0.0
-    absolute_change: float = 0.0
-    severity: str = ""
-    is_significant: bool = False
+    run_id: str | None = None
+    baseline_run_id: str | None = None
+    client: str | None = None
+    metric: str | None = None
+    method: str | None = None
+    baseline_value: float | None = None
+    current_value: float | None = None
+    percent_change: float | None = None
+    absolute_change: float | None = None
+    severity: str | None = None
+    is_significant: bool | None = None
     p_value: float | None = None
     detected_at: Timestamp | None = None
-    notes: str = ""
+    notes: str | None = None
+    acknowledged_at: Timestamp | None = None
+    acknowledged_by: str | None = None
+
+
+class PayloadError(ValueError):
+    """A runner's record that does not fit its type: an unknown key or a value of the
+    wrong kind.
+
+    Attributes:
+        field: The key at fault, as ``<record>.<key>`` (``run.p95_latency_ms``).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 _Record = TypeVar("_Record", HistoricRun, Regression)
 
+# What each kind of field accepts besides null, and how an error names it.
+_KINDS: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    str: (lambda value: isinstance(value, str), "a string"),
+    float: (
+        lambda value: (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ),
+        "a finite number",
+    ),
+    int: (lambda value: isinstance(value, int) and not isinstance(value, bool), "an integer"),
+    bool: (lambda value: isinstance(value, bool), "true or false"),
+    list[str]: (
+        lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+        "a list of strings",
+    ),
+    dict[str, float]: (
+        lambda value: (
+            isinstance(value, dict) and all(_KINDS[float][0](item) for item in value.values())
+        ),
+        "an object of numbers",
+    ),
+    Timestamp: (lambda value: isinstance(value, str | datetime), "a timestamp string"),
+}
+
+
+def _field_kinds(record_type: type[Any]) -> dict[str, tuple[Callable[[Any], bool], str] | None]:
+    """Each field's check (None: any JSON value), from its annotation ``<kind> | None``."""
+    hints = typing.get_type_hints(record_type)
+    kinds: dict[str, tuple[Callable[[Any], bool], str] | None] = {}
+    for field in dataclasses.fields(record_type):
+        hint = hints[field.name]
+        if field.name == "id" or hint is Any:
+            kinds[field.name] = _KINDS[str] if field.name == "id" else None
+            continue
+        parts = [part for part in typing.get_args(hint) if part is not type(None)]
+        kind: Any = parts[0] if len(parts) == 1 else typing.Union[tuple(parts)]  # noqa: UP007
+        kinds[field.name] = _KINDS[kind]
+    return kinds
+
+
+_FIELDS: dict[type[Any], dict[str, tuple[Callable[[Any], bool], str] | None]] = {
+    HistoricRun: _field_kinds(HistoricRun),
+    Regression: _field_kinds(Regression),
+}
+
 
 def _coerce(record_type: type[_Record], value: _Record | Mapping[str, Any], name: str) -> _Record:
-    """Accept the dataclass itself or a mapping with its JSON keys (unknown keys ignored)."""
+    """The dataclass itself, or one made of a mapping with its JSON keys.
+
+    Raises:
+        TypeError: ``value`` is neither.
+        PayloadError: The mapping has no non-empty string ``id``, a key the record does not
+            have (named, with the closest known key), or a value of the wrong kind.
+    """
     if isinstance(value, record_type):
         return value
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a {record_type.__name__} or a mapping, got {value!r}")
-    if "id" not in value:
-        raise ValueError(f'{name} has no "id"')
-    known = {field.name for field in dataclasses.fields(record_type)}
-    return record_type(**{key: item for key, item in value.items() if key in known})
+    fields = _FIELDS[record_type]
+    if not isinstance(value.get("id"), str) or not value["id"]:
+        raise PayloadError(f"{name}.id", f'{name} needs an "id", a non-empty string')
+    for key, item in value.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PayloadError(
+                f"{name}.{key}",
+                f"{name}.{key} is not a field of the runner's {record_type.__name__}{hint}",
+            )
+        kind = fields[key]
+        if item is not None and kind is not None and not kind[0](item):
+            raise PayloadError(f"{name}.{key}", f"{name}.{key} must be {kind[1]} or null")
+    return record_type(**value)
 
 
 def _topics(message_type: MessageType, run_id: str | None, test_name: str | None) -> list[str]:
@@ -151,6 +250,7 @@ def regression_event(
         "is_significant": regression.is_significant,
         "p_value": regression.p_value,
         "detected_at": regression.detected_at,
+        "test_name": run.test_name,
         "run_info": {
             "test_name": run.test_name,
             "git_commit": run.git_commit,
@@ -269,6 +369,20 @@ def run_failed_event(
         "elapsed_s": elapsed_s,
     }
     return data, _topics(MessageType.RUN_FAILED, run_id, test_name)
+
+
+#: The builder of each runner event, by type. Its parameters are the keys of the event's
+#: ``POST /api/notify/<type>`` body.
+EVENT_BUILDERS: Final[Mapping[str, Callable[..., Event]]] = {
+    MessageType.NEW_RUN: new_run_event,
+    MessageType.REGRESSION_DETECTED: regression_event,
+    MessageType.BASELINE_UPDATED: baseline_updated_event,
+    MessageType.ANALYSIS_COMPLETE: analysis_complete_event,
+    MessageType.RUN_STARTED: run_started_event,
+    MessageType.RUN_PROGRESS: run_progress_event,
+    MessageType.RUN_COMPLETE: run_complete_event,
+    MessageType.RUN_FAILED: run_failed_event,
+}
 
 
 class RunnerNotifications(abc.ABC):

@@ -36,6 +36,8 @@ function h(tag, attributes = {}, ...children) {
 // as a dash rather than "NaN" or "null".
 
 const DASH = "–";
+// A value the runner left out of an event: said so, never shown as 0.
+const NOT_GIVEN = "n/a";
 const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
 const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 const decimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
@@ -235,7 +237,7 @@ const activityList = $("activity");
 let regressionCount = 0;
 
 function signedPercent(value) {
-  if (!isNumber(value)) return DASH;
+  if (!isNumber(value)) return NOT_GIVEN;
   return `${value > 0 ? "+" : ""}${decimal.format(value)}%`;
 }
 
@@ -243,18 +245,19 @@ function onRegression(data, message) {
   const raw = String(data.severity || "").toLowerCase();
   const severity = SEVERITIES.has(raw) ? raw : "unknown";
   const info = data.run_info || {};
+  const test = data.test_name ?? info.test_name;
   const what = data.metric || "regression";
   const change = [
     signedPercent(data.percent_change),
-    isNumber(data.baseline_value) && isNumber(data.current_value)
-      ? `${precise.format(data.baseline_value)} → ${precise.format(data.current_value)}`
-      : null,
+    `${isNumber(data.baseline_value) ? precise.format(data.baseline_value) : NOT_GIVEN} → ${
+      isNumber(data.current_value) ? precise.format(data.current_value) : NOT_GIVEN
+    }`,
   ].filter(Boolean);
   // Labelled, because a method and a test are often both called eth_call.
   const where = [
     data.client && `client ${data.client}`,
     data.method && `method ${data.method}`,
-    info.test_name && `test ${info.test_name}`,
+    test && `test ${test}`,
     data.run_id && `run ${data.run_id}`,
     shortCommit(info.git_commit),
   ]
@@ -267,7 +270,7 @@ function onRegression(data, message) {
       "data-testid": "regression",
       "data-severity": severity,
       "data-run-id": data.run_id ?? null,
-      "data-test": info.test_name ?? null,
+      "data-test": test ?? null,
     },
     h(
       "div",
