@@ -397,7 +397,7 @@ NOTIFICATIONS: list[tuple[str, dict[str, Any], dict[str, Any], str | None]] = [
     (
         "baseline_updated",
         {"baseline_name": "main", "run_id": "r-1", "test_name": "t-1"},
-        {"baseline_name": "main", "run_id": "r-1", "test_name": "t-1"},
+        {"baseline_name": "main", "run_id": "r-1", "test_name": "t-1", "action": "updated"},
         "updated_at",
     ),
     (
@@ -1012,3 +1012,196 @@ async def test_api_with_redis_publishes_through_it_and_answers_503_while_it_is_d
         assert samples[("wshub_backplane_ready", ())] == 1
         assert samples[("wshub_backplane_reconnects_total", ())] == 1
         assert samples[("wshub_backplane_reconnect_attempts_total", ())] >= 1
+
+
+# NethermindEth/json-bench's React dashboard (dashboard/src/types/api.ts): the JSON type of
+# every key it reads from new_run (a HistoricRun), regression_detected (its Regression) and
+# baseline_updated. Optional keys (`?` there) may be absent, never of another type.
+STRING, NUMBER, BOOLEAN, STRINGS = "string", "number", "boolean", "string[]"
+JSON_BENCH_TYPES: dict[str, dict[str, tuple[str, bool]]] = {
+    "new_run": {
+        **{
+            key: (STRING, False)
+            for key in (
+                "id",
+                "timestamp",
+                "git_commit",
+                "git_branch",
+                "test_name",
+                "description",
+                "config_hash",
+                "result_path",
+                "duration",
+                "best_client",
+                "start_time",
+                "end_time",
+                "created_at",
+            )
+        },
+        **{
+            key: (NUMBER, False)
+            for key in (
+                "total_requests",
+                "success_rate",
+                "avg_latency_ms",
+                "p95_latency_ms",
+                "p99_latency_ms",
+                "max_latency_ms",
+                "total_errors",
+                "overall_error_rate",
+                "clients_count",
+                "endpoints_count",
+                "target_rps",
+            )
+        },
+        **{key: (STRINGS, False) for key in ("clients", "methods", "tags")},
+        "is_baseline": (BOOLEAN, False),
+        "baseline_name": (STRING, True),
+        "notes": (STRING, True),
+        "full_results": (STRING, True),
+    },
+    "regression_detected": {
+        "runId": (STRING, False),
+        "baselineId": (STRING, False),
+        "metricName": (STRING, False),
+        "baselineValue": (NUMBER, False),
+        "currentValue": (NUMBER, False),
+        "percentChange": (NUMBER, False),
+        "severity": (STRING, False),
+    },
+    "baseline_updated": {
+        "runId": (STRING, False),
+        "baselineName": (STRING, False),
+        "action": (STRING, False),
+    },
+}
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return BOOLEAN
+    if isinstance(value, int | float):
+        return NUMBER
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return STRINGS
+    return STRING if isinstance(value, str) else type(value).__name__
+
+
+def assert_fits(kind: str, data: dict[str, Any]) -> None:
+    """``data`` has every key json-bench's dashboard reads for ``kind``, each of its type."""
+    for key, (expected, optional) in JSON_BENCH_TYPES[kind].items():
+        if optional and key not in data:
+            continue
+        assert key in data, f"{kind}: the dashboard reads {key}, which is missing"
+        assert json_type(data[key]) == expected, f"{kind}.{key}: {data[key]!r} is not {expected}"
+
+
+STORED_RUN: dict[str, Any] = {
+    "id": "run-42",
+    "timestamp": "2026-12-02T09:30:00Z",
+    "git_commit": "4f2a9c1",
+    "git_branch": "main",
+    "test_name": "eth_call",
+    "description": "nightly",
+    "config_hash": "c0ffee",
+    "result_path": "results/run-42",
+    "duration": "1m0s",
+    "total_requests": 60000,
+    "success_rate": 99.8,
+    "avg_latency_ms": 12.5,
+    "p95_latency_ms": 38.5,
+    "p99_latency_ms": 61.0,
+    "max_latency_ms": 240.0,
+    "total_errors": 120,
+    "overall_error_rate": 0.2,
+    "clients": ["geth", "reth"],
+    "methods": ["eth_call"],
+    "tags": ["nightly"],
+    "is_baseline": False,
+    "best_client": "reth",
+    "clients_count": 2,
+    "endpoints_count": 2,
+    "target_rps": 1000,
+    "start_time": "2026-12-02T09:29:00Z",
+    "end_time": "2026-12-02T09:30:00Z",
+    "created_at": "2026-12-02T09:30:01Z",
+    "full_results": '{"summary": {}}',
+}
+
+
+async def test_json_bench_format_is_what_its_dashboard_reads(api: ApiFactory) -> None:
+    async with api(event_format="json-bench") as running, client(running.ws_url()) as (ws, _):
+        await running.post("/api/notify/new_run", {"run": STORED_RUN})
+        stored = await recv_json(ws)
+        assert stored["type"] == "new_run"
+        assert_fits("new_run", stored["data"])
+        assert {key: stored["data"][key] for key in STORED_RUN} == STORED_RUN
+        severities = {"low": "minor", "medium": "major", "high": "major", "critical": "critical"}
+        for given, shown in severities.items():
+            body = regression_body(severity=given)
+            assert (await running.post("/api/notify/regression_detected", body)).status == 200
+            found = await recv_json(ws)
+            assert_fits("regression_detected", found["data"])
+            assert found["data"] == {
+                "runId": "run-42",
+                "baselineId": "run-30",
+                "metricName": "p95_latency_ms",
+                "baselineValue": 41.2,
+                "currentValue": 48.8,
+                "percentChange": 18.4,
+                "severity": shown,
+            }
+        for action in ("created", "updated", "deleted"):
+            body = {
+                "baseline_name": "main",
+                "run_id": "run-42",
+                "test_name": "t",
+                "action": action,
+            }
+            assert (await running.post("/api/notify/baseline_updated", body)).status == 200
+            moved = await recv_json(ws)
+            assert_fits("baseline_updated", moved["data"])
+            assert moved["data"] == {"runId": "run-42", "baselineName": "main", "action": action}
+        # The other events keep their shape (the dashboard does not read them).
+        failed = {"run_id": "run-43", "test_name": "t", "error": "x"}
+        await running.post("/api/notify/run_failed", failed)
+        assert (await recv_json(ws))["data"]["error"] == "x"
+
+
+def regression_body(**fields: Any) -> dict[str, Any]:
+    return {
+        "regression": {
+            "id": "reg-7",
+            "run_id": "run-42",
+            "baseline_run_id": "run-30",
+            "metric": "p95_latency_ms",
+            "baseline_value": 41.2,
+            "current_value": 48.8,
+            "percent_change": 18.4,
+            "severity": "high",
+            **fields,
+        },
+        "run": {"id": "run-42", "test_name": "eth_call"},
+    }
+
+
+async def test_json_bench_format_refuses_what_its_dashboard_cannot_show(api: ApiFactory) -> None:
+    async with api(event_format="json-bench") as running, client(running.ws_url()) as (ws, _):
+        for body, field in (
+            (regression_body(baseline_value=None), "regression.baseline_value"),
+            (regression_body(metric=""), "regression.metric"),
+            (regression_body(severity="severe"), "regression.severity"),
+        ):
+            reply = await running.post("/api/notify/regression_detected", body)
+            assert (reply.status, reply.body["error"]["field"]) == (400, field), reply.body
+        reply = await running.post(
+            "/api/notify/baseline_updated",
+            {"baseline_name": "b", "run_id": "r", "test_name": "t", "action": "moved"},
+        )
+        assert (reply.status, reply.body["error"]["field"]) == (400, "action")
+        await assert_nothing_published(running, ws)
+
+
+def test_a_bad_event_format_names_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"^event_format must be one of wshub, json-bench"):
+        wshub.HubConfig(event_format="json_bench")

@@ -529,3 +529,38 @@ def test_runner_records_refuse_unknown_keys_and_wrong_kinds_and_keep_missing_one
     assert topics == ["new_run", "run:r", "test:t"]
     # The dataclasses themselves default to None too.
     assert runner.new_run_event(wshub.HistoricRun("r"))[0]["summary"]["total_requests"] is None
+
+
+async def test_notify_methods_speak_the_json_bench_format_when_asked(hub_server: Any) -> None:
+    async with hub_server(event_format="json-bench") as served, client(served.url) as (ws, _):
+        hub = served.hub
+        run = wshub.HistoricRun(id="run-7", test_name="eth_call", p95_latency_ms=3.0)
+        regression = wshub.Regression(
+            id="reg-1",
+            baseline_run_id="run-6",
+            metric="p95_latency_ms",
+            baseline_value=2.5,
+            current_value=3.0,
+            percent_change=20.0,
+            severity="critical",
+        )
+        assert hub.notify_new_run(run) == 1
+        assert hub.notify_regression(regression, run) == 1
+        assert hub.notify_baseline_updated("main", "run-7", "eth_call", "created") == 1
+        stored = (await recv_json(ws))["data"]
+        assert (stored["id"], stored["p95_latency_ms"], stored["total_requests"]) == (
+            "run-7",
+            3.0,
+            None,
+        )
+        assert (await recv_json(ws))["data"] == {
+            "runId": "run-7",
+            "baselineId": "run-6",
+            "metricName": "p95_latency_ms",
+            "baselineValue": 2.5,
+            "currentValue": 3.0,
+            "percentChange": 20.0,
+            "severity": "critical",
+        }
+        baseline = (await recv_json(ws))["data"]
+        assert baseline == {"runId": "run-7", "baselineName": "main", "action": "created"}

@@ -300,32 +300,41 @@ class _Publish(NamedTuple):
 # would publish.
 
 
-def _new_run(body: Mapping[str, Any]) -> _Publish:
+def _new_run(body: Mapping[str, Any], event_format: str) -> _Publish:
     run = _record(body, "run")
-    # run.performance_scores -> data.summary.performance_scores
-    return _Publish(MessageType.NEW_RUN, *runner.new_run_event(run), (("run", run, 1),))
+    # run.performance_scores -> data.summary.performance_scores, or data.performance_scores
+    depth = 0 if event_format == "json-bench" else 1
+    data, topics = runner.new_run_event(run, event_format=event_format)
+    return _Publish(MessageType.NEW_RUN, data, topics, (("run", run, depth),))
 
 
-def _regression_detected(body: Mapping[str, Any]) -> _Publish:
+def _regression_detected(body: Mapping[str, Any], event_format: str) -> _Publish:
     regression = _record(body, "regression")
     run = _record(body, "run")
-    data, topics = runner.regression_event(regression, run)
+    data, topics = runner.regression_event(regression, run, event_format=event_format)
     # The regression's values land in data, the run's in data.run_info.
     suspects = (("regression", regression, 0), ("run", run, 1))
     return _Publish(MessageType.REGRESSION_DETECTED, data, topics, suspects)
 
 
-def _baseline_updated(body: Mapping[str, Any]) -> _Publish:
+def _baseline_updated(body: Mapping[str, Any], event_format: str) -> _Publish:
     baseline_name = _string(body, "baseline_name")
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
+    action = _optional_string(body, "action")
     return _Publish(
         MessageType.BASELINE_UPDATED,
-        *runner.baseline_updated_event(baseline_name, run_id, test_name),
+        *runner.baseline_updated_event(
+            baseline_name,
+            run_id,
+            test_name,
+            action if action is not None else "updated",
+            event_format=event_format,
+        ),
     )
 
 
-def _analysis_complete(body: Mapping[str, Any]) -> _Publish:
+def _analysis_complete(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     if "analysis_results" not in body:
@@ -336,7 +345,7 @@ def _analysis_complete(body: Mapping[str, Any]) -> _Publish:
     return _Publish(MessageType.ANALYSIS_COMPLETE, data, topics, suspects)
 
 
-def _run_started(body: Mapping[str, Any]) -> _Publish:
+def _run_started(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     details: dict[str, Any] = {
@@ -351,7 +360,7 @@ def _run_started(body: Mapping[str, Any]) -> _Publish:
     )
 
 
-def _run_progress(body: Mapping[str, Any]) -> _Publish:
+def _run_progress(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     progress = _number(body, "progress", required=True, maximum=1.0)
@@ -368,7 +377,7 @@ def _run_progress(body: Mapping[str, Any]) -> _Publish:
     )
 
 
-def _run_complete(body: Mapping[str, Any]) -> _Publish:
+def _run_complete(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     details: dict[str, Any] = {
@@ -382,7 +391,7 @@ def _run_complete(body: Mapping[str, Any]) -> _Publish:
     )
 
 
-def _run_failed(body: Mapping[str, Any]) -> _Publish:
+def _run_failed(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     error = _string(body, "error")
@@ -393,7 +402,9 @@ def _run_failed(body: Mapping[str, Any]) -> _Publish:
     )
 
 
-_NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any]], _Publish]]] = {
+# Each takes the body and the hub's event_format; only new_run, regression_detected and
+# baseline_updated have a json-bench shape.
+_NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any], str], _Publish]]] = {
     "new_run": _new_run,
     "regression_detected": _regression_detected,
     "baseline_updated": _baseline_updated,
@@ -406,11 +417,11 @@ _NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any]], _Publish]]] = {
 
 # The keys each body may have: any other is refused, so a misspelt one is an error rather
 # than a value silently missing from every dashboard. A notify body's keys are the
-# parameters of its runner event builder.
+# parameters of its runner event builder but the hub's event_format.
 _BODY_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "publish": frozenset({"type", "data", "topics", "idempotency_key"}),
     **{
-        str(kind): frozenset(inspect.signature(builder).parameters)
+        str(kind): frozenset(inspect.signature(builder).parameters) - {"event_format"}
         for kind, builder in runner.EVENT_BUILDERS.items()
     },
 }
@@ -617,7 +628,7 @@ class _Api:
         _known_keys(body, kind)
         key = _idempotency_key(request, None)
         try:
-            publish = notifier(body)
+            publish = notifier(body, self.hub.event_format)
         except runner.PayloadError as exc:
             raise _bad(exc.field, str(exc)) from None
         return await self._publish(publish._replace(idempotency_key=key))

@@ -14,9 +14,12 @@ from typing import Any
 from .limits import proxy_networks
 from .wire import MAX_TOPIC_LENGTH, topic_problem
 
-__all__ = ["SLOW_CLIENT_POLICIES", "HubConfig"]
+__all__ = ["EVENT_FORMATS", "SLOW_CLIENT_POLICIES", "HubConfig"]
 
 SLOW_CLIENT_POLICIES = ("disconnect", "drop_oldest")
+#: The shapes of the runner's events: this hub's own, or the one NethermindEth/json-bench's
+#: React dashboard reads (see wshub.runner).
+EVENT_FORMATS = ("wshub", "json-bench")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -69,6 +72,10 @@ class HubConfig:
             same Redis form separate groups.
         idempotency_window: Seconds a publish's ``idempotency_key`` is remembered: another
             publish with the same key within it sends nothing and answers the first one's id.
+        event_format: The shape of the runner's ``new_run``, ``regression_detected`` and
+            ``baseline_updated`` events: ``"wshub"`` (the README's table) or
+            ``"json-bench"``, what NethermindEth/json-bench's own dashboard reads (a whole
+            ``HistoricRun``; ``runId``, ``metricName``, ``percentChange``, ...).
         socket_send_buffer: The kernel send buffer of each client's socket (``SO_SNDBUF``),
             in bytes; 0 leaves it to the kernel, which grows it up to ``net.ipv4.tcp_wmem``'s
             maximum (4 MiB by default on Linux) for a client that reads slowly.
@@ -113,6 +120,7 @@ class HubConfig:
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
     idempotency_window: float = 300.0
+    event_format: str = "wshub"
     socket_send_buffer: int = 0
     max_connections_per_ip: int = 0
     file_descriptor_reserve: int = 100
@@ -166,6 +174,11 @@ class HubConfig:
         for name in ("enable_ping_pong", "disconnect_on_error", "log_connection_events"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.event_format not in EVENT_FORMATS:
+            raise ValueError(
+                f"event_format must be one of {', '.join(EVENT_FORMATS)}, "
+                f"got {self.event_format!r}"
+            )
         if self.slow_client_policy not in SLOW_CLIENT_POLICIES:
             raise ValueError(
                 f"slow_client_policy must be one of {', '.join(SLOW_CLIENT_POLICIES)}, "

@@ -157,6 +157,11 @@ class Hub(RunnerNotifications):
         return self._state == "running"
 
     @property
+    def event_format(self) -> str:
+        """The shape of the runner's events this hub publishes (``config.event_format``)."""
+        return self._config.event_format
+
+    @property
     def ready(self) -> bool:
         """True while the hub runs and its backplane, if any, takes publishes."""
         return self._state == "running" and (self._backplane is None or self._backplane.ready)

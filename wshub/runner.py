@@ -206,9 +206,16 @@ def _topics(message_type: MessageType, run_id: str | None, test_name: str | None
     return topics
 
 
-def new_run_event(run: HistoricRun | Mapping[str, Any]) -> Event:
-    """``new_run``: a run finished and was stored."""
+def new_run_event(run: HistoricRun | Mapping[str, Any], *, event_format: str = "wshub") -> Event:
+    """``new_run``: a run finished and was stored; in the json-bench format, the whole run."""
     run = _coerce(HistoricRun, run, "run")
+    topics = _topics(MessageType.NEW_RUN, run.id, run.test_name)
+    if event_format == "json-bench":
+        data = dataclasses.asdict(run)
+        for key in _JSON_BENCH_OPTIONAL:  # absent rather than null, as its type has them
+            if data[key] is None:
+                del data[key]
+        return data, topics
     data = {
         "run_id": run.id,
         "test_name": run.test_name,
@@ -225,16 +232,67 @@ def new_run_event(run: HistoricRun | Mapping[str, Any]) -> Event:
             "performance_scores": run.performance_scores,
         },
     }
-    return data, _topics(MessageType.NEW_RUN, run.id, run.test_name)
+    return data, topics
+
+
+# The keys json-bench's dashboard declares optional (`baseline_name?`): left out when not
+# given. Every other key of a run is there, null when the runner did not give it.
+_JSON_BENCH_OPTIONAL: Final = ("baseline_name", "notes", "full_results")
+
+# The runner grades regressions low to critical; json-bench's dashboard knows three grades.
+_JSON_BENCH_SEVERITY: Final = {
+    "low": "minor",
+    "minor": "minor",
+    "medium": "major",
+    "high": "major",
+    "major": "major",
+    "critical": "critical",
+}
+
+
+def _json_bench_regression(regression: Regression, run_id: str) -> dict[str, Any]:
+    """The dashboard's ``Regression``: every key it reads, or a PayloadError naming the
+    runner's key that is missing (the dashboard formats each one, and would fail on null)."""
+    data: dict[str, Any] = {"runId": run_id}
+    for key, source in (
+        ("baselineId", "baseline_run_id"),
+        ("metricName", "metric"),
+        ("baselineValue", "baseline_value"),
+        ("currentValue", "current_value"),
+        ("percentChange", "percent_change"),
+    ):
+        value = getattr(regression, source)
+        if value is None or value == "":
+            raise PayloadError(
+                f"regression.{source}",
+                f"regression.{source} is required with event_format json-bench: its "
+                f"dashboard shows it as {key}",
+            )
+        data[key] = value
+    severity = _JSON_BENCH_SEVERITY.get(str(regression.severity).lower())
+    if severity is None:
+        raise PayloadError(
+            "regression.severity",
+            "regression.severity must be one of low, medium, high, critical with "
+            f"event_format json-bench, got {regression.severity!r}",
+        )
+    data["severity"] = severity
+    return data
 
 
 def regression_event(
-    regression: Regression | Mapping[str, Any], run: HistoricRun | Mapping[str, Any]
+    regression: Regression | Mapping[str, Any],
+    run: HistoricRun | Mapping[str, Any],
+    *,
+    event_format: str = "wshub",
 ) -> Event:
     """``regression_detected``: ``regression`` was found in ``run``."""
     regression = _coerce(Regression, regression, "regression")
     run = _coerce(HistoricRun, run, "run")
     run_id = regression.run_id or run.id
+    topics = _topics(MessageType.REGRESSION_DETECTED, run_id, run.test_name)
+    if event_format == "json-bench":
+        return _json_bench_regression(regression, run_id), topics
     data = {
         "regression_id": regression.id,
         "run_id": run_id,
@@ -257,18 +315,38 @@ def regression_event(
             "timestamp": run.timestamp,
         },
     }
-    return data, _topics(MessageType.REGRESSION_DETECTED, run_id, run.test_name)
+    return data, topics
 
 
-def baseline_updated_event(baseline_name: str, run_id: str, test_name: str) -> Event:
-    """``baseline_updated``: ``run_id`` became the baseline called ``baseline_name``."""
+#: What can happen to a baseline (``baseline_updated``'s ``action``).
+BASELINE_ACTIONS: Final = ("created", "updated", "deleted")
+
+
+def baseline_updated_event(
+    baseline_name: str,
+    run_id: str,
+    test_name: str,
+    action: str = "updated",
+    *,
+    event_format: str = "wshub",
+) -> Event:
+    """``baseline_updated``: the baseline ``baseline_name`` was created, moved to ``run_id``
+    (``"updated"``) or deleted."""
+    if action not in BASELINE_ACTIONS:
+        raise PayloadError(
+            "action", f"action must be one of {', '.join(BASELINE_ACTIONS)}, got {action!r}"
+        )
+    topics = _topics(MessageType.BASELINE_UPDATED, run_id, test_name)
+    if event_format == "json-bench":
+        return {"runId": run_id, "baselineName": baseline_name, "action": action}, topics
     data = {
         "baseline_name": baseline_name,
         "run_id": run_id,
         "test_name": test_name,
+        "action": action,
         "updated_at": MessageClock.now(),
     }
-    return data, _topics(MessageType.BASELINE_UPDATED, run_id, test_name)
+    return data, topics
 
 
 def analysis_complete_event(run_id: str, test_name: str, analysis_results: Any) -> Event:
@@ -371,8 +449,8 @@ def run_failed_event(
     return data, _topics(MessageType.RUN_FAILED, run_id, test_name)
 
 
-#: The builder of each runner event, by type. Its parameters are the keys of the event's
-#: ``POST /api/notify/<type>`` body.
+#: The builder of each runner event, by type. Its parameters but ``event_format`` are the
+#: keys of the event's ``POST /api/notify/<type>`` body.
 EVENT_BUILDERS: Final[Mapping[str, Callable[..., Event]]] = {
     MessageType.NEW_RUN: new_run_event,
     MessageType.REGRESSION_DETECTED: regression_event,
@@ -395,24 +473,40 @@ class RunnerNotifications(abc.ABC):
     ) -> int:
         """Queue a message for every client subscribed to one of ``topics`` (the hub's)."""
 
+    @property
+    @abc.abstractmethod
+    def event_format(self) -> str:
+        """The hub's ``event_format``: ``"wshub"`` or ``"json-bench"``."""
+
     def _notify(self, message_type: MessageType, event: Event) -> int:
         data, topics = event
         return self.broadcast_to_subscribers(message_type, data, topics)
 
     def notify_new_run(self, run: HistoricRun | Mapping[str, Any]) -> int:
         """Announce a finished, stored run (``new_run``). Returns the recipient count."""
-        return self._notify(MessageType.NEW_RUN, new_run_event(run))
+        return self._notify(
+            MessageType.NEW_RUN, new_run_event(run, event_format=self.event_format)
+        )
 
     def notify_regression(
         self, regression: Regression | Mapping[str, Any], run: HistoricRun | Mapping[str, Any]
     ) -> int:
         """Announce a regression found in ``run`` (``regression_detected``)."""
-        return self._notify(MessageType.REGRESSION_DETECTED, regression_event(regression, run))
-
-    def notify_baseline_updated(self, baseline_name: str, run_id: str, test_name: str) -> int:
-        """Announce that ``run_id`` is now the baseline ``baseline_name``."""
         return self._notify(
-            MessageType.BASELINE_UPDATED, baseline_updated_event(baseline_name, run_id, test_name)
+            MessageType.REGRESSION_DETECTED,
+            regression_event(regression, run, event_format=self.event_format),
+        )
+
+    def notify_baseline_updated(
+        self, baseline_name: str, run_id: str, test_name: str, action: str = "updated"
+    ) -> int:
+        """Announce that the baseline ``baseline_name`` was created, moved to ``run_id``
+        (``"updated"``) or deleted."""
+        return self._notify(
+            MessageType.BASELINE_UPDATED,
+            baseline_updated_event(
+                baseline_name, run_id, test_name, action, event_format=self.event_format
+            ),
         )
 
     def notify_analysis_complete(self, run_id: str, test_name: str, analysis_results: Any) -> int:
