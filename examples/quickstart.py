@@ -1,10 +1,12 @@
 """A hub embedded in an asyncio program, a dashboard client, and one simulated benchmark run.
 
-python examples/quickstart.py            # plays one run, prints what the client saw, exits
-python examples/quickstart.py --serve    # keeps serving ws://127.0.0.1:8765/api/ws
+python examples/quickstart.py                        # plays one run on a free port, exits
+python examples/quickstart.py --serve [--port 8765]  # keeps serving ws://127.0.0.1:8765/api/ws
 """
 
+import argparse
 import asyncio
+import errno
 import json
 import sys
 
@@ -41,15 +43,16 @@ async def play_run(hub: wshub.Hub) -> None:
     )
 
 
-async def main() -> None:
+async def main(serve_forever: bool, port: int) -> None:
     hub = wshub.Hub(wshub.HubConfig(max_clients=10_000))
-    async with wshub.serve(hub, "127.0.0.1", 8765):
-        if "--serve" in sys.argv:
-            print("serving ws://127.0.0.1:8765/api/ws (Ctrl-C stops)")
+    async with wshub.serve(hub, "127.0.0.1", port) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/ws"
+        if serve_forever:
+            print(f"serving {url} (Ctrl-C stops)")
             while True:
                 await play_run(hub)
                 await asyncio.sleep(5)
-        async with connect("ws://127.0.0.1:8765/api/ws?topics=test:eth_call") as dashboard:
+        async with connect(url + "?topics=test:eth_call") as dashboard:
             print(await dashboard.recv())  # the greeting
             await play_run(hub)
             for _ in range(7):
@@ -59,4 +62,20 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="the port to serve on (default: 8765 with --serve, else a free one)",
+    )
+    args = parser.parse_args()
+    port = args.port if args.port is not None else (8765 if args.serve else 0)
+    try:
+        asyncio.run(main(args.serve, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        sys.exit(f"port {port} is taken by another program: choose another with --port N")
+    except KeyboardInterrupt:
+        pass

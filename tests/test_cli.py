@@ -7,14 +7,19 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosedOK
+
+import wshub
 
 from .helpers import client, recv_json, send_json
 
@@ -139,7 +144,7 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             )
             output, _ = await publish.communicate()
             assert publish.returncode == 0
-            assert output.decode().strip() == "queued for 1 clients"
+            assert output.decode().strip() == "queued for 1 client"
             message = await recv_json(ws)
             assert message["type"] == "run_progress"
             assert message["data"] == {"run_id": "r1", "progress": 0.5}
@@ -258,7 +263,7 @@ async def test_unreadable_certificate_stops_start_up(tmp_path: Any) -> None:
     )
     _, error = await process.communicate()
     assert process.returncode == 2
-    assert "certfile/keyfile: cannot load them" in error.decode()
+    assert f"--certfile {missing}: cannot read it" in error.decode()
 
 
 async def test_workers_need_redis() -> None:
@@ -305,3 +310,87 @@ async def test_a_worker_that_dies_stops_the_others_and_fails_the_server() -> Non
     assert "worker 1/2: stopped" in rest
     with pytest.raises(ProcessLookupError):
         os.kill(workers[1], 0)
+
+
+def run_wshub(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wshub", *arguments], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version() -> None:
+    result = run_wshub("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"wshub {wshub.__version__}")
+
+
+def test_help_reads_as_plain_text() -> None:
+    text = run_wshub("serve", "--help").stdout
+    assert ":mod:" not in text and "``" not in text
+    assert "(see wshub.backplane); unset runs this hub alone" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("flag", ["--port", "--api-port"])
+def test_a_port_in_use_is_named_with_its_flag(flag: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        other = "--api-port" if flag == "--port" else "--port"
+        result = run_wshub("serve", "--host", "127.0.0.1", flag, str(port), other, "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"wshub: error: {flag} {port}: 127.0.0.1:{port} is in use by another program; "
+        f"choose another port with {flag} (0 picks a free one)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_a_host_this_machine_does_not_have_is_named() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: documentation only, on no interface.
+    result = run_wshub("serve", "--host", "192.0.2.7", "--port", "0", "--api-port", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "wshub: error: --host 192.0.2.7: no interface of this machine has that address"
+    )
+
+
+def test_tls_files_that_are_not_pem_are_named(tmp_path: Any) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    result = run_wshub("serve", "--certfile", str(cert), "--keyfile", str(key))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"wshub: error: --certfile {cert} / --keyfile {key}: not a PEM certificate and its "
+            "private key"
+        )
+    )
+
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+
+
+def test_the_quickstart_plays_a_run_on_a_free_port() -> None:
+    # Whatever holds 8765 on this machine, the README's first command works.
+    result = subprocess.run(
+        [sys.executable, str(QUICKSTART)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    types = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert "run_complete" in types and "regression_detected" in types, result.stdout
+
+
+def test_the_quickstart_says_which_port_is_taken() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(QUICKSTART), "--serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"port {port} is taken by another program: choose another with --port N\n"
+    )

@@ -26,6 +26,18 @@ async def test_other_paths_get_404(hub_server: Any) -> None:
         assert refused.value.response.status_code == 404
 
 
+async def test_the_public_port_tells_a_client_on_the_wrong_path_the_right_one(
+    lean_server: Any,
+) -> None:
+    async with lean_server() as served:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(served.url.replace("/api/ws", "/ws")):
+                pass
+        response = refused.value.response
+        assert response.status_code == 404
+        assert response.body == b"Not Found: the WebSocket endpoint here is /api/ws\n"
+
+
 async def test_handshakes_past_max_clients_get_503(hub_server: Any) -> None:
     async with hub_server(max_clients=2) as served:
         async with client(served.url), client(served.url):

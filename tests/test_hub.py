@@ -15,7 +15,7 @@ import wshub
 import wshub.clients
 import wshub.runner as runner
 
-from .helpers import client, recv_json, send_json, subscribe
+from .helpers import client, recv_json, send_json, subscribe, wait_until
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -564,3 +564,17 @@ async def test_notify_methods_speak_the_json_bench_format_when_asked(hub_server:
         }
         baseline = (await recv_json(ws))["data"]
         assert baseline == {"runId": "run-7", "baselineName": "main", "action": "created"}
+
+
+async def test_connection_log_lines_read_as_sentences(
+    hub_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with hub_server(log_connection_events=True) as served:
+        async with client(served.url) as (ws, hello):
+            client_id = hello["data"]["client_id"]
+            await ws.close(1000)
+        await wait_until(lambda: served.hub.client_count == 0)
+    text = caplog.text
+    assert re.search(rf"client {client_id} connected from \S+ \(1 client\)", text), text
+    assert f"client {client_id} disconnected (code 1000; 0 clients)" in text, text

@@ -12,11 +12,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import socket
 import ssl
@@ -27,10 +29,11 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._version import __version__
 from .api import NOTIFY_KINDS, start_api
 from .config import HubConfig
 from .hub import Hub
-from .logs import configure_logging
+from .logs import configure_logging, count_of
 from .publisher import UNKNOWN, Publisher, PublishError
 from .settings import (
     HUB_FIELDS,
@@ -83,7 +86,14 @@ def _hub_field_help() -> dict[str, str]:
             helps[current] += " " + stripped
         else:
             current = None
-    return {name: text.replace("``", "") for name, text in helps.items()}
+    return {name: _plain(text) for name, text in helps.items()}
+
+
+def _plain(text: str) -> str:
+    """A docstring's line as a terminal shows it: no reST roles or literals, and what is
+    None in Python is unset on the command line."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text).replace("``", "")
+    return re.sub(r"\bNone\b", "unset", text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="wshub",
         description="A WebSocket fan-out hub for benchmark events.",
     )
+    parser.add_argument("--version", action="version", version=f"wshub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "serve",
@@ -112,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         owner: Any = defaults if name in SERVER_FIELDS else defaults.hub
         default = getattr(owner, name)
         shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = "unset" if shown is None else shown
         flag = "--" + name.replace("_", "-")
         text = f"{helps.get(name, '')} (default: {shown}; env WSHUB_{name.upper()})"
         if kinds[name] == "bool":
@@ -196,19 +208,43 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         print(f"wshub publish: {exc}{unknown}", file=sys.stderr)
         return 1
-    print(f"queued for {count} clients")
+    print(f"queued for {count_of(count, 'client')}")
     return 0
 
 
 def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     if settings.certfile is None or settings.keyfile is None:
         return None
+    for flag, path in (("--certfile", settings.certfile), ("--keyfile", settings.keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(settings.certfile, settings.keyfile)
     except (OSError, ssl.SSLError) as exc:
-        raise SettingsError(f"certfile/keyfile: cannot load them: {exc}") from None
+        raise SettingsError(
+            f"--certfile {settings.certfile} / --keyfile {settings.keyfile}: not a PEM "
+            f"certificate and its private key: {exc}"
+        ) from None
     return context
+
+
+def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> SettingsError:
+    """What to say when a port cannot be bound, naming the flags that choose it."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return SettingsError(
+            f"{flag} {port}: {where} is in use by another program; choose another port with "
+            f"{flag} (0 picks a free one)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        host_flag = "--api-host" if flag == "--api-port" else "--host"
+        return SettingsError(f"{host_flag} {host}: no interface of this machine has that address")
+    reason = exc.strerror or str(exc)
+    return SettingsError(f"{flag} {port}: cannot listen on {where}: {reason}")
 
 
 class Listening(NamedTuple):
@@ -263,24 +299,33 @@ async def run_server(
     context = _ssl_context(settings)
     hub = Hub(settings.hub, logger=logger)
     options: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
-    async with serve(
-        hub,
-        settings.host,
-        settings.port,
-        path=settings.path,
-        ssl=context,
-        dashboard=True,
-        **options,
-    ) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            server = await stack.enter_async_context(
+                serve(
+                    hub,
+                    settings.host,
+                    settings.port,
+                    path=settings.path,
+                    ssl=context,
+                    dashboard=True,
+                    **options,
+                )
+            )
+        except OSError as exc:
+            raise _cannot_listen("--port", settings.host, settings.port, exc) from None
         port = server.sockets[0].getsockname()[1]
-        api = await start_api(
-            hub,
-            settings.api_host,
-            settings.api_port,
-            publish_token=settings.publish_token,
-            allowed_origins=settings.api_allowed_origins,
-            reuse_port=reuse_port,
-        )
+        try:
+            api = await start_api(
+                hub,
+                settings.api_host,
+                settings.api_port,
+                publish_token=settings.publish_token,
+                allowed_origins=settings.api_allowed_origins,
+                reuse_port=reuse_port,
+            )
+        except OSError as exc:
+            raise _cannot_listen("--api-port", settings.api_host, settings.api_port, exc) from None
         scheme, web = ("wss", "https") if context else ("ws", "http")
         listening = Listening(
             f"{scheme}://{settings.host}:{port}{settings.path}",
@@ -294,7 +339,7 @@ async def run_server(
         finally:
             # The API first, so nothing publishes into a hub that is saying goodbye.
             await api.close()
-        logger.info("shutting down: closing %d clients", hub.client_count)
+        logger.info("shutting down: closing %s", count_of(hub.client_count, "client"))
     logger.info("stopped")
 
 

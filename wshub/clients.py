@@ -29,7 +29,7 @@ from .limits import (
     client_address,
     proxy_networks,
 )
-from .logs import RateLimitedLog
+from .logs import RateLimitedLog, count_of
 from .policies import SlowConsumers
 from .resume import PendingReplay, Resumer, answer_recovery
 from .session import ClientTransport, HandshakeRequest
@@ -231,10 +231,10 @@ class Clients:
             self._replay(session, messages)
         if self.config.log_connection_events:
             self.connection_log.info(
-                "client %s connected from %s (%d clients)",
+                "client %s connected from %s (%s)",
                 client_id,
                 session.remote_addr,
-                len(self.sessions),
+                count_of(len(self.sessions), "client"),
             )
         return session
 
@@ -264,11 +264,11 @@ class Clients:
         self.slow.unblocked(client.client_id)
         if self.config.log_connection_events:
             self.connection_log.info(
-                "client %s disconnected (code %s %s; %d clients)",
+                "client %s disconnected (code %s%s; %s)",
                 client.client_id,
-                code,
-                reason or "",
-                len(self.sessions),
+                code if code is not None else "none",
+                f" {reason}" if reason else "",
+                count_of(len(self.sessions), "client"),
             )
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()

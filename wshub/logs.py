@@ -9,9 +9,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "RateLimitedLog", "configure_logging"]
+__all__ = ["JsonFormatter", "RateLimitedLog", "configure_logging", "count_of"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def count_of(count: int, noun: str) -> str:
+    """``"1 client"``, ``"2 clients"``: a count as a log line says it."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class JsonFormatter(logging.Formatter):

@@ -579,7 +579,13 @@ class HubConnection(asyncio.Protocol):
             # A WebSocket upgrade off the endpoint is a 404 whatever the path: a file is
             # answered only to a plain request.
             static = endpoint.static.get(target)
-            if static is None or _is_upgrade(request):
+            if _is_upgrade(request):
+                # A client pointed at the wrong path: one line that tells it the right one.
+                response = protocol.reject(
+                    http.HTTPStatus.NOT_FOUND,
+                    f"Not Found: the WebSocket endpoint here is {endpoint.path}\n",
+                )
+            elif static is None:
                 response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
             elif request.method != "GET":
                 response = protocol.reject(
