@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import redis
 
 from wshub.bench import main
 from wshub.bench.redis_server import RedisServer, free_port
+from wshub.bench.report import warnings as report_warnings
 from wshub.bench.servers import EXTRA_VARIANTS, SOCKETIFY, VARIANTS
 
 # The platforms socketify ships its native library for (the test extra installs it there).
@@ -25,11 +27,25 @@ EXTRAS = [name for name in EXTRA_VARIANTS if name != SOCKETIFY or HAS_SOCKETIFY]
 SMALL = ["--clients", "12", "--repetitions", "1", "--workers", "2", "--sources", "2"]
 
 
-def test_every_variant_delivers_every_message(tmp_path: Path) -> None:
+def refuse_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_every_variant_delivers_every_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     arguments = [*SMALL, "--bursts", "3", "--burst", "10", "--messages", "30"]
     assert main([*arguments, "--json", str(report), "--plot", str(plot)]) == 0
-    summary = json.loads(report.read_text())["summary"]
+    # Figures that cannot be measured (no joined nodes here) are null, never NaN.
+    document = json.loads(report.read_text(), parse_constant=refuse_nan)
+    summary = document["summary"]
+    assert {row["cross_node_p99_vs_single_node"] for row in summary} == {None}
+    output = capsys.readouterr()
+    assert "warning: one repetition per variant" in output.err
+    header = next(line for line in output.out.splitlines() if line.startswith("variant"))
+    titles = re.split(r"\s{2,}", header.strip())
+    assert len(titles) == len(set(titles)) == 12, titles
     assert {(row["workload"], row["variant"]) for row in summary} == {
         (workload, variant) for workload in ("burst", "stream") for variant in VARIANTS
     }
@@ -180,3 +196,32 @@ def test_bad_options_stop_with_a_message(
         main(arguments)
     assert stopped.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_stops_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as stopped:
+        main([*SMALL, "--plot", str(tmp_path / "bench.png")])
+    assert stopped.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_repetitions_that_disagree_are_warned_about() -> None:
+    rows = [
+        {
+            "workload": "burst",
+            "clients": 100,
+            "variant": name,
+            "repetitions": 3,
+            "rate_spread": spread,
+        }
+        for name, spread in (("steady", 0.1), ("noisy", 0.6), ("empty", float("nan")))
+    ]
+    lines = report_warnings(rows)
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "warning: noisy (burst, 100 clients): its 3 repetitions disagree by 60%"
+    )
+    assert "a round delivered nothing" in lines[1]

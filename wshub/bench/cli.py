@@ -13,7 +13,7 @@ from pathlib import Path
 from wshub.config import REDIS_URL_SCHEMES
 
 from .redis_server import RedisUnavailable, find_redis_server
-from .report import summarize, table, write_json, write_plot
+from .report import summarize, table, warnings, write_json, write_plot
 from .runner import Plan, Runner
 from .servers import (
     ALL_VARIANTS,
@@ -157,6 +157,9 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         parser.error("--slow must be a fraction from 0 to below 1")
     if args.rate < 0 or args.duration <= 0 or args.timeout <= 0 or args.topics < 0:
         parser.error("--rate, --duration, --timeout and --topics must not be negative")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Before the run, not after minutes of it.
+        parser.error("--plot needs matplotlib: pip install 'wshub[plot]'")
     if args.flush_interval < 0:
         parser.error("--flush-interval must not be negative")
     if args.sources > 250:
@@ -248,9 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("\r\033[K")
     rows = summarize(rounds)
     print(table(rows))
+    for line in warnings(rows):
+        print(line, file=sys.stderr)
     print(
-        "\nmsg/s: deliveries per second to reading clients; x bcast: paired ratio to "
-        "websockets.broadcast (medians over repetitions); CPU us/msg: server CPU per "
+        "\nmsg/s: deliveries per second to reading clients; rate x bc, CPU x bc: paired "
+        "ratios to websockets.broadcast (medians over repetitions); CPU us/msg: server CPU per "
         "delivered message; latency: publish to receipt of the oldest message in each chunk "
         "a client reads; KiB/conn: server RSS growth per connected client; lost: messages "
         "reading clients did not receive; 4008s: slow-consumer disconnects."
@@ -259,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"\n{plan.nodes} nodes: {plan.nodes} {SINGLE_NODE} hub processes joined by one Redis "
             "stream, clients spread evenly, every message published on node 0; cross-node "
-            "p99: latency of the clients on the other nodes only; x 1 node: paired ratio to "
+            "p99: latency of the clients on the other nodes only; rate x 1, p99 x 1: paired "
+            "ratios to "
             f"{SINGLE_NODE} alone in the same run. Their CPU us/msg counts every node"
             + (" and Redis." if plan.redis_url is None else " (not the given Redis).")
         )

@@ -16,9 +16,12 @@ from wshub.redis_backplane import redact_url
 from .runner import RoundResult, median, percentile
 from .servers import BASELINE, SINGLE_NODE
 
-__all__ = ["summarize", "table", "write_json", "write_plot"]
+__all__ = ["SPREAD", "summarize", "table", "warnings", "write_json", "write_plot"]
 
 NAN = float("nan")
+#: Largest spread of one variant's rates over its repetitions (fastest over slowest, minus
+#: one) that its median is quoted without a warning.
+SPREAD = 0.25
 
 
 def _paired_rate_ratios(rounds: list[RoundResult], against: list[RoundResult]) -> list[float]:
@@ -70,6 +73,9 @@ def summarize(results: Iterable[RoundResult]) -> list[dict[str, Any]]:
                 "slow_consumer_disconnects": sum(r.slow_consumer_disconnects for r in rounds),
                 "timed_out_rounds": sum(r.timed_out for r in rounds),
                 "repetitions": len(rounds),
+                "rate_spread": max(r.rate for r in rounds) / min(r.rate for r in rounds) - 1
+                if min(r.rate for r in rounds) > 0
+                else NAN,
                 "nodes": rounds[0].nodes,
                 "latency_p99_cross_node_ms": cross_node_p99,
                 "rate_vs_single_node": median(_paired_rate_ratios(rounds, single_node)),
@@ -89,6 +95,27 @@ def summarize(results: Iterable[RoundResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """What makes a table's figures shaky: one repetition, or repetitions that disagree by
+    more than :data:`SPREAD`."""
+    lines = []
+    if any(row["repetitions"] == 1 for row in rows):
+        lines.append(
+            "warning: one repetition per variant: no median, and noise shows in every ratio; "
+            "use --repetitions 3 or more for figures to quote"
+        )
+    for row in rows:
+        spread = row["rate_spread"]
+        if row["repetitions"] > 1 and (math.isnan(spread) or spread > SPREAD):
+            shown = "a round delivered nothing" if math.isnan(spread) else f"{spread:.0%}"
+            lines.append(
+                f"warning: {row['variant']} ({row['workload']}, {row['clients']:,} clients): "
+                f"its {row['repetitions']} repetitions disagree by {shown} (fastest over "
+                f"slowest; more than {SPREAD:.0%}); the machine may be busy"
+            )
+    return lines
+
+
 def _number(value: float, digits: int = 1) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "-"
@@ -98,7 +125,7 @@ def _number(value: float, digits: int = 1) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The final table, one block per workload and client count."""
     header = (
-        f"{'variant':<22}{'msg/s':>12}{'x bcast':>9}{'CPU us/msg':>12}{'x bcast':>9}"
+        f"{'variant':<22}{'msg/s':>12}{'rate x bc':>11}{'CPU us/msg':>12}{'CPU x bc':>10}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'KiB/conn':>10}{'lost':>8}{'drops':>8}"
         f"{'4008s':>7}"
     )
@@ -111,9 +138,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             lost = row["expected"] - row["delivered"]
             lines.append(
                 f"{row['variant']:<22}{_number(row['delivered_per_s'], 0):>12}"
-                f"{_number(row['rate_vs_broadcast'], 2):>9}"
+                f"{_number(row['rate_vs_broadcast'], 2):>11}"
                 f"{_number(row['cpu_us_per_message'], 2):>12}"
-                f"{_number(row['cpu_vs_broadcast'], 3):>9}"
+                f"{_number(row['cpu_vs_broadcast'], 3):>10}"
                 f"{_number(row['latency_p50_ms']):>9}{_number(row['latency_p99_ms']):>9}"
                 f"{_number(row['latency_max_ms']):>9}"
                 f"{_number(row['rss_kib_per_connection']):>10}{lost:>8,}{row['drops']:>8,}"
@@ -129,8 +156,8 @@ def _nodes_table(rows: list[dict[str, Any]]) -> list[str]:
     if not joined:
         return []
     header = (
-        f"{'workload, clients':<22}{'variant':<24}{'msg/s':>12}{'x 1 node':>10}"
-        f"{'p99 ms':>9}{'cross-node p99 ms':>19}{'x 1 node':>10}{'lost':>8}"
+        f"{'workload, clients':<22}{'variant':<24}{'msg/s':>12}{'rate x 1':>10}"
+        f"{'p99 ms':>9}{'cross-node p99 ms':>19}{'p99 x 1':>10}{'lost':>8}"
     )
     lines = ["", f"joined over Redis, against one {SINGLE_NODE} node", header, "-" * len(header)]
 
@@ -196,7 +223,18 @@ def write_json(
             for r in rounds
         ],
     }
-    path.write_text(json.dumps(document, indent=2, allow_nan=True))
+    # JSON has no NaN: a figure that could not be measured is null.
+    path.write_text(json.dumps(_without_nan(document), indent=2, allow_nan=False))
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(item) for item in value]
+    return value
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -214,8 +252,25 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
     figure, axes = plt.subplots(
         1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False
     )
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
     for axis, workload in zip(axes[0], workloads, strict=True):
-        for variant in dict.fromkeys(row["variant"] for row in rows):
+        counts = sorted({row["clients"] for row in rows if row["workload"] == workload})
+        if len(counts) == 1:
+            # One client count: a line would be a lone dot per variant; bars with their value.
+            here = {
+                row["variant"]: row["delivered_per_s"]
+                for row in rows
+                if row["workload"] == workload and not math.isnan(row["delivered_per_s"])
+            }
+            names = [variant for variant in variants if variant in here]
+            bars = axis.bar(names, [here[name] for name in names])
+            axis.bar_label(bars, labels=[f"{here[name]:,.0f}" for name in names], fontsize="small")
+            axis.set_title(f"{workload}, {counts[0]:,} clients")
+            axis.set_ylabel("delivered messages/s")
+            axis.tick_params(axis="x", labelrotation=30)
+            axis.grid(True, axis="y", alpha=0.3)
+            continue
+        for variant in variants:
             points = sorted(
                 (row["clients"], row["delivered_per_s"])
                 for row in rows
