@@ -365,3 +365,32 @@ def _exercise(page: Page) -> None:
         expect(page.locator('[data-run-id="r-218"]')).to_be_visible()
         restarted.notify("run_started", run("r-231", "eth_getBalance"))
         expect(page.locator('[data-run-id="r-231"]')).to_be_visible()
+
+
+def test_the_dashboard_reads_the_json_bench_event_format() -> None:
+    from playwright.sync_api import expect
+
+    with dashboard_page() as page, hub_process(extra=["--event-format", "json-bench"]) as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        run = {
+            "id": "run-42",
+            "test_name": "eth_call",
+            "total_requests": 60_000,
+            "p95_latency_ms": 38.5,
+            "best_client": "reth",
+        }
+        hub.notify("new_run", {"run": run})
+        stored = page.get_by_test_id("new-run")
+        expect(stored).to_contain_text("run run-42")
+        expect(stored).to_contain_text("p95 38.5 ms")
+        hub.notify("regression_detected", regression("g-7", "run-42", "eth_call", "high"))
+        item = page.locator('[data-testid="regression"][data-run-id="run-42"]')
+        expect(item).to_have_attribute("data-severity", "high")  # json-bench's "major"
+        expect(item.get_by_test_id("regression-severity")).to_have_text("major")
+        expect(item.get_by_test_id("regression-change")).to_contain_text("+18.4%")
+        expect(item).to_contain_text("p95_latency_ms")
+        body = {"baseline_name": "main", "run_id": "run-42", "test_name": "eth_call"}
+        hub.notify("baseline_updated", body)
+        expect(page.get_by_test_id("baseline")).to_contain_text("Baseline “main” updated")
+        expect(page.get_by_test_id("baseline")).to_contain_text("now run run-42")

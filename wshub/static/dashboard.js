@@ -13,6 +13,8 @@ const MAX_FEED_ITEMS = 50;
 // The message rate is an average over this many milliseconds.
 const RATE_WINDOW_MS = 5000;
 const SEVERITIES = new Set(["critical", "high", "medium", "low"]);
+// A hub with event_format "json-bench" grades regressions in json-bench's three words.
+const SEVERITY_COLOURS = { major: "high", minor: "low" };
 
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 
@@ -241,9 +243,19 @@ function signedPercent(value) {
   return `${value > 0 ? "+" : ""}${decimal.format(value)}%`;
 }
 
-function onRegression(data, message) {
+function onRegression(event, message) {
+  // Both event formats: the hub's own, or json-bench's camelCase Regression.
+  const data = {
+    ...event,
+    run_id: event.run_id ?? event.runId,
+    metric: event.metric ?? event.metricName,
+    percent_change: event.percent_change ?? event.percentChange,
+    baseline_value: event.baseline_value ?? event.baselineValue,
+    current_value: event.current_value ?? event.currentValue,
+  };
   const raw = String(data.severity || "").toLowerCase();
-  const severity = SEVERITIES.has(raw) ? raw : "unknown";
+  const graded = SEVERITY_COLOURS[raw] ?? raw;
+  const severity = SEVERITIES.has(graded) ? graded : "unknown";
   const info = data.run_info || {};
   const test = data.test_name ?? info.test_name;
   const what = data.metric || "regression";
@@ -315,8 +327,10 @@ function addActivity(kind, testid, title, detail, data, timestamp, extra = null)
   $("activity-empty").hidden = true;
 }
 
-function onNewRun(data, message) {
-  const summary = data.summary || {};
+function onNewRun(event, message) {
+  // json-bench's format sends the whole run, its figures at the top and its id as id.
+  const data = { ...event, run_id: event.run_id ?? event.id };
+  const summary = event.summary || event;
   const detail = [
     data.test_name,
     `run ${data.run_id}`,
@@ -331,7 +345,12 @@ function onNewRun(data, message) {
   addActivity("stored", "new-run", "Run stored", detail, data, data.timestamp || message.timestamp);
 }
 
-function onBaselineUpdated(data, message) {
+function onBaselineUpdated(event, message) {
+  const data = {
+    ...event,
+    baseline_name: event.baseline_name ?? event.baselineName,
+    run_id: event.run_id ?? event.runId,
+  };
   addActivity(
     "baseline",
     "baseline",
