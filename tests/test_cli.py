@@ -125,97 +125,55 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
         data = tmp_path / "run.json"
         data.write_text('{"run_id": "r1", "progress": 0.5}')
         async with client(f"ws://127.0.0.1:{port}/api/ws?topics=run:r1") as (ws, _):
-            publish = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "wshub",
-                "publish",
-                "--url",
-                url,
-                "--type",
-                "run_progress",
-                "--data",
-                f"@{data}",
-                "--topics",
-                "run:r1",
-                "--token",
-                "s3cret",
-                stdout=asyncio.subprocess.PIPE,
+            status, output, _ = await wshub_publish(
+                url, "--type", "run_progress", "--data", f"@{data}", "--topics", "run:r1"
             )
-            output, _ = await publish.communicate()
-            assert publish.returncode == 0
-            assert output.decode().strip() == "queued for 1 client"
+            assert status == 0
+            assert output.strip() == "queued for 1 client"
             message = await recv_json(ws)
             assert message["type"] == "run_progress"
             assert message["data"] == {"run_id": "r1", "progress": 0.5}
 
             # With a key, running the command twice publishes once.
             for _ in range(2):
-                keyed = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "wshub",
-                    "publish",
-                    "--url",
-                    url,
-                    "--type",
-                    "deploy",
-                    "--idempotency-key",
-                    "deploy-1",
-                    "--retry-for",
-                    "5",
-                    "--token",
-                    "s3cret",
-                    stdout=asyncio.subprocess.DEVNULL,
-                )
-                assert await keyed.wait() == 0
+                keyed = ("--type", "deploy", "--idempotency-key", "deploy-1", "--retry-for", "5")
+                assert (await wshub_publish(url, *keyed))[0] == 0
             await send_json(ws, {"type": "ping"})
             assert [(await recv_json(ws))["type"] for _ in range(2)] == ["deploy", "pong"]
 
             # --notify: the runner's events, checked as the API checks them.
-            async def notify(body: str) -> tuple[int, str]:
-                command = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "wshub",
-                    "publish",
-                    "--url",
-                    url,
-                    "--token",
-                    "s3cret",
-                    "--notify",
-                    "run_failed",
-                    "--data",
-                    body,
-                    stderr=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.DEVNULL,
-                )
-                _, errors = await command.communicate()
-                assert command.returncode is not None
-                return command.returncode, errors.decode()
-
-            status, complaint = await notify('{"run_id": "r1", "test_name": "t", "eror": "x"}')
+            notify = ("--notify", "run_failed", "--data")
+            bad = '{"run_id": "r1", "test_name": "t", "eror": "x"}'
+            status, _, complaint = await wshub_publish(url, *notify, bad)
             assert status == 1 and "did you mean 'error'?" in complaint, complaint
-            assert await notify('{"run_id": "r1", "test_name": "t", "error": "x"}') == (0, "")
+            good = '{"run_id": "r1", "test_name": "t", "error": "x"}'
+            assert (await wshub_publish(url, *notify, good))[::2] == (0, "")
             failed = await recv_json(ws)
             assert (failed["type"], failed["data"]["error"]) == ("run_failed", "x")
 
-            refused = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "wshub",
-                "publish",
-                "--url",
-                url,
-                "--type",
-                "x",
-                "--token",
-                "wrong",
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, error = await refused.communicate()
-            assert refused.returncode == 1
-            assert "(401)" in error.decode()
+            status, _, error = await wshub_publish(url, "--type", "x", token="wrong")
+            assert status == 1
+            assert "(401)" in error
+
+
+async def wshub_publish(url: str, *arguments: str, token: str = "s3cret") -> tuple[int, str, str]:
+    """``wshub publish --url url --token token *arguments``: its status, stdout and stderr."""
+    command = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "wshub",
+        "publish",
+        "--url",
+        url,
+        "--token",
+        token,
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    output, errors = await command.communicate()
+    assert command.returncode is not None
+    return command.returncode, output.decode(), errors.decode()
 
 
 async def test_the_publish_token_from_a_file_is_not_warned_about(tmp_path: Any) -> None:
