@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import hmac
 import inspect
 import logging
@@ -47,6 +46,7 @@ from .wire import (
     MessageTooLarge,
     MessageType,
     check_message_type,
+    did_you_mean,
     shown,
     topic_problem,
 )
@@ -432,9 +432,7 @@ def _known_keys(body: Mapping[str, Any], endpoint: str) -> None:
     allowed = _BODY_KEYS[endpoint]
     for key in body:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _bad(key, f"{key} is not a key of this body{hint}")
+            raise _bad(key, f"{key} is not a key of this body{did_you_mean(key, allowed)}")
 
 
 NOTIFY_KINDS: Final = tuple(_NOTIFIERS)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
-from .wire import MessageClock, MessageType
+from .wire import MessageClock, MessageType, did_you_mean
 
 __all__ = [
     "EVENT_BUILDERS",
@@ -185,11 +184,10 @@ def _coerce(record_type: type[_Record], value: _Record | Mapping[str, Any], name
         raise PayloadError(f"{name}.id", f'{name} needs an "id", a non-empty string')
     for key, item in value.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise PayloadError(
                 f"{name}.{key}",
-                f"{name}.{key} is not a field of the runner's {record_type.__name__}{hint}",
+                f"{name}.{key} is not a field of the runner's {record_type.__name__}"
+                + did_you_mean(str(key), fields),
             )
         kind = fields[key]
         if item is not None and kind is not None and not kind[0](item):

@@ -11,6 +11,7 @@ it in full. Clients send ``subscribe``, ``unsubscribe``, ``ping`` and ``pong``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import re
 import time
@@ -30,6 +31,7 @@ __all__ = [
     "ProtocolError",
     "check_envelope_size",
     "check_message_type",
+    "did_you_mean",
     "parse_client_message",
     "parse_message_id",
     "parse_topics",
@@ -95,6 +97,13 @@ CLIENT_MESSAGE_TYPES = frozenset(
 SHOWN_STRING = 64
 SHOWN_ITEMS = 10
 SHOWN_DEPTH = 3
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to a misspelt ``word``, or ``""``:
+    the tail of an error that names an unknown key."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def shown(value: Any, depth: int = 0) -> Any:
