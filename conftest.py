@@ -26,6 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="test only the pure-Python fan-out core (the compiled one is not built)",
     )
+    parser.addoption(
+        "--skip-missing-tools",
+        action="store_true",
+        help="skip, instead of failing, the tests whose Node, Chromium or Redis cannot be had",
+    )
 
 
 def pytest_asyncio_loop_factories(

