@@ -341,6 +341,19 @@ test("without pings a quiet hub looks dead after deadAfter", HUB, async (t) => {
   await nextStatus(client, "open");
 });
 
+test("reconnectNow() makes the scheduled attempt at once", HUB, async (t) => {
+  // A ten-minute backoff: only reconnectNow() can bring the client back within the test.
+  const client = makeClient(t, WS_URL, { pingInterval: 0, deadAfter: 300, minDelay: 600_000, jitter: 0 });
+  await connected(client);
+  assert.equal(client.reconnectNow(), client, "nothing scheduled while open: a no-op");
+  assert.equal(client.status, "open");
+  const { detail } = await nextStatus(client, "reconnecting");
+  assert.equal(detail.delay, 600_000);
+  const reopened = nextStatus(client, "open");
+  client.reconnectNow();
+  await reopened;
+});
+
 test("close() closes with 1000 and stops", HUB, async (t) => {
   const client = makeClient(t, WS_URL);
   await connected(client);

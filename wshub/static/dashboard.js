@@ -12,6 +12,14 @@ const MAX_FINISHED_RUNS = 30;
 const MAX_FEED_ITEMS = 50;
 // The message rate is an average over this many milliseconds.
 const RATE_WINDOW_MS = 5000;
+// A run's error rate above this shows in red, while it runs and once it is finished.
+const ERROR_WARN = 0.01;
+// A running run with no event for this long is marked stale (the runner may have died
+// without a run_failed) and no longer counted as running; its next event revives it.
+const STALE_AFTER_MS = 60_000;
+const STALE_CHECK_MS = 5000;
+// Whether this browser should raise a notification for each alert (set by the Alerts button).
+const ALERTS_KEY = "wshub.alerts";
 const SEVERITIES = new Set(["critical", "high", "medium", "low"]);
 // A hub with event_format "json-bench" grades regressions in json-bench's three words.
 const SEVERITY_COLOURS = { major: "high", minor: "low" };
@@ -82,7 +90,7 @@ function trim(list, limit) {
 // Runs in progress
 
 const runsList = $("runs");
-const runs = new Map(); // run_id -> {row, state, test}
+const runs = new Map(); // run_id -> {row, state, test, planned, updated}
 
 function runRow(runId, testName) {
   const bar = h("div", { class: "bar__fill" });
@@ -140,7 +148,13 @@ function getRun(data) {
   let run = runs.get(runId);
   if (!run) {
     // A run may be first seen mid-way (the page opened during it): make its row then.
-    run = { row: runRow(runId, data.test_name), state: "running", test: data.test_name, planned: null };
+    run = {
+      row: runRow(runId, data.test_name),
+      state: "running",
+      test: data.test_name,
+      planned: null,
+      updated: Date.now(),
+    };
     runs.set(runId, run);
     runsList.prepend(run.row);
     applyFilterTo(run.row);
@@ -159,16 +173,42 @@ function setProgress(run, ratio) {
   field(run, "run-percent").textContent = `${decimal.format(value)}%`;
 }
 
+const isFinished = (run) => run.state === "complete" || run.state === "failed";
+
 function setState(run, state, label) {
   run.state = state;
   run.row.dataset.state = state;
   field(run, "run-state").textContent = label;
   updateRunCount();
-  if (state !== "running") dropOldFinishedRuns();
+  if (isFinished(run)) dropOldFinishedRuns();
+}
+
+/** The run's error rate, red above ERROR_WARN: recomputed on every figure, the final one too. */
+function showErrors(run, ratio) {
+  const errors = field(run, "run-errors");
+  errors.textContent = percent(ratio, 2);
+  errors.classList.toggle("warn", isNumber(ratio) && ratio > ERROR_WARN);
+}
+
+/** An event of the run arrived: it is alive, and not stale if it was. */
+function touch(run) {
+  run.updated = Date.now();
+  if (run.state === "stale") setState(run, "running", "running");
+}
+
+function markStaleRuns() {
+  const now = Date.now();
+  for (const run of runs.values()) {
+    if (run.state === "running" && now - run.updated > STALE_AFTER_MS) {
+      setState(run, "stale", "no updates");
+      field(run, "run-state").title = `No event for over ${duration(STALE_AFTER_MS / 1000)}`;
+    }
+  }
 }
 
 function onRunStarted(data) {
   const run = getRun(data);
+  run.updated = Date.now();
   run.planned = isNumber(data.planned_requests) ? data.planned_requests : null;
   const meta = [];
   if (data.git_branch) meta.push(data.git_branch);
@@ -183,13 +223,13 @@ function onRunStarted(data) {
 
 function onRunProgress(data) {
   const run = getRun(data);
-  if (run.state !== "running") return; // a late progress must not reopen a finished run
+  if (isFinished(run)) return; // a late progress must not reopen a finished run
+  touch(run);
   setProgress(run, data.progress);
   field(run, "run-requests").textContent =
     run.planned !== null ? `${count(data.requests_done)} / ${count(run.planned)}` : count(data.requests_done);
   field(run, "run-rps").textContent = isNumber(data.current_rps) ? `${decimal.format(data.current_rps)}/s` : DASH;
-  field(run, "run-errors").textContent = percent(data.error_rate, 2);
-  field(run, "run-errors").classList.toggle("warn", isNumber(data.error_rate) && data.error_rate > 0.01);
+  showErrors(run, data.error_rate);
   field(run, "run-elapsed").textContent = duration(data.elapsed_s);
 }
 
@@ -197,7 +237,7 @@ function onRunComplete(data) {
   const run = getRun(data);
   setProgress(run, 1);
   if (isNumber(data.total_requests)) field(run, "run-requests").textContent = count(data.total_requests);
-  if (isNumber(data.error_rate)) field(run, "run-errors").textContent = percent(data.error_rate, 2);
+  if (isNumber(data.error_rate)) showErrors(run, data.error_rate);
   if (isNumber(data.duration_s)) field(run, "run-elapsed").textContent = duration(data.duration_s);
   field(run, "run-rps").textContent =
     isNumber(data.total_requests) && isNumber(data.duration_s) && data.duration_s > 0
@@ -213,17 +253,26 @@ function onRunFailed(data) {
   error.textContent = data.error ? String(data.error) : "failed";
   error.hidden = false;
   setState(run, "failed", "failed");
+  raiseAlert(
+    `Run failed: ${run.test || "(unnamed test)"}`,
+    [`run ${data.run_id}`, data.error ? String(data.error) : null].filter(Boolean).join(" · "),
+    `run-failed:${data.run_id}`,
+  );
 }
 
 function updateRunCount() {
   let running = 0;
-  for (const run of runs.values()) if (run.state === "running") running += 1;
-  $("runs-count").textContent = `${running} running`;
+  let stale = 0;
+  for (const run of runs.values()) {
+    if (run.state === "running") running += 1;
+    else if (run.state === "stale") stale += 1;
+  }
+  $("runs-count").textContent = stale ? `${running} running · ${stale} stale` : `${running} running`;
   $("runs-empty").hidden = runs.size > 0;
 }
 
 function dropOldFinishedRuns() {
-  const finished = [...runs].filter(([, run]) => run.state !== "running");
+  const finished = [...runs].filter(([, run]) => isFinished(run));
   // The Map keeps insertion order, oldest first.
   for (const [runId, run] of finished.slice(0, Math.max(0, finished.length - MAX_FINISHED_RUNS))) {
     run.row.remove();
@@ -305,7 +354,88 @@ function onRegression(event, message) {
   regressionCount += 1;
   $("regressions-count").textContent = String(regressionCount);
   $("regressions-empty").hidden = true;
+  if (severity === "critical") {
+    raiseAlert(`Critical regression: ${what} ${signedPercent(data.percent_change)}`, where, `regression:${data.id ?? ""}`);
+  }
 }
+
+// ---------------------------------------------------------------------------------------
+// Alerts: critical regressions and failed runs. The title counts those that arrived since
+// the person last came back to or touched the page; a browser notification is opt-in.
+
+const alertsButton = $("alerts");
+const pageTitle = document.title;
+let unseenAlerts = 0;
+
+function storedAlerts() {
+  try {
+    return localStorage.getItem(ALERTS_KEY) === "on";
+  } catch {
+    return false; // storage refused (private mode, file: pages): alerts stay off
+  }
+}
+
+function storeAlerts(on) {
+  try {
+    localStorage.setItem(ALERTS_KEY, on ? "on" : "off");
+  } catch {
+    // kept for this page only
+  }
+}
+
+let alertsWanted = storedAlerts();
+const canNotify = () => "Notification" in window && Notification.permission === "granted";
+
+function showAlertsButton() {
+  if (!("Notification" in window)) {
+    alertsButton.textContent = "Alerts unsupported";
+    alertsButton.disabled = true;
+    alertsButton.title = "This browser cannot show notifications";
+    return;
+  }
+  const on = alertsWanted && canNotify();
+  alertsButton.setAttribute("aria-pressed", String(on));
+  if (Notification.permission === "denied") {
+    alertsButton.textContent = "Alerts blocked";
+    alertsButton.title = "The browser refuses notifications for this page: allow them in its site settings";
+  } else {
+    alertsButton.textContent = on ? "Alerts on" : "Alerts off";
+    alertsButton.title = "Notify me of critical regressions and failed runs";
+  }
+}
+
+alertsButton.addEventListener("click", async () => {
+  if (alertsWanted && canNotify()) {
+    alertsWanted = false;
+  } else {
+    const permission = await Notification.requestPermission();
+    alertsWanted = permission === "granted";
+  }
+  storeAlerts(alertsWanted);
+  showAlertsButton();
+});
+
+function raiseAlert(title, body, tag) {
+  unseenAlerts += 1;
+  document.title = `(${unseenAlerts}) ${pageTitle}`;
+  if (alertsWanted && canNotify()) {
+    const notification = new Notification(title, { body, tag });
+    notification.addEventListener("click", () => window.focus());
+  }
+}
+
+function alertsSeen() {
+  if (unseenAlerts === 0) return;
+  unseenAlerts = 0;
+  document.title = pageTitle;
+}
+
+window.addEventListener("focus", alertsSeen);
+document.addEventListener("pointerdown", alertsSeen);
+document.addEventListener("keydown", alertsSeen);
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") alertsSeen();
+});
 
 function addActivity(kind, testid, title, detail, data, timestamp, extra = null) {
   const item = h(
@@ -393,6 +523,7 @@ function onAnalysisComplete(data, message) {
 // Connection status and message rate
 
 const statusBox = $("status");
+const reconnectButton = $("reconnect-now");
 const statusText = $("status-text");
 let countdown = null;
 let retrying = null; // the attempt number while reconnecting, until the connection opens
@@ -404,6 +535,10 @@ function showStatus(status, detail) {
   // that is still reconnecting, and the countdown must not flicker back to "Connecting".
   const shown = status === "connecting" && retrying !== null ? "reconnecting" : status;
   statusBox.dataset.status = shown;
+  // While away from the hub, what the page shows may be out of date: it dims (CSS), and a
+  // person need not wait out the backoff to try again.
+  document.body.dataset.connection = shown;
+  reconnectButton.hidden = status !== "reconnecting";
   if (status === "open") {
     retrying = null;
     statusText.textContent = "Live";
@@ -460,6 +595,8 @@ function showGap(data) {
     `${count} were lost on the way to this page; reload it to see everything current.`;
   resumeNotice.hidden = false;
 }
+
+reconnectButton.addEventListener("click", () => client.reconnectNow());
 
 $("resume-notice-dismiss").addEventListener("click", () => {
   resumeNotice.hidden = true;
@@ -556,6 +693,8 @@ clearButton.addEventListener("click", () => {
 });
 
 setInterval(showRate, 500);
+setInterval(markStaleRuns, STALE_CHECK_MS);
+showAlertsButton();
 showTopics();
 updateRunCount();
 client.connect();

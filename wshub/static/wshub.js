@@ -263,6 +263,19 @@ export class WshubClient {
   }
 
   /**
+   * While waiting to reconnect, make the next attempt now instead of when its delay ends (a
+   * person pressing "reconnect now"). The backoff goes on counting: should this attempt fail
+   * too, the next delay is the one after it. Does nothing unless a reconnection is scheduled.
+   * @returns {this}
+   */
+  reconnectNow() {
+    if (!this._active || this._retryTimer === null) return this;
+    this._clearRetry();
+    this._open();
+    return this;
+  }
+
+  /**
    * Add topics. The local set changes at once (and is what the next reconnect asks for);
    * while open, a `subscribe` message is sent.
    * @param {string | Iterable<string>} topics
