@@ -513,6 +513,14 @@ async def test_notify_reaches_subscribers_of_its_type_run_and_test(
         assert (await recv_json(other))["type"] == "marker"
 
 
+async def test_a_run_announced_late_keeps_its_own_start_time(api: ApiFactory) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        body = {"run_id": "r-1", "test_name": "t-1", "started_at": "2026-12-01T10:00:00Z"}
+        reply = await running.post("/api/notify/run_started", body)
+        assert recipients_of(reply.body) == 1
+        assert (await recv_json(ws))["data"]["started_at"] == "2026-12-01T10:00:00Z"
+
+
 async def test_unknown_notify_kind_is_404(api: ApiFactory) -> None:
     async with api() as running:
         reply = await running.post("/api/notify/run_paused", {"run_id": "r", "test_name": "t"})
@@ -640,6 +648,11 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("/api/notify/run_progress", orjson.dumps({**PROGRESS, "run_id": 7}), "run_id"),
     ("/api/notify/run_progress", b'{"test_name": "t"}', "run_id"),
     ("/api/notify/run_started", b'{"run_id": "r", "test_name": "t", "clients": [1]}', "clients"),
+    (
+        "/api/notify/run_started",
+        b'{"run_id": "r", "test_name": "t", "started_at": 5}',
+        "started_at",
+    ),
     (
         "/api/notify/run_started",
         b'{"run_id": "r", "test_name": "t", "planned_requests": -1}',

@@ -7,6 +7,7 @@ also writes ``docs/dashboard.png`` for the README.
 
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
 import re
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from playwright.sync_api import ConsoleMessage, Error, Page, expect, sync_playwright
+from playwright.sync_api import ConsoleMessage, Error, Locator, Page, expect, sync_playwright
 from redis import Redis
 
 from wshub.bench.redis_server import RedisServer
@@ -55,8 +56,15 @@ def run(run_id: str, test: str, **extra: Any) -> dict[str, Any]:
     return {"run_id": run_id, "test_name": test, **extra}
 
 
-def progress(run_id: str, test: str, fraction: float, rps: float = 480.0) -> dict[str, Any]:
-    """A ``run_progress`` body for a two-minute, 60,000-request run ``fraction`` done."""
+def started(seconds_ago: float) -> str:
+    """A ``started_at`` that many seconds ago, so that a run's start and elapsed time agree."""
+    moment = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def progress(run_id: str, test: str, fraction: float, rps: float = 500.0) -> dict[str, Any]:
+    """A ``run_progress`` body for a two-minute, 60,000-request run ``fraction`` done (500
+    requests a second on average; ``rps`` is the current rate)."""
     return run(
         run_id,
         test,
@@ -104,11 +112,19 @@ def populate(hub: HubProcess) -> None:
             clients=["geth", "reth"],
             methods=["debug_traceTransaction"],
             planned_requests=60_000,
+            started_at=started(37),
         ),
     )
-    hub.notify("run_progress", progress("r-218", "debug_traceTransaction", 0.31, rps=212.5))
+    hub.notify("run_progress", progress("r-218", "debug_traceTransaction", 0.31, rps=494.0))
     hub.notify(
-        "run_started", run("r-215", "eth_getLogs", git_branch="main", planned_requests=60_000)
+        "run_started",
+        run(
+            "r-215",
+            "eth_getLogs",
+            git_branch="main",
+            planned_requests=60_000,
+            started_at=started(64),
+        ),
     )
     hub.notify("run_progress", progress("r-215", "eth_getLogs", 1.0, rps=960.0))
     hub.notify(
@@ -122,8 +138,11 @@ def populate(hub: HubProcess) -> None:
             error_rate=0.00023,
         ),
     )
-    hub.notify("run_started", run("r-216", "eth_estimateGas", git_branch="feat/cache"))
-    hub.notify("run_progress", progress("r-216", "eth_estimateGas", 0.42, rps=300.0))
+    hub.notify(
+        "run_started",
+        run("r-216", "eth_estimateGas", git_branch="feat/cache", started_at=started(51)),
+    )
+    hub.notify("run_progress", progress("r-216", "eth_estimateGas", 0.42, rps=488.0))
     hub.notify(
         "run_failed",
         run(
@@ -169,12 +188,20 @@ def populate(hub: HubProcess) -> None:
             percent_change=3.1,
             metric="avg_latency_ms",
             baseline_value=12.0,
-            current_value=12.4,
+            current_value=12.37,
         ),
     )
     hub.notify(
         "regression_detected",
-        regression("g-4", "r-213", "eth_getLogs", "medium", percent_change=7.9, client="reth"),
+        regression(
+            "g-4",
+            "r-213",
+            "eth_getLogs",
+            "medium",
+            percent_change=7.9,
+            current_value=44.45,
+            client="reth",
+        ),
     )
     hub.notify(
         "regression_detected",
@@ -185,7 +212,7 @@ def populate(hub: HubProcess) -> None:
             "critical",
             percent_change=61.0,
             metric="error_rate",
-            baseline_value=0.001,
+            baseline_value=0.01,
             current_value=0.0161,
         ),
     )
@@ -204,7 +231,11 @@ def page(chromium: str) -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            # Notifications granted, as a person who pressed "allow" would have them; the
+            # dashboard still raises none until its Alerts button is pressed.
+            page = browser.new_page(
+                viewport={"width": 1280, "height": 900}, permissions=["notifications"]
+            )
             errors: list[str] = []
 
             def page_error(error: Error) -> None:
@@ -268,7 +299,13 @@ def _exercise(page: Page) -> None:
         expect(page.get_by_test_id("resume-notice")).to_be_hidden()
 
         # A run: a row on run_started, its bar following run_progress.
-        assert hub.notify("run_started", run("r-220", "eth_call", planned_requests=60_000)) == 1
+        assert (
+            hub.notify(
+                "run_started",
+                run("r-220", "eth_call", planned_requests=60_000, started_at=started(72)),
+            )
+            == 1
+        )
         row = page.locator('[data-testid="run"][data-run-id="r-220"]')
         expect(row).to_be_visible()
         expect(row.get_by_test_id("run-state")).to_have_text("running")
@@ -294,6 +331,10 @@ def _exercise(page: Page) -> None:
         expect(page.get_by_test_id("regression")).to_have_count(4)
         expect(page.get_by_test_id("analysis")).to_have_count(1)
 
+        if os.environ.get("WSHUB_SCREENSHOT") == "1":
+            page.wait_for_timeout(600)  # the bars' width transition
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
         # A regression the runner sent without its numbers says so: n/a, never 0%.
         bare = regression("g-6", "r-222", "eth_call", "critical")
         for key in ("percent_change", "baseline_value", "current_value"):
@@ -303,9 +344,6 @@ def _exercise(page: Page) -> None:
             "regression-change"
         )
         expect(change).to_have_text(re.compile(r"^n/a\s+·\s+n/a → n/a$"))
-        if os.environ.get("WSHUB_SCREENSHOT") == "1":
-            page.wait_for_timeout(600)  # the bars' width transition
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
 
         # The filter: only eth_call from now on; other tests' rows are hidden.
         page.get_by_test_id("filter").fill("eth_call")
@@ -374,3 +412,174 @@ def test_the_dashboard_reads_the_json_bench_event_format(page: Page) -> None:
         hub.notify("baseline_updated", body)
         expect(page.get_by_test_id("baseline")).to_contain_text("Baseline “main” updated")
         expect(page.get_by_test_id("baseline")).to_contain_text("now run run-42")
+
+
+def run_row(page: Page, run_id: str) -> Locator:
+    return page.locator(f'[data-testid="run"][data-run-id="{run_id}"]')
+
+
+def test_a_finished_run_is_coloured_by_its_final_figures(page: Page) -> None:
+    with hub_process() as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        hub.notify("run_started", run("r-1", "eth_call", planned_requests=60_000))
+        hub.notify("run_progress", {**progress("r-1", "eth_call", 0.2), "error_rate": 0.015})
+        errors = run_row(page, "r-1").get_by_test_id("run-errors")
+        expect(errors).to_have_text("1.50%")
+        expect(errors).to_have_class(re.compile(r"\bwarn\b"))
+        complete = run("r-1", "eth_call", duration_s=120.0, total_requests=60_000)
+        hub.notify("run_complete", {**complete, "total_errors": 420, "error_rate": 0.007})
+        expect(run_row(page, "r-1")).to_have_attribute("data-state", "complete")
+        expect(errors).to_have_text("0.70%")
+        expect(errors).not_to_have_class(re.compile(r"\bwarn\b"))
+
+
+def test_a_run_that_goes_silent_is_stale_until_it_speaks_again(page: Page) -> None:
+    # The page's clock is Playwright's: a minute passes without waiting one.
+    page.clock.install()
+    with hub_process() as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        hub.notify("run_started", run("r-1", "eth_call"))
+        hub.notify("run_started", run("r-2", "eth_getLogs"))
+        hub.notify("run_complete", run("r-2", "eth_getLogs", duration_s=5.0))
+        row = run_row(page, "r-1")
+        expect(row).to_have_attribute("data-state", "running")
+        expect(run_row(page, "r-2")).to_have_attribute("data-state", "complete")
+        expect(page.get_by_test_id("runs-count")).to_have_text("1 running")
+        page.clock.fast_forward(65_000)
+        expect(row).to_have_attribute("data-state", "stale")
+        expect(row.get_by_test_id("run-state")).to_have_text("no updates")
+        expect(run_row(page, "r-2")).to_have_attribute("data-state", "complete")
+        expect(page.get_by_test_id("runs-count")).to_have_text("0 running · 1 stale")
+        # The page may have reconnected meanwhile (the jump looks like a dead link to it).
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        hub.notify("run_progress", progress("r-1", "eth_call", 0.5))
+        expect(row).to_have_attribute("data-state", "running")
+        expect(page.get_by_test_id("runs-count")).to_have_text("1 running")
+
+
+def test_the_page_dims_while_away_and_reconnects_at_once_when_asked(page: Page) -> None:
+    page.clock.install()
+    board = page.locator("main.board")
+    button = page.get_by_test_id("reconnect-now")
+    hub = HubProcess()
+    try:
+        port = hub.port
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        expect(button).to_be_hidden()
+        assert board.evaluate("element => getComputedStyle(element).opacity") == "1"
+        assert hub.stop() == 0, hub.output
+    finally:
+        hub.stop()
+    expect(page.locator("body")).to_have_attribute("data-connection", "reconnecting")
+    expect(button).to_be_visible()
+    expect(board).to_have_css("opacity", "0.45")
+    # Time stops on the page: no scheduled retry can fire, only the button brings it back.
+    page.clock.pause_at(datetime.datetime.now() + datetime.timedelta(minutes=1))
+    expect(button).to_be_visible()
+    with hub_process(port):
+        button.click()
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        expect(page.locator("body")).to_have_attribute("data-connection", "open")
+        expect(button).to_be_hidden()
+        expect(board).to_have_css("opacity", "1")
+        page.clock.resume()
+
+
+# Records each notification the page raises, then raises it for real.
+RECORD_NOTIFICATIONS = """
+window.raised = [];
+window.Notification = class extends window.Notification {
+  constructor(title, options) {
+    super(title, options);
+    window.raised.push({ title, body: options?.body ?? "" });
+  }
+};
+"""
+
+
+def test_alerts_for_critical_regressions_and_failed_runs(page: Page) -> None:
+    page.add_init_script(RECORD_NOTIFICATIONS)
+    alerts = page.get_by_test_id("alerts")
+    with hub_process() as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        title = page.title()
+        expect(alerts).to_have_text("Alerts off")
+
+        # Not opted in: the title counts the alert, the browser shows nothing.
+        hub.notify("regression_detected", regression("g-1", "r-1", "eth_call", "critical"))
+        expect(page).to_have_title(f"(1) {title}")
+        assert page.evaluate("window.raised") == []
+
+        alerts.click()  # touching the page also clears the count
+        expect(alerts).to_have_text("Alerts on")
+        expect(alerts).to_have_attribute("aria-pressed", "true")
+        expect(page).to_have_title(title)
+        hub.notify("regression_detected", regression("g-2", "r-1", "eth_call", "high"))
+        hub.notify("regression_detected", regression("g-3", "r-1", "eth_call", "critical"))
+        hub.notify("run_started", run("r-2", "eth_getLogs"))
+        hub.notify("run_failed", run("r-2", "eth_getLogs", error="node crashed"))
+        expect(page).to_have_title(f"(2) {title}")
+        raised = page.evaluate("window.raised")
+        assert raised == [
+            {
+                "title": "Critical regression: p95_latency_ms +18.4%",
+                "body": "client geth · method eth_call · test eth_call · run r-1 · 4f2a9c1",
+            },
+            {"title": "Run failed: eth_getLogs", "body": "run r-2 · node crashed"},
+        ]
+        page.keyboard.press("Shift")
+        expect(page).to_have_title(title)
+
+        # The choice outlives the page.
+        page.reload()
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        expect(alerts).to_have_text("Alerts on")
+        alerts.click()
+        expect(alerts).to_have_text("Alerts off")
+        hub.notify("run_started", run("r-3", "eth_call"))
+        hub.notify("run_failed", run("r-3", "eth_call", error="timeout"))
+        expect(page).to_have_title(f"(1) {title}")
+        assert page.evaluate("window.raised") == []
+
+
+# The words of the page that the layout split over two lines.
+BROKEN_WORDS = """() => {
+  const broken = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (const word of node.textContent.matchAll(/\\S+/g)) {
+      const range = document.createRange();
+      range.setStart(node, word.index);
+      range.setEnd(node, word.index + word[0].length);
+      const rects = [...range.getClientRects()].filter((rect) => rect.width > 0);
+      const lines = new Set(rects.map((rect) => Math.round(rect.top)));
+      if (lines.size > 1) broken.push(word[0]);
+    }
+  }
+  return broken;
+}"""
+
+
+def test_a_narrow_screen_shows_regressions_first_and_breaks_no_word(page: Page) -> None:
+    page.set_viewport_size({"width": 400, "height": 900})
+    with hub_process() as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        hub.notify("run_started", run("r-220", "eth_call", planned_requests=60_000))
+        hub.notify("run_progress", progress("r-220", "eth_call", 0.6, rps=512.5))
+        hub.notify("regression_detected", regression("g-1", "r-220", "eth_call", "high"))
+        populate(hub)
+        expect(page.get_by_test_id("regression")).to_have_count(4)
+        expect(page.get_by_test_id("analysis")).to_have_count(1)
+        top = {
+            name: page.get_by_test_id(name).evaluate("e => e.getBoundingClientRect().top")
+            for name in ("regressions", "runs", "activity")
+        }
+        assert top["regressions"] < top["runs"] < top["activity"], top
+        assert page.evaluate(BROKEN_WORDS) == []
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, f"the page is {width} px wide: it scrolls sideways"

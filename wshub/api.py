@@ -354,6 +354,7 @@ def _run_started(body: Mapping[str, Any], event_format: str) -> _Publish:
         "clients": _string_list(body, "clients"),
         "methods": _string_list(body, "methods"),
         "planned_requests": _integer(body, "planned_requests", required=False),
+        "started_at": _optional_string(body, "started_at"),
     }
     return _Publish(
         MessageType.RUN_STARTED, *runner.run_started_event(run_id, test_name, **details)

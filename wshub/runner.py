@@ -367,12 +367,14 @@ def run_started_event(
     clients: list[str] | None = None,
     methods: list[str] | None = None,
     planned_requests: int | None = None,
+    started_at: Timestamp | None = None,
 ) -> Event:
-    """``run_started``: a benchmark run began."""
+    """``run_started``: a benchmark run began, at ``started_at`` (now unless given: a runner
+    that announces a run late, or again, gives its real start)."""
     data = {
         "run_id": run_id,
         "test_name": test_name,
-        "started_at": MessageClock.now(),
+        "started_at": MessageClock.now() if started_at is None else started_at,
         "git_commit": git_commit,
         "git_branch": git_branch,
         "clients": clients or [],

@@ -343,7 +343,13 @@ test("without pings a quiet hub looks dead after deadAfter", HUB, async (t) => {
 
 test("reconnectNow() makes the scheduled attempt at once", HUB, async (t) => {
   // A ten-minute backoff: only reconnectNow() can bring the client back within the test.
-  const client = makeClient(t, WS_URL, { pingInterval: 0, deadAfter: 300, minDelay: 600_000, jitter: 0 });
+  const client = makeClient(t, WS_URL, {
+    pingInterval: 0,
+    deadAfter: 300,
+    minDelay: 600_000,
+    maxDelay: 600_000,
+    jitter: 0,
+  });
   await connected(client);
   assert.equal(client.reconnectNow(), client, "nothing scheduled while open: a no-op");
   assert.equal(client.status, "open");

@@ -384,7 +384,26 @@ function storeAlerts(on) {
 }
 
 let alertsWanted = storedAlerts();
-const canNotify = () => "Notification" in window && Notification.permission === "granted";
+// The browser's answer for this page: "granted", "denied" or "default" (not asked yet).
+let permission = "Notification" in window ? Notification.permission : "denied";
+const canNotify = () => permission === "granted";
+
+/** Read the permission through the Permissions API where there is one: it follows changes
+ * made in the site settings while the page is open (and, unlike Notification.permission,
+ * tells the truth in headless Chromium). */
+async function watchPermission() {
+  try {
+    const status = await navigator.permissions.query({ name: "notifications" });
+    const update = () => {
+      permission = status.state === "prompt" ? "default" : status.state;
+      showAlertsButton();
+    };
+    status.addEventListener("change", update);
+    update();
+  } catch {
+    // no Permissions API for notifications: Notification.permission it is
+  }
+}
 
 function showAlertsButton() {
   if (!("Notification" in window)) {
@@ -395,7 +414,7 @@ function showAlertsButton() {
   }
   const on = alertsWanted && canNotify();
   alertsButton.setAttribute("aria-pressed", String(on));
-  if (Notification.permission === "denied") {
+  if (permission === "denied") {
     alertsButton.textContent = "Alerts blocked";
     alertsButton.title = "The browser refuses notifications for this page: allow them in its site settings";
   } else {
@@ -408,7 +427,7 @@ alertsButton.addEventListener("click", async () => {
   if (alertsWanted && canNotify()) {
     alertsWanted = false;
   } else {
-    const permission = await Notification.requestPermission();
+    permission = await Notification.requestPermission();
     alertsWanted = permission === "granted";
   }
   storeAlerts(alertsWanted);
@@ -695,6 +714,7 @@ clearButton.addEventListener("click", () => {
 setInterval(showRate, 500);
 setInterval(markStaleRuns, STALE_CHECK_MS);
 showAlertsButton();
+watchPermission();
 showTopics();
 updateRunCount();
 client.connect();
