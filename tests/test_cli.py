@@ -129,17 +129,25 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
                 url, "--type", "run_progress", "--data", f"@{data}", "--topics", "run:r1"
             )
             assert status == 0
-            assert output.strip() == "queued for 1 client"
             message = await recv_json(ws)
+            assert output.strip() == f"queued for 1 client (message {message['id']})"
             assert message["type"] == "run_progress"
             assert message["data"] == {"run_id": "r1", "progress": 0.5}
 
             # With a key, running the command twice publishes once.
-            for _ in range(2):
-                keyed = ("--type", "deploy", "--idempotency-key", "deploy-1", "--retry-for", "5")
-                assert (await wshub_publish(url, *keyed))[0] == 0
+            keyed = ("--type", "deploy", "--idempotency-key", "deploy-1", "--retry-for", "5")
+            answers = [await wshub_publish(url, *keyed) for _ in range(2)]
             await send_json(ws, {"type": "ping"})
-            assert [(await recv_json(ws))["type"] for _ in range(2)] == ["deploy", "pong"]
+            deploy, pong = [await recv_json(ws) for _ in range(2)]
+            assert (deploy["type"], pong["type"]) == ("deploy", "pong")
+            assert [(status, output.strip()) for status, output, _ in answers] == [
+                (0, f"queued for 1 client (message {deploy['id']})"),
+                (
+                    0,
+                    "not sent again: idempotency key 'deploy-1' was already published "
+                    f"(message {deploy['id']})",
+                ),
+            ]
 
             # --notify: the runner's events, checked as the API checks them.
             notify = ("--notify", "run_failed", "--data")

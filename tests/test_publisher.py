@@ -21,12 +21,13 @@ async def test_publish_and_notify_reach_subscribers(lean_server: Any) -> None:
     async with lean_server() as served, await start_api(served.hub, port=0) as api:
         publisher = Publisher(api.url)
         async with client(served.url + "?topics=news,test:t1") as (ws, _):
-            assert await asyncio.to_thread(publisher.publish, "headline", {"n": 1}, ["news"]) == 1
+            published = await asyncio.to_thread(publisher.publish, "headline", {"n": 1}, ["news"])
+            assert (published.recipients, published.duplicate) == (1, False)
             assert (await recv_json(ws))["data"] == {"n": 1}
-            count = await asyncio.to_thread(
+            notified = await asyncio.to_thread(
                 publisher.notify, "run_failed", run_id="r1", test_name="t1", error="boom"
             )
-            assert count == 1
+            assert notified.recipients == 1
             failed = await recv_json(ws)
             assert failed["type"] == "run_failed" and failed["data"]["error"] == "boom"
 
@@ -58,8 +59,11 @@ async def test_one_key_is_one_delivery_and_each_call_has_a_key_of_its_own(
     async with lean_server() as served, await start_api(served.hub, port=0) as api:
         publisher = Publisher(api.url)
         async with client(served.url) as (ws, _):
+            answers = []
             for _ in range(2):
-                await asyncio.to_thread(publisher.publish, "m", "keyed", idempotency_key="k")
+                answers.append(
+                    await asyncio.to_thread(publisher.publish, "m", "keyed", idempotency_key="k")
+                )
                 await asyncio.to_thread(
                     publisher.notify,
                     "run_failed",
@@ -77,6 +81,9 @@ async def test_one_key_is_one_delivery_and_each_call_has_a_key_of_its_own(
                 "unkeyed",
                 "unkeyed",
             ]
+            first, again = answers
+            assert (first.id, first.recipients, first.duplicate) == (messages[0]["id"], 1, False)
+            assert (again.id, again.recipients, again.duplicate) == (first.id, 0, True)
             await nothing_more(ws)
 
 
@@ -93,6 +100,6 @@ async def test_a_publisher_retries_a_lost_answer_until_the_hub_is_up(lean_server
             connection, _ = await loop.sock_accept(listener)
             connection.close()
         async with await start_api(served.hub, port=port):
-            assert await publishing == 1
+            assert (await publishing).recipients == 1
             assert (await recv_json(ws))["data"] == 1
             await nothing_more(ws)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from ._version import __version__
 from .api import NOTIFY_KINDS, start_api
 from .config import HubConfig
-from .hub import Hub
+from .hub import Hub, Published
 from .logs import configure_logging, count_of
 from .publisher import UNKNOWN, Publisher, PublishError
 from .settings import (
@@ -197,9 +197,9 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error(f"--data: the body of a {args.notify} event must be a JSON object")
             if topics is not None:
                 parser.error("--topics: an event goes to the topics of its kind, run and test")
-            count = publisher.notify(args.notify, data, idempotency_key=args.idempotency_key)
+            published = publisher.notify(args.notify, data, idempotency_key=args.idempotency_key)
         else:
-            count = publisher.publish(
+            published = publisher.publish(
                 args.message_type, data, topics, idempotency_key=args.idempotency_key
             )
     except PublishError as exc:
@@ -208,8 +208,25 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         print(f"wshub publish: {exc}{unknown}", file=sys.stderr)
         return 1
-    print(f"queued for {count_of(count, 'client')}")
+    print(_published_line(published, args.idempotency_key))
     return 0
+
+
+def _published_line(published: Published, key: str | None) -> str:
+    """What ``wshub publish`` says it did: a duplicate is not "0 clients"."""
+    if published.duplicate:
+        if key is not None:
+            return (
+                f"not sent again: idempotency key {key!r} was already published "
+                f"(message {published.id})"
+            )
+        return f"delivered by an earlier attempt whose answer was lost (message {published.id})"
+    if published.recipients is None:
+        return (
+            f"published (message {published.id}); the hub had not read it back from Redis "
+            "in time to count its clients"
+        )
+    return f"queued for {count_of(published.recipients, 'client')} (message {published.id})"
 
 
 def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:

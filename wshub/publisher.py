@@ -16,6 +16,7 @@ import orjson
 # refused it), UNKNOWN (the request was sent and no answer came, or the hub's Redis went
 # quiet after the message was sent).
 from .backplane import NOT_PUBLISHED, UNKNOWN
+from .hub import Published
 
 __all__ = ["NOT_PUBLISHED", "RETRY_DELAY", "UNKNOWN", "PublishError", "Publisher"]
 
@@ -82,7 +83,7 @@ class Publisher:
         topics: Iterable[str] | None = None,
         *,
         idempotency_key: str | None = None,
-    ) -> int:
+    ) -> Published:
         """Publish one message to ``topics`` (every client when None).
 
         Args:
@@ -94,8 +95,10 @@ class Publisher:
                 that only this call's own retries are recognised.
 
         Returns:
-            How many clients the hub queued it for; 0 when an earlier attempt had already
-            been delivered.
+            What the hub did, as :meth:`Hub.publish` says it: the message's id, how many of
+            its clients it queued it for, and ``duplicate`` when the key had already been
+            published (by an earlier call, or by an attempt of this one whose answer was
+            lost): nothing was sent again, and ``id`` is the first publish's.
 
         Raises:
             PublishError: The hub refused it, or still could not take it after ``retry_for``.
@@ -112,21 +115,21 @@ class Publisher:
         *,
         idempotency_key: str | None = None,
         **fields: Any,
-    ) -> int:
+    ) -> Published:
         """Send one of the runner's events, e.g. ``notify("run_progress", run_id=..., ...)``
         or ``notify("new_run", {"run": {...}})``: the body's keys (``body`` and ``fields``
         together) are the parameters of the matching ``Hub.notify_*`` method, checked by the
         hub as it checks the runner's. Retried as :meth:`publish` is.
 
         Returns:
-            How many clients the hub queued it for.
+            What the hub did, as for :meth:`publish`.
 
         Raises:
             PublishError: The hub refused it, or still could not take it after ``retry_for``.
         """
         return self._post(f"/api/notify/{kind}", {**(body or {}), **fields}, idempotency_key)
 
-    def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> int:
+    def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> Published:
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
@@ -150,7 +153,7 @@ class Publisher:
             time.sleep(delay)
             delay = min(delay * 2, RETRY_DELAY[1])
 
-    def _attempt(self, path: str, payload: bytes, headers: dict[str, str]) -> int:
+    def _attempt(self, path: str, payload: bytes, headers: dict[str, str]) -> Published:
         request = urllib.request.Request(
             self.url + path, data=payload, headers=headers, method="POST"
         )
@@ -167,8 +170,7 @@ class Publisher:
                 f"cannot reach the hub at {self.url}: {exc}",
                 outcome=NOT_PUBLISHED if refused else UNKNOWN,
             ) from None
-        recipients: int = answer["recipients"]
-        return recipients
+        return Published(answer["id"], answer["recipients"], answer.get("duplicate", False))
 
 
 def _refusal(error: urllib.error.HTTPError) -> PublishError:
