@@ -193,7 +193,10 @@ function showErrors(run, ratio) {
 /** An event of the run arrived: it is alive, and not stale if it was. */
 function touch(run) {
   run.updated = Date.now();
-  if (run.state === "stale") setState(run, "running", "running");
+  if (run.state === "stale") {
+    setState(run, "running", "running");
+    field(run, "run-state").removeAttribute("title");
+  }
 }
 
 function markStaleRuns() {
