@@ -1,0 +1,325 @@
+"""Who a client is and what it may subscribe to: subscriber tokens and topic grants.
+
+A subscriber token is a JWT, verified with PyJWT: HS256 with a shared secret, or RS256/ES256
+with the issuer's public key. Its claims:
+
+- ``exp`` (required): when it stops being valid.
+- ``sub``: the client's identity, for ``client_info()`` and the logs.
+- ``topics``: the topic patterns the client may subscribe to: exact topics, and prefixes
+  ending in ``*`` (``test:eth_*``, ``run:*``); ``*`` alone grants every topic, and is the only
+  grant that allows a subscription to ``*`` itself.
+- ``aud`` / ``iss``: checked when the verifier is given an audience or issuer.
+
+Browsers cannot set headers on a WebSocket handshake, so :func:`token_from` looks in the
+``?token=`` query parameter first, then in ``Authorization: Bearer``, then in the
+``wshub_token`` cookie. A token is a credential: nothing here logs it, and a
+:class:`TokenRefused` says why a token was refused without repeating it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.cookies
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .session import HandshakeRequest
+from .wire import topic_problem
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "TOKEN_COOKIE",
+    "TOKEN_QUERY",
+    "Grants",
+    "Principal",
+    "TokenRefused",
+    "TokenVerifier",
+    "mint_token",
+    "parse_duration",
+    "token_from",
+]
+
+TOKEN_QUERY: Final = "token"
+TOKEN_COOKIE: Final = "wshub_token"
+HMAC_ALGORITHM: Final = "HS256"
+ASYMMETRIC_ALGORITHMS: Final = ("RS256", "ES256")
+# An HS256 secret shorter than this can be guessed offline from any token signed with it.
+MIN_SECRET_BYTES: Final = 32
+MAX_TOPIC_GRANTS: Final = 1000
+WILDCARD: Final = "*"
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class TokenRefused(Exception):
+    """A token that does not admit its client.
+
+    Attributes:
+        reason: One word, for counting refusals: ``missing``, ``malformed``, ``signature``,
+            ``expired``, ``audience``, ``issuer`` or ``claims``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grants:
+    """The topic patterns a client may subscribe to.
+
+    Attributes:
+        patterns: Exact topics, prefixes ending in ``*``, or ``*`` for every topic.
+    """
+
+    patterns: tuple[str, ...]
+
+    @classmethod
+    def everything(cls) -> Grants:
+        return cls((WILDCARD,))
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> Grants:
+        """Grants of ``patterns``, each checked as a topic is (1 to 256 characters).
+
+        Raises:
+            ValueError: A pattern is not a valid topic, or has ``*`` anywhere but at its end.
+        """
+        checked: list[str] = []
+        for pattern in patterns:
+            problem = topic_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"topic pattern {str(pattern)[:64]!r}: {problem}")
+            if WILDCARD in pattern[:-1]:
+                raise ValueError(f"topic pattern {pattern[:64]!r}: '*' may only end a pattern")
+            checked.append(pattern)
+        return cls(tuple(dict.fromkeys(checked)))
+
+    def allows(self, topic: str) -> bool:
+        """Whether a client holding these grants may subscribe to ``topic``."""
+        if topic == WILDCARD:
+            return WILDCARD in self.patterns
+        for pattern in self.patterns:
+            if pattern == topic:
+                return True
+            if pattern.endswith(WILDCARD) and topic.startswith(pattern[:-1]):
+                return True
+        return False
+
+    def forbidden(self, topics: Iterable[str]) -> list[str]:
+        """The ``topics`` these grants do not allow, in their order."""
+        return [topic for topic in topics if not self.allows(topic)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a client is, as its admission found.
+
+    Attributes:
+        identity: The token's ``sub`` (or the hook's answer); None when anonymous.
+        grants: What it may subscribe to.
+        expires_at: When its token expires (Unix seconds); None for no expiry.
+    """
+
+    identity: str | None
+    grants: Grants
+    expires_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenVerifier:
+    """Verifies subscriber tokens with one key.
+
+    Args:
+        secret: The HS256 secret (at least 32 bytes); or
+        public_key: A PEM public key for RS256 or ES256 (the algorithm follows the key).
+        audience: When given, a token's ``aud`` must name it.
+        issuer: When given, a token's ``iss`` must be it.
+        leeway: Seconds of clock difference tolerated on ``exp``.
+
+    Raises:
+        ValueError: Neither or both keys, a short secret, or a key PyJWT cannot load.
+    """
+
+    secret: str | None = None
+    public_key: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 0.0
+    # The one algorithm a token must be signed with: HS256 with a secret, else the key's.
+    algorithm: str = dataclasses.field(init=False, default=HMAC_ALGORITHM)
+
+    def __post_init__(self) -> None:
+        if (self.secret is None) == (self.public_key is None):
+            raise ValueError("give a token verifier exactly one of secret and public_key")
+        if self.secret is not None and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"an HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
+        algorithm = HMAC_ALGORITHM if self.public_key is None else _algorithm_of(self.public_key)
+        object.__setattr__(self, "algorithm", algorithm)
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token names.
+
+        Raises:
+            TokenRefused: Its signature, expiry, audience, issuer or claims are wrong.
+        """
+        key: Any = self.secret if self.secret is not None else self.public_key
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenRefused("expired", "the token has expired") from None
+        except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as exc:
+            if isinstance(exc, jwt.InvalidAudienceError) or exc.claim == "aud":
+                raise TokenRefused("audience", "the token is not for this hub (aud)") from None
+            if exc.claim == "iss":
+                raise TokenRefused("issuer", "the token names no issuer (iss)") from None
+            raise TokenRefused("claims", f"the token has no {exc.claim!r} claim") from None
+        except jwt.InvalidIssuerError:
+            raise TokenRefused("issuer", "the token is from another issuer (iss)") from None
+        except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
+            raise TokenRefused("signature", "the token's signature does not verify") from None
+        except jwt.DecodeError:
+            raise TokenRefused("malformed", "the token is not a well-formed JWT") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenRefused("claims", f"the token's claims are invalid: {exc}") from None
+        return principal_of(claims)
+
+
+def principal_of(claims: Mapping[str, Any]) -> Principal:
+    """The principal of a verified token's claims.
+
+    Raises:
+        TokenRefused: ``sub`` is not a string, or ``topics`` not a list of valid patterns.
+    """
+    identity = claims.get("sub")
+    if identity is not None and not isinstance(identity, str):
+        raise TokenRefused("claims", "the token's sub claim must be a string")
+    topics = claims.get("topics", [])
+    if not isinstance(topics, list) or len(topics) > MAX_TOPIC_GRANTS:
+        raise TokenRefused(
+            "claims", f"the token's topics claim must be a list of at most {MAX_TOPIC_GRANTS}"
+        )
+    try:
+        grants = Grants.of(topics)
+    except ValueError as exc:
+        raise TokenRefused("claims", f"the token's topics claim: {exc}") from None
+    return Principal(identity, grants, float(claims["exp"]))
+
+
+def token_from(request: HandshakeRequest) -> str | None:
+    """The token a handshake carries: ``?token=``, ``Authorization: Bearer``, or the
+    ``wshub_token`` cookie, in that order; None when it carries none."""
+    values = request.query.get(TOKEN_QUERY)
+    if values and values[0]:
+        return values[0]
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    cookie = request.headers.get("cookie")
+    if cookie:
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(cookie)
+        except http.cookies.CookieError:
+            return None
+        if TOKEN_COOKIE in jar and jar[TOKEN_COOKIE].value:
+            return jar[TOKEN_COOKIE].value
+    return None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``90``, ``30s``, ``15m``, ``1h`` or ``7d``.
+
+    Raises:
+        ValueError: Not such a duration, or not more than zero.
+    """
+    found = _DURATION.match(text)
+    if found is None or float(found.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 15m, 1h or 7d")
+    return float(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+
+
+def mint_token(
+    key: str,
+    *,
+    sub: str | None,
+    topics: Sequence[str],
+    ttl: float,
+    algorithm: str = HMAC_ALGORITHM,
+    audience: str | None = None,
+    issuer: str | None = None,
+    now: float | None = None,
+) -> str:
+    """A subscriber token for ``sub``, allowed ``topics``, valid for ``ttl`` seconds.
+
+    Args:
+        key: The HS256 secret, or the PEM private key for RS256 / ES256.
+        sub: The client's identity.
+        topics: The topic patterns it may subscribe to (see :class:`Grants`).
+        ttl: Seconds from ``now`` until it expires.
+        algorithm: ``HS256``, ``RS256`` or ``ES256``.
+        audience: Its ``aud``, if the hub checks one.
+        issuer: Its ``iss``, if the hub checks one.
+        now: The issue time (Unix seconds); the current time when None.
+
+    Raises:
+        ValueError: A bad pattern, a ttl not above zero, a short secret, an unknown algorithm.
+    """
+    if algorithm not in (HMAC_ALGORITHM, *ASYMMETRIC_ALGORITHMS):
+        known = ", ".join((HMAC_ALGORITHM, *ASYMMETRIC_ALGORITHMS))
+        raise ValueError(f"algorithm must be one of {known}, got {algorithm!r}")
+    if algorithm == HMAC_ALGORITHM and len(key.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"an HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
+    if not ttl > 0:
+        raise ValueError(f"ttl must be more than zero seconds, got {ttl!r}")
+    grants = Grants.of(topics)
+    issued = time.time() if now is None else now
+    claims: dict[str, Any] = {
+        "iat": int(issued),
+        "exp": int(issued + ttl),
+        "jti": uuid.uuid4().hex,
+        "topics": list(grants.patterns),
+    }
+    if sub is not None:
+        claims["sub"] = sub
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
+    try:
+        return jwt.encode(claims, key, algorithm=algorithm)
+    except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
+        raise ValueError(f"cannot sign with this key and {algorithm}: {exc}") from None
+
+
+def _algorithm_of(pem: str) -> str:
+    """RS256 for an RSA public key, ES256 for an EC one: the key decides, so that a token
+    cannot choose another algorithm for it.
+
+    Raises:
+        ValueError: Not a PEM public key of either kind.
+    """
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ES256"
+    raise ValueError(f"a {type(key).__name__} cannot verify RS256 or ES256 tokens")
