@@ -9,6 +9,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import ClientConnection, connect
 
 import wshub
@@ -60,3 +62,27 @@ async def subscribe(ws: ClientConnection, *topics: str) -> list[str]:
     assert reply["type"] == "subscribed", reply
     result: list[str] = reply["data"]["topics"]
     return result
+
+
+SECRET = "a-secret-of-at-least-thirty-two-bytes!"
+"""An HS256 secret for subscriber tokens in tests."""
+
+
+def key_pair(kind: str) -> tuple[str, str]:
+    """A fresh (private, public) PEM pair: RSA 2048 or EC P-256."""
+    private = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private_pem, public_pem

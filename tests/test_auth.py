@@ -6,8 +6,6 @@ import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from wshub.auth import (
     Grants,
@@ -19,27 +17,7 @@ from wshub.auth import (
 )
 from wshub.session import HandshakeRequest
 
-SECRET = "a-secret-of-at-least-thirty-two-bytes!"
-
-
-def key_pair(kind: str) -> tuple[str, str]:
-    """A fresh (private, public) PEM pair: RSA 2048 or EC P-256."""
-    private = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if kind == "RS256"
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    private_pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public_pem = (
-        private.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private_pem, public_pem
+from .helpers import SECRET, key_pair
 
 
 def refusal(verifier: TokenVerifier, token: str) -> str:

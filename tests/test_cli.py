@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 import wshub
 
-from .helpers import client, recv_json, send_json
+from .helpers import SECRET, client, key_pair, recv_json, send_json
 
 LISTENING = re.compile(r"listening on wss?://127\.0\.0\.1:(\d+)/api/ws")
 
@@ -360,3 +360,60 @@ def test_the_quickstart_says_which_port_is_taken() -> None:
     assert (
         result.stderr == f"port {port} is taken by another program: choose another with --port N\n"
     )
+
+
+def wshub_token(*arguments: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``wshub token *arguments`` as a process: its status, stdout and stderr."""
+    environment = {k: v for k, v in os.environ.items() if k != "WSHUB_AUTH_SECRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "wshub", "token", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environment, **(env or {})},
+        check=False,
+    )
+    return done.returncode, done.stdout.strip(), done.stderr
+
+
+def test_token_command_mints_what_the_hub_verifies(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    mint = ("--sub", "alice", "--topics", "test:eth_*, run:*", "--ttl", "1h")
+    status, token, _ = wshub_token(*mint, "--auth-secret-file", str(secret_file))
+    assert status == 0
+    principal = wshub.TokenVerifier(secret=SECRET).verify(token)
+    assert (principal.identity, principal.grants.patterns) == ("alice", ("test:eth_*", "run:*"))
+    status, token, _ = wshub_token(*mint, env={"WSHUB_AUTH_SECRET": SECRET})
+    assert status == 0 and wshub.TokenVerifier(secret=SECRET).verify(token).identity == "alice"
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_token_command_signs_with_a_private_key(tmp_path: Path, algorithm: str) -> None:
+    private, public = key_pair(algorithm)
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(private)
+    status, token, error = wshub_token(
+        "--sub", "ci", "--topics", "*", "--private-key", str(key_file), "--algorithm", algorithm
+    )
+    assert status == 0, error
+    assert wshub.TokenVerifier(public_key=public).verify(token).grants.allows("*")
+
+
+def test_token_command_errors_name_the_flag(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("too short")
+    cases = [
+        ((), "no key: give --auth-secret-file, WSHUB_AUTH_SECRET or --private-key"),
+        (("--auth-secret-file", str(tmp_path / "missing")), "--auth-secret-file: cannot read"),
+        (("--auth-secret-file", str(short)), "--auth-secret-file: an HS256 secret must be"),
+        (("--ttl", "soon"), "--ttl: 'soon' is not a duration"),
+        (("--algorithm", "ES256"), "--algorithm: RS256 and ES256 sign with --private-key"),
+    ]
+    for extra, expected in cases:
+        status, out, error = wshub_token("--topics", "*", *extra)
+        assert (status, out) == (2, ""), (extra, error)
+        assert expected in error, (extra, error)
+        assert "Traceback" not in error
+    status, _, error = wshub_token("--topics", "a*b", env={"WSHUB_AUTH_SECRET": SECRET})
+    assert status == 2 and "--topics: topic pattern 'a*b'" in error, error

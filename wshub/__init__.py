@@ -16,6 +16,7 @@ Embed it in an asyncio service::
 """
 
 from ._version import __version__
+from .auth import Grants, Principal, TokenRefused, TokenVerifier, mint_token
 from .backplane import Backplane, BackplaneUnavailable, MemoryBackplane, MemoryStream
 from .config import HubConfig
 from .fanout import IMPLEMENTATION
@@ -36,6 +37,7 @@ __all__ = [
     "ClientSession",
     "ClientTransport",
     "FrameKind",
+    "Grants",
     "HandshakeRequest",
     "HistoricRun",
     "Hub",
@@ -44,6 +46,7 @@ __all__ = [
     "MemoryStream",
     "MessageTooLarge",
     "MessageType",
+    "Principal",
     "ProtocolError",
     "PublishError",
     "Published",
@@ -51,9 +54,12 @@ __all__ = [
     "RedisBackplane",
     "Refusal",
     "Regression",
+    "TokenRefused",
+    "TokenVerifier",
     "__version__",
     "aiohttp_handler",
     "asgi_app",
+    "mint_token",
     "serve",
     "server_options",
 ]

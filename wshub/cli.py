@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from ._version import __version__
 from .api import NOTIFY_KINDS, start_api
+from .auth import ASYMMETRIC_ALGORITHMS, mint_token, parse_duration
 from .config import HubConfig
 from .hub import Hub, Published
 from .logs import configure_logging, count_of
@@ -115,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     _add_publish_command(commands)
+    _add_token_command(commands)
     run.add_argument("--config", type=Path, help="TOML file with settings")
     kinds = setting_kinds()
     defaults = ServerSettings()
@@ -179,6 +181,88 @@ def _add_publish_command(commands: Any) -> None:
         metavar="SECONDS",
         help="keep retrying while the hub answers 503 or cannot be reached (default: 0, try once)",
     )
+
+
+def _add_token_command(commands: Any) -> None:
+    token = commands.add_parser(
+        "token",
+        help="mint a subscriber token",
+        description="Print a subscriber token (a JWT) for one client: who it is (--sub), "
+        "the topics it may subscribe to (--topics) and how long it is valid (--ttl). HS256 "
+        "with the hub's secret, or RS256/ES256 with a private key whose public key the hub "
+        "verifies with.",
+    )
+    token.add_argument("--sub", help="the client's identity, shown in client_info and logs")
+    token.add_argument(
+        "--topics",
+        required=True,
+        help="comma-separated topic patterns it may subscribe to: exact topics, prefixes "
+        "ending in * (test:eth_*), or * for every topic",
+    )
+    token.add_argument("--ttl", default="1h", help="validity: 90, 30s, 15m, 1h, 7d (default: 1h)")
+    token.add_argument(
+        "--auth-secret-file",
+        type=Path,
+        help="file holding the HS256 secret (default: env WSHUB_AUTH_SECRET)",
+    )
+    token.add_argument(
+        "--private-key", type=Path, help="PEM private key, to sign with RS256 or ES256 instead"
+    )
+    token.add_argument(
+        "--algorithm",
+        choices=ASYMMETRIC_ALGORITHMS,
+        help="with --private-key: RS256 (an RSA key, the default) or ES256 (an EC P-256 key)",
+    )
+    token.add_argument("--audience", help="the token's aud, when the hub checks one")
+    token.add_argument("--issuer", help="the token's iss, when the hub checks one")
+
+
+def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        parser.error(f"--ttl: {exc}")
+    topics = [topic.strip() for topic in args.topics.split(",") if topic.strip()]
+    if args.algorithm is not None and args.private_key is None:
+        parser.error("--algorithm: RS256 and ES256 sign with --private-key")
+    if args.private_key is not None:
+        if args.auth_secret_file is not None:
+            parser.error("--private-key and --auth-secret-file: give one key")
+        flag, algorithm = "--private-key", args.algorithm or ASYMMETRIC_ALGORITHMS[0]
+        key = _read_key(parser, args.private_key, flag)
+    elif args.auth_secret_file is not None:
+        flag, algorithm = "--auth-secret-file", "HS256"
+        key = _read_key(parser, args.auth_secret_file, flag)
+    elif os.environ.get("WSHUB_AUTH_SECRET"):
+        key, flag, algorithm = os.environ["WSHUB_AUTH_SECRET"], "WSHUB_AUTH_SECRET", "HS256"
+    else:
+        parser.error("no key: give --auth-secret-file, WSHUB_AUTH_SECRET or --private-key")
+    try:
+        token = mint_token(
+            key,
+            sub=args.sub,
+            topics=topics,
+            ttl=ttl,
+            algorithm=algorithm,
+            audience=args.audience,
+            issuer=args.issuer,
+        )
+    except ValueError as exc:
+        where = "--topics" if "topic pattern" in str(exc) else flag
+        parser.error(f"{where}: {exc}")
+    print(token)
+    return 0
+
+
+def _read_key(parser: argparse.ArgumentParser, path: Path, flag: str) -> str:
+    """The text of the key file ``flag`` names (surrounding whitespace removed)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"{flag}: cannot read {path}: {exc}")
+    if not text:
+        parser.error(f"{flag}: {path} is empty")
+    return text
 
 
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -366,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "publish":
         return _publish(parser, args)
+    if args.command == "token":
+        return _token(parser, args)
     flags = {name: getattr(args, name) for name in (*SERVER_FIELDS, *HUB_FIELDS)}
     try:
         settings = load_settings(flags, config_file=args.config)
