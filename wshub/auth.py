@@ -56,6 +56,8 @@ MAX_TOPIC_GRANTS: Final = 1000
 WILDCARD: Final = "*"
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# A missing aud or iss is refused for the same reason as a wrong one.
+_MISSING_CLAIM_REASONS: Final = {"aud": "audience", "iss": "issuer"}
 
 
 class TokenRefused(Exception):
@@ -183,12 +185,11 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise TokenRefused("expired", "the token has expired") from None
-        except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as exc:
-            if isinstance(exc, jwt.InvalidAudienceError) or exc.claim == "aud":
-                raise TokenRefused("audience", "the token is not for this hub (aud)") from None
-            if exc.claim == "iss":
-                raise TokenRefused("issuer", "the token names no issuer (iss)") from None
-            raise TokenRefused("claims", f"the token has no {exc.claim!r} claim") from None
+        except jwt.InvalidAudienceError:
+            raise TokenRefused("audience", "the token is not for this hub (aud)") from None
+        except jwt.MissingRequiredClaimError as exc:
+            reason = _MISSING_CLAIM_REASONS.get(exc.claim, "claims")
+            raise TokenRefused(reason, f"the token has no {exc.claim!r} claim") from None
         except jwt.InvalidIssuerError:
             raise TokenRefused("issuer", "the token is from another issuer (iss)") from None
         except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
@@ -295,12 +296,8 @@ def mint_token(
         "jti": uuid.uuid4().hex,
         "topics": list(grants.patterns),
     }
-    if sub is not None:
-        claims["sub"] = sub
-    if audience is not None:
-        claims["aud"] = audience
-    if issuer is not None:
-        claims["iss"] = issuer
+    optional = {"sub": sub, "aud": audience, "iss": issuer}
+    claims.update({name: value for name, value in optional.items() if value is not None})
     try:
         return jwt.encode(claims, key, algorithm=algorithm)
     except (ValueError, TypeError, jwt.InvalidKeyError) as exc:

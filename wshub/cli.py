@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from ._version import __version__
 from .api import NOTIFY_KINDS, start_api
-from .auth import ASYMMETRIC_ALGORITHMS, mint_token, parse_duration
+from .auth import ASYMMETRIC_ALGORITHMS, Grants, mint_token, parse_duration
 from .config import HubConfig
 from .hub import Hub, Published
 from .logs import configure_logging, count_of
@@ -223,6 +223,10 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         parser.error(f"--ttl: {exc}")
     topics = [topic.strip() for topic in args.topics.split(",") if topic.strip()]
+    try:
+        Grants.of(topics)
+    except ValueError as exc:
+        parser.error(f"--topics: {exc}")
     if args.algorithm is not None and args.private_key is None:
         parser.error("--algorithm: RS256 and ES256 sign with --private-key")
     if args.private_key is not None:
@@ -248,8 +252,7 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             issuer=args.issuer,
         )
     except ValueError as exc:
-        where = "--topics" if "topic pattern" in str(exc) else flag
-        parser.error(f"{where}: {exc}")
+        parser.error(f"{flag}: {exc}")
     print(token)
     return 0
 

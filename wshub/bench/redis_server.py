@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -77,6 +78,7 @@ def find_redis_server() -> str | None:
     return None
 
 
+@functools.cache
 def redis_major_version(path: str) -> int:
     """The major version ``path`` reports (``Redis server v=7.0.15 ...``), 0 if it cannot run."""
     try:

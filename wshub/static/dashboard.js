@@ -211,7 +211,7 @@ function markStaleRuns() {
 
 function onRunStarted(data) {
   const run = getRun(data);
-  run.updated = Date.now();
+  touch(run);
   run.planned = isNumber(data.planned_requests) ? data.planned_requests : null;
   const meta = [];
   if (data.git_branch) meta.push(data.git_branch);
