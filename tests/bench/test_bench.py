@@ -14,6 +14,7 @@ import redis
 
 from wshub.bench import main
 from wshub.bench.redis_server import RedisServer, free_port
+from wshub.bench.report import plot_figure
 from wshub.bench.report import warnings as report_warnings
 from wshub.bench.servers import EXTRA_VARIANTS, SOCKETIFY, VARIANTS
 
@@ -226,3 +227,23 @@ def test_repetitions_that_disagree_are_warned_about() -> None:
         "warning: noisy (burst, 100 clients): its 3 repetitions disagree by 60%"
     )
     assert "a round delivered nothing" in lines[1]
+
+
+def test_the_plot_of_one_client_count_has_labelled_bars_and_of_several_lines() -> None:
+    def row(variant: str, clients: int, rate: float) -> dict[str, Any]:
+        return {
+            "workload": "burst",
+            "variant": variant,
+            "clients": clients,
+            "delivered_per_s": rate,
+        }
+
+    one = plot_figure([row("wshub-cython", 1000, 25_000.0), row("websockets", 1000, 5_000.0)])
+    [axis] = one.axes
+    [bars] = axis.containers
+    assert [bar.get_height() for bar in bars] == [25_000.0, 5_000.0]
+    assert [text.get_text() for text in axis.texts] == ["25,000", "5,000"]
+    assert axis.get_title() == "burst, 1,000 clients"
+    several = plot_figure([row("wshub-cython", 100, 9e4), row("wshub-cython", 1000, 8e4)])
+    [axis] = several.axes
+    assert axis.containers == [] and len(axis.lines) == 1

@@ -16,7 +16,15 @@ from wshub.redis_backplane import redact_url
 from .runner import RoundResult, median, percentile
 from .servers import BASELINE, SINGLE_NODE
 
-__all__ = ["SPREAD", "summarize", "table", "warnings", "write_json", "write_plot"]
+__all__ = [
+    "SPREAD",
+    "plot_figure",
+    "summarize",
+    "table",
+    "warnings",
+    "write_json",
+    "write_plot",
+]
 
 NAN = float("nan")
 #: Largest spread of one variant's rates over its repetitions (fastest over slowest, minus
@@ -238,7 +246,21 @@ def _without_nan(value: Any) -> Any:
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Delivered msg/s against client count, one line per variant, one panel per workload.
+    """Write :func:`plot_figure` of ``rows`` to ``path`` (PNG).
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install wshub[plot]``).
+    """
+    import matplotlib.pyplot as plt
+
+    figure = plot_figure(rows)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_figure(rows: list[dict[str, Any]]) -> Any:
+    """Delivered msg/s against client count, one line per variant, one panel per workload;
+    a workload measured at one client count gets labelled bars instead of lone dots.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install wshub[plot]``).
@@ -287,4 +309,4 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
         axis.legend(fontsize="small")
     figure.suptitle(f"wshub fan-out, {environment()['date']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    return figure
