@@ -441,8 +441,14 @@ function raiseAlert(title, body, tag) {
   unseenAlerts += 1;
   document.title = `(${unseenAlerts}) ${pageTitle}`;
   if (alertsWanted && canNotify()) {
-    const notification = new Notification(title, { body, tag });
-    notification.addEventListener("click", () => window.focus());
+    try {
+      const notification = new Notification(title, { body, tag });
+      notification.addEventListener("click", () => window.focus());
+    } catch (error) {
+      // Some browsers (Chrome on Android) allow notifications only from a service worker;
+      // the title count still tells.
+      console.warn("wshub: cannot show a notification", error);
+    }
   }
 }
 
