@@ -29,8 +29,12 @@ def _make_hub(implementation: str, config: dict[str, Any]) -> wshub.Hub:
     config.setdefault("log_connection_events", False)
     hub_class = config.pop("hub_class", wshub.Hub)
     backplane = config.pop("backplane", None)
+    authenticate = config.pop("authenticate", None)
     hub: wshub.Hub = hub_class(
-        wshub.HubConfig(**config), implementation=implementation, backplane=backplane
+        wshub.HubConfig(**config),
+        implementation=implementation,
+        backplane=backplane,
+        authenticate=authenticate,
     )
     return hub
 

@@ -81,12 +81,12 @@ class MemoryClient:
         self.aborted = False
         self.writes = 0
 
-    def open(self, hub: SessionHost) -> ClientSession | Refusal:
+    async def open(self, hub: SessionHost) -> ClientSession | Refusal:
         """Ask ``hub`` to admit and take this client, as a transport does."""
-        refusal = hub.admit(self.request)
-        if refusal is not None:
-            return refusal
-        opened = hub.open_session(self, self.request)
+        admission = await hub.admit(self.request)
+        if isinstance(admission, Refusal):
+            return admission
+        opened = hub.open_session(self, admission)
         if not isinstance(opened, Refusal):
             self.session = opened
         return opened

@@ -28,9 +28,9 @@ async def hub(implementation: str) -> AsyncIterator[wshub.Hub]:
         yield hub
 
 
-def connect(hub: wshub.Hub, target: str = "/api/ws", **options: Any) -> MemoryClient:
+async def connect(hub: wshub.Hub, target: str = "/api/ws", **options: Any) -> MemoryClient:
     memory = MemoryClient(target=target, **options)
-    opened = memory.open(hub)
+    opened = await memory.open(hub)
     assert not isinstance(opened, Refusal), opened
     return memory
 
@@ -39,7 +39,7 @@ def connect(hub: wshub.Hub, target: str = "/api/ws", **options: Any) -> MemoryCl
 async def test_greeting_replies_and_publishes_reach_a_memory_client(
     hub: wshub.Hub, kind: FrameKind
 ) -> None:
-    memory = connect(hub, "/api/ws?topics=a", frame_kind=kind)
+    memory = await connect(hub, "/api/ws?topics=a", frame_kind=kind)
     memory.send({"type": "ping"})
     memory.send({"type": "subscribe", "data": {"topics": ["b"]}})
     assert hub.broadcast_to_subscribers("event", 1, ["a", "b"]) == 1
@@ -53,7 +53,7 @@ async def test_greeting_replies_and_publishes_reach_a_memory_client(
 
 
 async def test_bad_input_is_answered_and_the_client_lives_on(hub: wshub.Hub) -> None:
-    memory = connect(hub)
+    memory = await connect(hub)
     memory.send("{not json")
     memory.send({"type": "ping"})
     hub.flush()
@@ -65,9 +65,9 @@ async def test_bad_input_is_answered_and_the_client_lives_on(hub: wshub.Hub) -> 
 
 
 async def test_admission_refuses_past_max_clients_and_counts_it(hub: wshub.Hub) -> None:
-    connect(hub)
-    connect(hub)
-    refused = MemoryClient().open(hub)
+    await connect(hub)
+    await connect(hub)
+    refused = await MemoryClient().open(hub)
     assert isinstance(refused, Refusal)
     assert (refused.status, refused.close_code) == (503, 1013)
     assert hub.stats()["rejected_connections"] == 1
@@ -76,16 +76,16 @@ async def test_admission_refuses_past_max_clients_and_counts_it(hub: wshub.Hub) 
 async def test_admission_refuses_other_browser_origins(implementation: str) -> None:
     config = wshub.HubConfig(allowed_origins=["https://ok.example"], log_connection_events=False)
     async with wshub.Hub(config, implementation=implementation) as hub:  # type: ignore[arg-type]
-        other = MemoryClient(headers={"origin": "https://evil.example"}).open(hub)
+        other = await MemoryClient(headers={"origin": "https://evil.example"}).open(hub)
         assert isinstance(other, Refusal) and other.status == 403
         assert not isinstance(
-            MemoryClient(headers={"origin": "https://ok.example"}).open(hub), Refusal
+            await MemoryClient(headers={"origin": "https://ok.example"}).open(hub), Refusal
         )
-        assert not isinstance(MemoryClient().open(hub), Refusal)  # no Origin: not a browser
+        assert not isinstance(await MemoryClient().open(hub), Refusal)  # no Origin: not a browser
 
 
 async def test_a_paused_client_that_overflows_is_closed_with_4008(hub: wshub.Hub) -> None:
-    slow, healthy = connect(hub), connect(hub)
+    slow, healthy = await connect(hub), await connect(hub)
     assert slow.session is not None
     slow.session.pause_writing()
     for number in range(10):
@@ -97,7 +97,7 @@ async def test_a_paused_client_that_overflows_is_closed_with_4008(hub: wshub.Hub
 
 
 async def test_a_client_resumed_in_time_gets_what_was_kept(hub: wshub.Hub) -> None:
-    memory = connect(hub)
+    memory = await connect(hub)
     assert memory.session is not None
     memory.session.pause_writing()
     hub.broadcast_to_all("event", 1)
@@ -113,7 +113,7 @@ async def test_stop_says_goodbye_then_closes_with_1001(implementation: str) -> N
         implementation=implementation,  # type: ignore[arg-type]
     )
     await hub.start()
-    memory = connect(hub)
+    memory = await connect(hub)
     await asyncio.wait_for(hub.stop(), 5)
     assert memory.messages()[-1]["type"] == "disconnection"
     assert memory.close_frame == (1001, "server shutdown")

@@ -100,8 +100,15 @@ def test_message_ids_increase_strictly_within_one_millisecond() -> None:
     assert abs(pairs[0][0] - time.time() * 1000) < 60_000
 
 
-def test_message_type_has_the_seed_types_subscription_answers_and_gap() -> None:
-    assert len(MessageType) == 18
-    assert {"subscribed", "unsubscribed", "regression_detected", "run_progress", "gap"} <= {
-        str(member) for member in MessageType
-    }
+def test_message_type_has_the_seed_types_subscription_answers_gap_and_tokens() -> None:
+    assert len(MessageType) == 21
+    assert {
+        "subscribed",
+        "unsubscribed",
+        "regression_detected",
+        "run_progress",
+        "gap",
+        "refresh",
+        "refreshed",
+        "token_expired",
+    } <= {str(member) for member in MessageType}

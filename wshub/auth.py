@@ -18,26 +18,37 @@ Browsers cannot set headers on a WebSocket handshake, so :func:`token_from` look
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.cookies
+import inspect
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .logs import RateLimitedLog
 from .session import HandshakeRequest
 from .wire import topic_problem
 
+if TYPE_CHECKING:  # the config module imports this one, for the key rules
+    from .config import HubConfig
+
 __all__ = [
+    "ANONYMOUS",
     "ASYMMETRIC_ALGORITHMS",
     "TOKEN_COOKIE",
     "TOKEN_QUERY",
+    "AuthUnavailable",
+    "AuthenticateHook",
+    "Authenticator",
     "Grants",
+    "JwksVerifier",
     "Principal",
     "TokenRefused",
     "TokenVerifier",
@@ -61,16 +72,25 @@ _MISSING_CLAIM_REASONS: Final = {"aud": "audience", "iss": "issuer"}
 
 
 class TokenRefused(Exception):
-    """A token that does not admit its client.
+    """A client that may not connect: its token (or an ``authenticate`` hook) refused it.
+
+    A hook raises it to refuse a client with HTTP 401; ``message`` is the answer's body.
 
     Attributes:
         reason: One word, for counting refusals: ``missing``, ``malformed``, ``signature``,
-            ``expired``, ``audience``, ``issuer`` or ``claims``.
+            ``expired``, ``audience``, ``issuer`` or ``claims`` for tokens; a hook's own
+            word (lower-case letters and ``_``, at most 32) or ``refused``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        self.message = message
+
+
+class AuthUnavailable(TokenRefused):
+    """Authentication could not decide: the hook failed or took longer than
+    ``auth_timeout``, or the key set cannot be fetched. The client is refused with 503."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,7 +183,7 @@ class TokenVerifier:
             raise ValueError("give a token verifier exactly one of secret and public_key")
         if self.secret is not None and len(self.secret.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"an HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
-        algorithm = HMAC_ALGORITHM if self.public_key is None else _algorithm_of(self.public_key)
+        algorithm = HMAC_ALGORITHM if self.public_key is None else algorithm_of(self.public_key)
         object.__setattr__(self, "algorithm", algorithm)
 
     def verify(self, token: str) -> Principal:
@@ -173,32 +193,96 @@ class TokenVerifier:
             TokenRefused: Its signature, expiry, audience, issuer or claims are wrong.
         """
         key: Any = self.secret if self.secret is not None else self.public_key
+        return _decode(token, key, self.algorithm, self.audience, self.issuer, self.leeway)
+
+
+class JwksVerifier:
+    """Verifies subscriber tokens with the keys of a JSON Web Key Set, found by ``kid``.
+
+    PyJWT's :class:`jwt.PyJWKClient` fetches the set and keeps it for ``lifespan`` seconds;
+    a token naming a ``kid`` the cached set lacks fetches it again (at most every 30 s), so
+    an issuer can rotate keys. :meth:`verify` may fetch over the network: call it in a
+    thread.
+
+    Args:
+        url: The key set's URL.
+        audience, issuer, leeway: As for :class:`TokenVerifier`.
+        timeout: Seconds one fetch may take.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        timeout: float = 5.0,
+        lifespan: float = 300.0,
+    ) -> None:
+        self.url = url
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self._client = jwt.PyJWKClient(url, cache_keys=True, lifespan=lifespan, timeout=timeout)
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token names (blocking while the key set is fetched).
+
+        Raises:
+            AuthUnavailable: The key set cannot be fetched.
+            TokenRefused: No key of the set signed it, or its claims are wrong.
+        """
         try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[self.algorithm],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway,
-                options={"require": ["exp"], "verify_aud": self.audience is not None},
-            )
-        except jwt.ExpiredSignatureError:
-            raise TokenRefused("expired", "the token has expired") from None
-        except jwt.InvalidAudienceError:
-            raise TokenRefused("audience", "the token is not for this hub (aud)") from None
-        except jwt.MissingRequiredClaimError as exc:
-            reason = _MISSING_CLAIM_REASONS.get(exc.claim, "claims")
-            raise TokenRefused(reason, f"the token has no {exc.claim!r} claim") from None
-        except jwt.InvalidIssuerError:
-            raise TokenRefused("issuer", "the token is from another issuer (iss)") from None
-        except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
-            raise TokenRefused("signature", "the token's signature does not verify") from None
+            signing_key = self._client.get_signing_key_from_jwt(token)
+        except jwt.PyJWKClientConnectionError:
+            raise AuthUnavailable("jwks", "the key set cannot be fetched") from None
+        except jwt.PyJWKClientError:
+            raise TokenRefused("signature", "no key of the key set signed this token") from None
         except jwt.DecodeError:
             raise TokenRefused("malformed", "the token is not a well-formed JWT") from None
-        except jwt.InvalidTokenError as exc:
-            raise TokenRefused("claims", f"the token's claims are invalid: {exc}") from None
-        return principal_of(claims)
+        algorithm = signing_key.algorithm_name
+        if algorithm not in ASYMMETRIC_ALGORITHMS:
+            # An HMAC key published in a key set would be a secret anyone can read.
+            raise TokenRefused("signature", f"the key set's key is for {algorithm}")
+        return _decode(token, signing_key.key, algorithm, self.audience, self.issuer, self.leeway)
+
+
+def _decode(
+    token: str,
+    key: Any,
+    algorithm: str,
+    audience: str | None,
+    issuer: str | None,
+    leeway: float,
+) -> Principal:
+    """Verify ``token`` with ``key`` and the one ``algorithm`` it must use."""
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            options={"require": ["exp"], "verify_aud": audience is not None},
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenRefused("expired", "the token has expired") from None
+    except jwt.InvalidAudienceError:
+        raise TokenRefused("audience", "the token is not for this hub (aud)") from None
+    except jwt.MissingRequiredClaimError as exc:
+        reason = _MISSING_CLAIM_REASONS.get(exc.claim, "claims")
+        raise TokenRefused(reason, f"the token has no {exc.claim!r} claim") from None
+    except jwt.InvalidIssuerError:
+        raise TokenRefused("issuer", "the token is from another issuer (iss)") from None
+    except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
+        raise TokenRefused("signature", "the token's signature does not verify") from None
+    except jwt.DecodeError:
+        raise TokenRefused("malformed", "the token is not a well-formed JWT") from None
+    except jwt.InvalidTokenError as exc:
+        raise TokenRefused("claims", f"the token's claims are invalid: {exc}") from None
+    return principal_of(claims)
 
 
 def principal_of(claims: Mapping[str, Any]) -> Principal:
@@ -304,7 +388,7 @@ def mint_token(
         raise ValueError(f"cannot sign with this key and {algorithm}: {exc}") from None
 
 
-def _algorithm_of(pem: str) -> str:
+def algorithm_of(pem: str) -> str:
     """RS256 for an RSA public key, ES256 for an EC one: the key decides, so that a token
     cannot choose another algorithm for it.
 
@@ -320,3 +404,147 @@ def _algorithm_of(pem: str) -> str:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return "ES256"
     raise ValueError(f"a {type(key).__name__} cannot verify RS256 or ES256 tokens")
+
+
+AuthenticateHook = Callable[[HandshakeRequest], "Principal | Awaitable[Principal | None] | None"]
+"""``Hub(authenticate=...)``: who the client of a handshake is (sync or async).
+
+Return a :class:`Principal` to admit it as that principal, None when the request carries no
+credentials the hook knows (a token, if any, is then verified, and ``auth_required``
+decides about a client with neither), or raise :class:`TokenRefused` to refuse it (401). Any
+other exception, or taking longer than ``auth_timeout``, refuses it with 503 and is logged.
+"""
+
+ANONYMOUS: Final = Principal(None, Grants.everything())
+"""A client nothing authenticated, on a hub that does not require it: it may subscribe to
+every topic, as before tokens existed."""
+
+# A JWT this long is no subscriber token: refused before it is parsed.
+MAX_TOKEN_LENGTH: Final = 8192
+_REASON: Final = re.compile(r"^[a-z_]{1,32}$")
+# Refusal reasons are metric labels: a hook's own words are kept to a few.
+MAX_REASONS: Final = 32
+
+
+class Authenticator:
+    """How a hub learns who a client is, once per connection, and counts whom it refused.
+
+    Args:
+        config: The hub's settings (``auth_*``).
+        hook: The ``authenticate`` hook, if any.
+        log: Where a failing hook is reported (lines that clients cause, rate-limited).
+
+    Raises:
+        ValueError: ``auth_required`` is set, and neither a key nor a hook can authenticate.
+    """
+
+    def __init__(
+        self, config: HubConfig, hook: AuthenticateHook | None, log: RateLimitedLog
+    ) -> None:
+        self._hook = hook
+        self._log = log
+        self._timeout = config.auth_timeout
+        self.required = config.auth_required
+        self._static: TokenVerifier | None = None
+        self._jwks: JwksVerifier | None = None
+        if config.auth_jwks_url is not None:
+            self._jwks = JwksVerifier(
+                config.auth_jwks_url,
+                audience=config.auth_audience,
+                issuer=config.auth_issuer,
+                leeway=config.auth_leeway,
+                timeout=config.auth_timeout,
+            )
+        elif config.auth_secret is not None or config.auth_public_key is not None:
+            self._static = TokenVerifier(
+                secret=config.auth_secret,
+                public_key=config.auth_public_key,
+                audience=config.auth_audience,
+                issuer=config.auth_issuer,
+                leeway=config.auth_leeway,
+            )
+        if self.required and hook is None and not self.verifies_tokens:
+            raise ValueError(
+                "auth_required is true, but nothing can authenticate clients: set auth_secret, "
+                "auth_public_key or auth_jwks_url, or pass Hub(authenticate=...)"
+            )
+        self.refused: dict[str, int] = {}
+
+    @property
+    def verifies_tokens(self) -> bool:
+        """Whether a key (a secret, a public key, a key set) verifies tokens here."""
+        return self._static is not None or self._jwks is not None
+
+    async def authenticate(self, request: HandshakeRequest) -> Principal:
+        """Who the client of ``request`` is: the hook's answer, else its token's principal,
+        else :data:`ANONYMOUS` when authentication is not required.
+
+        Raises:
+            TokenRefused: It may not connect (``AuthUnavailable``: nothing could decide).
+        """
+        try:
+            if self._hook is not None:
+                principal = await self._ask_hook(request)
+                if principal is not None:
+                    return principal
+            token = token_from(request)
+            if token is not None and self.verifies_tokens:
+                return await self.verify(token)
+            if self.required:
+                raise TokenRefused("missing", "a subscriber token is required")
+            return ANONYMOUS
+        except TokenRefused as refused:
+            self._count(refused)
+            raise
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of ``token`` (a handshake's, or a ``refresh``'s).
+
+        Raises:
+            TokenRefused: The token is refused, or this hub verifies no tokens.
+        """
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise TokenRefused("malformed", f"the token is longer than {MAX_TOKEN_LENGTH}")
+        if self._static is not None:
+            return self._static.verify(token)
+        if self._jwks is not None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await asyncio.to_thread(self._jwks.verify, token)
+            except TimeoutError:
+                raise AuthUnavailable("jwks", "the key set took too long to fetch") from None
+        raise TokenRefused("unsupported", "this hub verifies no tokens")
+
+    async def _ask_hook(self, request: HandshakeRequest) -> Principal | None:
+        assert self._hook is not None
+        try:
+            async with asyncio.timeout(self._timeout):
+                answer = self._hook(request)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+        except TokenRefused as refused:
+            if not _REASON.match(refused.reason):
+                refused.reason = "refused"
+            raise
+        except TimeoutError:
+            self._log.warning(
+                "authenticate took longer than auth_timeout (%gs): client refused", self._timeout
+            )
+            raise AuthUnavailable("hook_timeout", "authentication is unavailable") from None
+        except Exception:
+            # The hook's bug, not the client's: its traceback helps (rate-limited all the same).
+            self._log.exception("authenticate failed: client refused")
+            raise AuthUnavailable("hook_error", "authentication is unavailable") from None
+        if answer is not None and not isinstance(answer, Principal):
+            self._log.warning(
+                "authenticate returned a %s, not a Principal or None: client refused",
+                type(answer).__name__,
+            )
+            raise AuthUnavailable("hook_error", "authentication is unavailable")
+        return answer
+
+    def _count(self, refused: TokenRefused) -> None:
+        reason = refused.reason
+        if reason not in self.refused and len(self.refused) >= MAX_REASONS:
+            reason = "other"
+        self.refused[reason] = self.refused.get(reason, 0) + 1

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import Any
 
+from .auth import AuthUnavailable, Principal, TokenRefused
 from .backplane import StoredEntries
 from .config import HubConfig
 from .fanout import Framer
@@ -32,7 +33,7 @@ from .limits import (
 from .logs import RateLimitedLog, count_of
 from .policies import SlowConsumers
 from .resume import PendingReplay, Resumer, answer_recovery
-from .session import ClientTransport, HandshakeRequest
+from .session import Admission, ClientTransport, HandshakeRequest
 from .wire import (
     MessageType,
     ProtocolError,
@@ -42,9 +43,13 @@ from .wire import (
     rfc3339,
 )
 
-__all__ = ["INTERNAL_ERROR", "ClientSession", "Clients"]
+__all__ = ["INTERNAL_ERROR", "TOKEN_EXPIRED", "ClientSession", "Clients"]
 
 INTERNAL_ERROR = 1011
+TOKEN_EXPIRED = 4001
+_UNAUTHORIZED = 401
+_FORBIDDEN = 403
+_UNAVAILABLE = 503
 
 
 class ClientSession:
@@ -63,6 +68,10 @@ class ClientSession:
         limit: What it may still send (``client_message_rate``).
         address: The address it connects from, through trusted proxies
             (``max_connections_per_ip``).
+        principal: Who it is and what it may subscribe to; a ``refresh`` replaces it.
+        expiry: The timer of its token's expiry, then of the grace period after it.
+        refreshing: Messages that arrived while its ``refresh`` was verified, in order
+            (None: refused over the rate limit); None when no refresh is being verified.
     """
 
     __slots__ = (
@@ -70,10 +79,13 @@ class ClientSession:
         "address",
         "client",
         "connected_at",
+        "expiry",
         "joined_after",
         "last_ping",
         "limit",
         "pending",
+        "principal",
+        "refreshing",
         "remote_addr",
         "transport",
         "user_agent",
@@ -84,12 +96,16 @@ class ClientSession:
         clients: Clients,
         client: Any,
         transport: ClientTransport,
-        request: HandshakeRequest,
+        admission: Admission,
         joined_after: str,
     ) -> None:
+        request = admission.request
         self._clients = clients
         self.client = client
         self.transport = transport
+        self.principal = admission.principal
+        self.expiry: asyncio.TimerHandle | None = None
+        self.refreshing: list[str | bytes | None] | None = None
         self.remote_addr = request.remote_address
         self.user_agent = request.user_agent
         self.connected_at = time.time()
@@ -107,6 +123,18 @@ class ClientSession:
         """The client's id."""
         client_id: str = self.client.client_id
         return client_id
+
+    @property
+    def identity(self) -> str | None:
+        """Who the client authenticated as (its token's ``sub``); None when anonymous."""
+        return self.principal.identity
+
+    @property
+    def name(self) -> str:
+        """The client as log lines name it: its id, and its identity when it has one."""
+        identity = self.principal.identity
+        client_id = self.client_id
+        return client_id if identity is None else f"{client_id} ({identity[:64]!r})"
 
     def received(self, message: str | bytes) -> None:
         """A whole message arrived from the client."""
@@ -145,6 +173,7 @@ class Clients:
         resumer: Answers ``since``.
         last_id: The newest message id this hub has queued for its clients.
         spawn: Runs a coroutine as a task the hub cancels when it stops.
+        verify: The principal of a token a client sends in ``refresh``.
     """
 
     def __init__(
@@ -158,6 +187,7 @@ class Clients:
         resumer: Resumer,
         last_id: Callable[[], str],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        verify: Callable[[str], Coroutine[Any, Any, Principal]],
     ) -> None:
         self.config = config
         self.logger = logger
@@ -167,6 +197,7 @@ class Clients:
         self.resumer = resumer
         self.last_id = last_id
         self.spawn = spawn
+        self.verify = verify
         self.sessions: dict[str, ClientSession] = {}
         # What clients cause is logged within a budget, so that they cannot flood the log.
         self.client_log = RateLimitedLog(logger)
@@ -181,18 +212,22 @@ class Clients:
 
     # Joining and leaving
 
-    def open(self, transport: ClientTransport, request: HandshakeRequest) -> ClientSession:
+    def open(self, transport: ClientTransport, admission: Admission) -> ClientSession:
         """Add a client, greet it, replay what it missed (``?since=``) and report bad input.
 
         One synchronous step: the greeting and the replay are queued before any later
         publish can reach the client, so a resume has neither gap nor duplicate.
         """
+        request = admission.request
         client_id = secrets.token_hex(8)
         topics, topics_error = self._initial_topics(request)
+        topics, forbidden_error = _allowed(admission.principal, topics)
         since, since_error = _initial_since(request)
-        errors = [error for error in (topics_error, since_error) if error is not None]
+        errors = [
+            error for error in (topics_error, forbidden_error, since_error) if error is not None
+        ]
         client = self.core.Client(client_id, transport.write, int(transport.frame_kind))
-        session = ClientSession(self, client, transport, request, self.last_id())
+        session = ClientSession(self, client, transport, admission, self.last_id())
         self.sessions[client_id] = session
         self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
         greeting: dict[str, Any] = {
@@ -229,10 +264,11 @@ class Clients:
             for error in errors:
                 self.send_error(session, error)
             self._replay(session, messages)
+        self._watch_expiry(session)
         if self.config.log_connection_events:
             self.connection_log.info(
                 "client %s connected from %s (%s)",
-                client_id,
+                session.name,
                 session.remote_addr,
                 count_of(len(self.sessions), "client"),
             )
@@ -262,10 +298,13 @@ class Clients:
         self.resumer.pending.pop(client.client_id, None)
         self.fanout.remove_client(client)
         self.slow.unblocked(client.client_id)
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
         if self.config.log_connection_events:
             self.connection_log.info(
                 "client %s disconnected (code %s%s; %s)",
-                client.client_id,
+                session.name,
                 code if code is not None else "none",
                 f" {reason}" if reason else "",
                 count_of(len(self.sessions), "client"),
@@ -316,6 +355,9 @@ class Clients:
             # Answered after the resume being read, in the order the client sent them (None:
             # refused over the rate limit); the rate limit bounds how many wait here.
             session.pending.inbox.append(message if paid else None)
+            return
+        if session.refreshing is not None:  # the same, behind a refresh being verified
+            session.refreshing.append(message if paid else None)
             return
         if paid:
             self._act(session, message)
@@ -368,6 +410,10 @@ class Clients:
             elif request.type is MessageType.PING:
                 session.last_ping = time.time()
                 self.send(session, MessageType.PONG)
+            elif request.type is MessageType.REFRESH:
+                assert request.token is not None
+                session.refreshing = []
+                self.spawn(self._refresh(session, request.token))
             else:
                 session.last_ping = time.time()
         except ProtocolError as exc:
@@ -377,8 +423,14 @@ class Clients:
         self, session: ClientSession, topics: tuple[str, ...], since: str | None
     ) -> None:
         """Subscribe, answer and, with ``since``, replay what the client missed: in one
-        synchronous step, so later publishes queue behind the replay."""
+        synchronous step, so later publishes queue behind the replay.
+
+        Topics the client may not see are refused with one ``error`` 403 naming them; the
+        rest of the request is applied."""
         client = session.client
+        topics, forbidden = _allowed(session.principal, topics)
+        if forbidden is not None:
+            self.send_error(session, forbidden)
         new = [topic for topic in topics if topic not in client.topics]
         self._check_subscription_limit(len(client.topics), len(new))
         held = frozenset(client.topics)
@@ -519,22 +571,121 @@ class Clients:
         for error in pending.errors:
             self.send_error(session, error)
         self._replay(session, self.resumer.stored_messages(pending, stored))
-        # Messages the client sent meanwhile, in order; one may start another resume.
-        for waiting in pending.inbox:
-            if session.pending is not None:  # one of them began another resume
+        self._act_on_waiting(session, pending.inbox)
+
+    def _act_on_waiting(self, session: ClientSession, inbox: list[str | bytes | None]) -> None:
+        """Messages the client sent while a resume was read or a refresh verified, in
+        order; one of them may begin another resume or refresh, behind which the rest wait."""
+        for waiting in inbox:
+            if session.pending is not None:
                 session.pending.inbox.append(waiting)
+            elif session.refreshing is not None:
+                session.refreshing.append(waiting)
             elif waiting is None:
                 self.send_error(session, self._rate_limited())
             else:
                 self._act(session, waiting)
+
+    # Tokens: expiry and refresh
+
+    def _watch_expiry(self, session: ClientSession) -> None:
+        """Tell the client when its token expires (``token_expired``)."""
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        expires_at = session.principal.expires_at
+        if expires_at is not None:
+            delay = max(0.0, expires_at - time.time())
+            loop = asyncio.get_running_loop()
+            session.expiry = loop.call_later(delay, self._token_expired, session)
+
+    def _token_expired(self, session: ClientSession) -> None:
+        """The token expired: the client has ``auth_expiry_grace`` to send a fresh one."""
+        grace = self.config.auth_expiry_grace
+        expires_at = session.principal.expires_at
+        assert expires_at is not None
+        self.send(
+            session,
+            MessageType.TOKEN_EXPIRED,
+            {"expired_at": rfc3339(int(expires_at * 1e9)), "grace": grace},
+        )
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(grace, self._expiry_over, session)
+
+    def _expiry_over(self, session: ClientSession) -> None:
+        session.expiry = None
+        if self.sessions.get(session.client_id) is session:
+            self.close(session, TOKEN_EXPIRED, "token expired")
+
+    async def _refresh(self, session: ClientSession, token: str) -> None:
+        """Verify a ``refresh``'s token (a key set may be fetched), then apply it; the
+        client's later messages wait in ``refreshing`` meanwhile."""
+        try:
+            try:
+                principal: Principal | None = await self.verify(token)
+            except TokenRefused as exc:
+                principal = None
+                refusal = exc
+        finally:
+            waiting, session.refreshing = session.refreshing or [], None
+        if self.sessions.get(session.client_id) is not session:
+            return
+        if principal is None:
+            code = _UNAVAILABLE if isinstance(refusal, AuthUnavailable) else _UNAUTHORIZED
+            if refusal.reason == "unsupported":
+                code = 400
+            self.send_error(
+                session,
+                ProtocolError(
+                    f"refresh refused: {refusal.message}", {"reason": refusal.reason}, code
+                ),
+            )
+        elif session.identity is not None and principal.identity != session.identity:
+            self.send_error(
+                session,
+                ProtocolError(
+                    "refresh refused: the token names another identity (sub)",
+                    {"reason": "identity"},
+                    code=_FORBIDDEN,
+                ),
+            )
+        else:
+            self._apply_principal(session, principal)
+        self._act_on_waiting(session, waiting)
+
+    def _apply_principal(self, session: ClientSession, principal: Principal) -> None:
+        """Take a refreshed token: new grants (topics they no longer allow are left), and
+        a new expiry, which ends a grace period under way."""
+        session.principal = principal
+        client = session.client
+        dropped = principal.grants.forbidden(sorted(client.topics))
+        if dropped:
+            self.fanout.unsubscribe(client, dropped)
+        self._watch_expiry(session)
+        expires_at = principal.expires_at
+        self.send(
+            session,
+            MessageType.REFRESHED,
+            {
+                "identity": principal.identity,
+                "expires_at": rfc3339(int(expires_at * 1e9)) if expires_at is not None else None,
+                "topics": sorted(client.topics),
+                "dropped": dropped,
+            },
+        )
 
     # Introspection
 
     def describe(self, session: ClientSession) -> dict[str, Any]:
         """One client as ``client_info()`` shows it."""
         client = session.client
+        expires_at = session.principal.expires_at
         return {
             "id": client.client_id,
+            "identity": session.principal.identity,
+            "token_expires_at": (
+                rfc3339(int(expires_at * 1e9)) if expires_at is not None else None
+            ),
             "remote_addr": session.remote_addr,
             "user_agent": session.user_agent,
             "connected_at": rfc3339(int(session.connected_at * 1e9)),
@@ -546,6 +697,24 @@ class Clients:
             "messages_dropped": client.messages_dropped,
             "buffered_bytes": client.buffered_bytes + session.transport.buffered_bytes(),
         }
+
+
+def _allowed(
+    principal: Principal, topics: Sequence[str]
+) -> tuple[tuple[str, ...], ProtocolError | None]:
+    """The ``topics`` the principal may subscribe to, and an error 403 naming the rest."""
+    grants = principal.grants
+    forbidden = grants.forbidden(topics)
+    if not forbidden:
+        return tuple(topics), None
+    named = ", ".join(repr(topic[:64]) for topic in forbidden[:10])
+    more = f" and {len(forbidden) - 10} more" if len(forbidden) > 10 else ""
+    error = ProtocolError(
+        f"not allowed to subscribe to {named}{more}; the other topics were applied",
+        {"forbidden": forbidden, "allowed": list(grants.patterns)},
+        code=_FORBIDDEN,
+    )
+    return tuple(topic for topic in topics if grants.allows(topic)), error
 
 
 def _initial_since(request: HandshakeRequest) -> tuple[str | None, ProtocolError | None]:

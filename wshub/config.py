@@ -9,8 +9,10 @@ import dataclasses
 import math
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from .auth import MIN_SECRET_BYTES, algorithm_of
 from .limits import proxy_networks
 from .wire import MAX_TOPIC_LENGTH, topic_problem
 
@@ -93,6 +95,23 @@ class HubConfig:
             :mod:`wshub.limits`). 0 disables the limit.
         client_message_burst: How many a client may send at once above that rate; a client
             refused this many times in a row is closed with 1008.
+        auth_required: Refuse a handshake without a valid subscriber token with HTTP 401
+            (see :mod:`wshub.auth`). Off by default, for a hub embedded behind its own
+            gate; without it, a client that brings no token may subscribe to anything, and
+            one that brings a bad token is still refused.
+        auth_secret: The HS256 secret subscriber tokens are signed with (at least 32 bytes).
+        auth_public_key: The RS256 or ES256 public key that verifies subscriber tokens: PEM
+            text, or the path of a PEM file (read once, when the config is built).
+        auth_jwks_url: An ``https://`` (or ``http://``) URL of a JSON Web Key Set whose keys
+            verify subscriber tokens (RS256, ES256) by their ``kid``; the set is cached and
+            fetched again after five minutes, or at once for an unknown ``kid``.
+        auth_audience: When set, a token's ``aud`` must name it.
+        auth_issuer: When set, a token's ``iss`` must be it.
+        auth_leeway: Seconds of clock difference tolerated on a token's ``exp``.
+        auth_expiry_grace: Seconds a client whose token expired keeps its connection, after
+            the ``token_expired`` message, to send a ``refresh`` before it is closed (4001).
+        auth_timeout: The longest an ``authenticate`` hook or a JWKS fetch may take for one
+            handshake; later, the client is refused (503).
     """
 
     max_clients: int = 100
@@ -128,6 +147,15 @@ class HubConfig:
     # A dashboard sends a few subscribes when it opens and a ping now and then.
     client_message_rate: float = 10.0
     client_message_burst: int = 40
+    auth_required: bool = False
+    auth_secret: str | None = dataclasses.field(default=None, repr=False)
+    auth_public_key: str | None = None
+    auth_jwks_url: str | None = None
+    auth_audience: str | None = None
+    auth_issuer: str | None = None
+    auth_leeway: float = 5.0
+    auth_expiry_grace: float = 30.0
+    auth_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -149,8 +177,11 @@ class HubConfig:
             "ping_interval",
             "pong_timeout",
             "idempotency_window",
+            "auth_expiry_grace",
+            "auth_timeout",
         ):
             _check_number(name, getattr(self, name), allow_zero=False)
+        _check_number("auth_leeway", self.auth_leeway, allow_zero=True)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
         _check_number("history_ttl", self.history_ttl, allow_zero=True)
         _check_count("socket_send_buffer", self.socket_send_buffer, "the kernel's choice")
@@ -171,7 +202,12 @@ class HubConfig:
             )
         if not isinstance(self.redis_stream, str) or not self.redis_stream:
             raise ValueError(f"redis_stream must be a non-empty string, got {self.redis_stream!r}")
-        for name in ("enable_ping_pong", "disconnect_on_error", "log_connection_events"):
+        for name in (
+            "enable_ping_pong",
+            "disconnect_on_error",
+            "log_connection_events",
+            "auth_required",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.event_format not in EVENT_FORMATS:
@@ -208,6 +244,54 @@ class HubConfig:
         if self.allowed_origins is not None:
             origins = _as_string_tuple("allowed_origins", self.allowed_origins)
             object.__setattr__(self, "allowed_origins", origins)
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        """One way to verify tokens at most, each key checked now, so that a bad one stops
+        the start and not the first client."""
+        for name in ("auth_secret", "auth_public_key", "auth_jwks_url", "auth_audience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty string")
+        if self.auth_issuer is not None and not isinstance(self.auth_issuer, str):
+            raise ValueError(f"auth_issuer must be a string, got {self.auth_issuer!r}")
+        keys = [
+            name
+            for name in ("auth_secret", "auth_public_key", "auth_jwks_url")
+            if getattr(self, name) is not None
+        ]
+        if len(keys) > 1:
+            raise ValueError(
+                f"{keys[0]} and {keys[1]} are both set: give one way to verify tokens"
+            )
+        if self.auth_secret is not None and len(self.auth_secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"auth_secret must be at least {MIN_SECRET_BYTES} bytes (a shorter HS256 "
+                f"secret can be guessed from any token signed with it)"
+            )
+        if self.auth_public_key is not None:
+            pem = _read_pem(self.auth_public_key)
+            try:
+                algorithm_of(pem)
+            except ValueError as exc:
+                raise ValueError(f"auth_public_key: {exc}") from None
+            object.__setattr__(self, "auth_public_key", pem)
+        if self.auth_jwks_url is not None:
+            scheme = urllib.parse.urlsplit(self.auth_jwks_url).scheme
+            if scheme not in ("https", "http"):
+                raise ValueError(
+                    f"auth_jwks_url must be an https:// URL, got {self.auth_jwks_url!r}"
+                )
+
+
+def _read_pem(value: str) -> str:
+    """A PEM key given as text, or read from the file it names."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value
+    try:
+        return Path(value).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"auth_public_key cannot be read: {value}: {exc}") from None
 
 
 def _check_positive_int(name: str, value: Any) -> None:

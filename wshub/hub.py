@@ -24,17 +24,19 @@ from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from .auth import AuthenticateHook, Authenticator, AuthUnavailable, TokenRefused
 from .backplane import Added, Backplane, Entry
 from .clients import Clients, ClientSession
 from .config import HubConfig
 from .fanout import Framer, Implementation, core_module, encode_data
 from .history import History, MemoryHistory
 from .idempotency import IdempotencyKeys, check_idempotency_key
+from .logs import RateLimitedLog
 from .policies import SlowConsumers
 from .redis_backplane import RedisBackplane
 from .resume import Resumer
 from .runner import RunnerNotifications
-from .session import ClientTransport, HandshakeRequest, Refusal
+from .session import Admission, ClientTransport, HandshakeRequest, Refusal
 from .wire import (
     MessageClock,
     MessageTooLarge,
@@ -50,6 +52,9 @@ __all__ = ["BroadcastBufferFull", "Hub", "Published"]
 _GOING_AWAY = 1001
 _POLICY_VIOLATION = 1008
 _TRY_AGAIN_LATER = 1013
+# Closes for a client whose credentials do not admit it (the 401 of a handshake that a
+# transport accepted before asking); also a token that expired while connected.
+UNAUTHORIZED = 4001
 
 
 class BroadcastBufferFull(RuntimeError):
@@ -83,10 +88,14 @@ class Hub(RunnerNotifications):
         backplane: Joins this hub with others; None makes a
             :class:`~wshub.redis_backplane.RedisBackplane` when ``config.redis_url`` is set and
             runs the hub alone otherwise.
+        authenticate: Who a handshake's client is, beside or instead of tokens: see
+            :data:`wshub.auth.AuthenticateHook`. Called once per connection, bounded by
+            ``auth_timeout``.
 
     Raises:
         ImportError: ``implementation="cython"`` and the extension is not built, or
             ``redis_url`` is set and redis-py is not installed.
+        ValueError: ``auth_required`` is set and nothing can authenticate clients.
     """
 
     def __init__(
@@ -96,12 +105,14 @@ class Hub(RunnerNotifications):
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         implementation: Implementation | None = None,
         backplane: Backplane | None = None,
+        authenticate: AuthenticateHook | None = None,
     ) -> None:
         config = config if config is not None else HubConfig()
         if not isinstance(config, HubConfig):
             raise TypeError(f"config must be a HubConfig, got {config!r}")
         self._config = config
         self.logger = logger if logger is not None else logging.getLogger("wshub")
+        self._auth = Authenticator(config, authenticate, RateLimitedLog(self.logger))
         self._core = core_module(implementation)
         self.implementation: Implementation = (
             "python" if self._core.__name__.endswith("_py") else "cython"
@@ -211,6 +222,7 @@ class Hub(RunnerNotifications):
             resumer=self._resumer,
             last_id=self._last_id,
             spawn=self._spawn,
+            verify=self._auth.verify,
         )
         self._state = "running"
         if self._backplane is not None:
@@ -273,20 +285,34 @@ class Hub(RunnerNotifications):
 
     # The session port (wshub.session.SessionHost)
 
-    def admit(self, request: HandshakeRequest) -> Refusal | None:
-        """Whether a handshake may be accepted: None, or why not (see
-        :meth:`wshub.session.SessionHost.admit`). Refusals for capacity are counted in
-        ``rejected_connections``."""
+    async def admit(self, request: HandshakeRequest) -> Admission | Refusal:
+        """Whether a handshake may be accepted and who its client is, or why not (see
+        :meth:`wshub.session.SessionHost.admit`). Refusals are counted by reason in
+        ``refused_handshakes``, those for capacity in ``rejected_connections`` too."""
+        refusal = self._check_capacity(request)
+        if refusal is not None:
+            return refusal
+        try:
+            principal = await self._auth.authenticate(request)
+        except AuthUnavailable as exc:
+            return Refusal(503, exc.message[:200], _TRY_AGAIN_LATER)
+        except TokenRefused as exc:
+            return Refusal(401, exc.message[:200], UNAUTHORIZED, _challenge(exc))
+        return Admission(request, principal)
+
+    def _check_capacity(self, request: HandshakeRequest) -> Refusal | None:
+        """What admission checks twice: before the handshake and once it is accepted."""
         if self._state != "running":
-            return Refusal(503, "Hub is not running", _GOING_AWAY)
+            return self._refused("stopping", Refusal(503, "Hub is not running", _GOING_AWAY))
         allowed = self.config.allowed_origins
         origin = request.origin
         # Browsers always send Origin; other clients may omit it and are let through.
         if allowed is not None and origin is not None and origin not in allowed:
-            return Refusal(403, f"Origin {origin[:200]!r} is not allowed", _POLICY_VIOLATION)
+            refusal = Refusal(403, f"Origin {origin[:200]!r} is not allowed", _POLICY_VIOLATION)
+            return self._refused("origin", refusal)
         if self.client_count >= self.config.max_clients:
             self._rejected += 1
-            return Refusal(503, "Too many clients", _TRY_AGAIN_LATER)
+            return self._refused("capacity", Refusal(503, "Too many clients", _TRY_AGAIN_LATER))
         per_ip = self.config.max_connections_per_ip
         if (
             per_ip
@@ -294,19 +320,25 @@ class Hub(RunnerNotifications):
             and self._clients.connections_from(request) >= per_ip
         ):
             self._rejected += 1
-            return Refusal(429, "Too many connections from this address", _TRY_AGAIN_LATER)
+            refusal = Refusal(429, "Too many connections from this address", _TRY_AGAIN_LATER)
+            return self._refused("per_address", refusal)
         return None
 
+    def _refused(self, reason: str, refusal: Refusal) -> Refusal:
+        refused = self._auth.refused
+        refused[reason] = refused.get(reason, 0) + 1
+        return refusal
+
     def open_session(
-        self, transport: ClientTransport, request: HandshakeRequest
+        self, transport: ClientTransport, admission: Admission
     ) -> ClientSession | Refusal:
         """Take a client whose handshake was accepted (see
         :meth:`wshub.session.SessionHost.open_session`)."""
-        refusal = self.admit(request)
+        refusal = self._check_capacity(admission.request)
         if refusal is not None:
             return refusal
         assert self._clients is not None
-        return self._clients.open(transport, request)
+        return self._clients.open(transport, admission)
 
     async def register(self, connection: Any) -> None:
         """Serve an accepted websockets connection as a hub client until it closes.
@@ -343,8 +375,8 @@ class Hub(RunnerNotifications):
         return [clients.describe(session) for session in clients.sessions.values()]
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: clients, messages and bytes, drops and errors, and the
-        backplane's (None when the hub runs alone)."""
+        """Counters since start: clients, messages and bytes, drops and errors, handshakes
+        refused by reason, and the backplane's (None when the hub runs alone)."""
         fanout = self._fanout
         clients = self._clients
         backplane = self._backplane.stats() if self._backplane is not None else None
@@ -360,6 +392,7 @@ class Hub(RunnerNotifications):
             "protocol_errors": clients.protocol_errors if clients is not None else 0,
             "rate_limited": clients.rate_limited if clients is not None else 0,
             "rejected_connections": self._rejected,
+            "refused_handshakes": dict(self._auth.refused),
             "publish_failures": backplane["publish_failures"] if backplane is not None else 0,
             "backplane": backplane,
         }
@@ -646,3 +679,13 @@ class Hub(RunnerNotifications):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _challenge(refused: TokenRefused) -> tuple[tuple[str, str], ...]:
+    """The ``WWW-Authenticate`` header of a 401 (RFC 6750 3): without credentials, the
+    scheme alone; with a refused token, why."""
+    if refused.reason == "missing":
+        return (("WWW-Authenticate", 'Bearer realm="wshub"'),)
+    description = refused.message.replace('"', "'")[:200]
+    value = f'Bearer realm="wshub", error="invalid_token", error_description="{description}"'
+    return (("WWW-Authenticate", value),)

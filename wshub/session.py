@@ -6,7 +6,8 @@ here, and only here::
 
     transport                                hub (a SessionHost)
     ---------                                -------------------
-    handshake request   -- admit() ------->  Refusal | None  (stopping, origin, capacity)
+    handshake request   -- await admit() ->  Admission | Refusal  (stopping, origin,
+                                                 capacity, who the client is)
     handshake done      -- open_session() -> ClientSession | Refusal
     a message arrived   -- received() ---->  replies, subscriptions
     buffer high / low   -- pause_writing() / resume_writing()
@@ -23,10 +24,11 @@ transport's :attr:`ClientTransport.frame_kind` says (:class:`FrameKind`).
 
 To add a transport, implement :class:`ClientTransport` for one connection and call a
 :class:`SessionHost` (a :class:`wshub.Hub`) in this order: :meth:`~SessionHost.admit` before
-accepting the handshake, :meth:`~SessionHost.open_session` once it is accepted, then the
-session's methods as events arrive, :meth:`ClientSession.closed` exactly once at the end.
-Every method here is synchronous and runs on the hub's event loop. docs/architecture.md walks
-through an example.
+accepting the handshake, :meth:`~SessionHost.open_session` with its :class:`Admission` once
+it is accepted, then the session's methods as events arrive, :meth:`ClientSession.closed`
+exactly once at the end. Every method here runs on the hub's event loop; all but ``admit``
+(which may wait for an ``authenticate`` hook or a key set) are synchronous.
+docs/architecture.md walks through an example.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ import dataclasses
 import enum
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import HubConfig
+if TYPE_CHECKING:  # the config module imports auth, which imports this port
+    from .auth import Principal
+    from .config import HubConfig
 
 __all__ = [
+    "Admission",
     "ClientSession",
     "ClientTransport",
     "FrameKind",
@@ -112,14 +117,30 @@ class Refusal:
     """The hub will not take a client.
 
     Attributes:
-        status: The HTTP status to answer a handshake with (403, 503).
+        status: The HTTP status to answer a handshake with (401, 403, 429, 503).
         reason: For people; the body of that answer and the reason of a close frame.
         close_code: The WebSocket close code for a handshake that was accepted already.
+        headers: Headers the answer must carry (``WWW-Authenticate`` with a 401).
     """
 
     status: int
     reason: str
     close_code: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """A handshake the hub will take: the request, and who its client is.
+
+    Attributes:
+        request: The handshake it answers.
+        principal: The client's identity and the topics it may subscribe to; when nothing
+            authenticates clients, anonymous with every topic.
+    """
+
+    request: HandshakeRequest
+    principal: Principal
 
 
 class ClientTransport(Protocol):
@@ -211,20 +232,22 @@ class SessionHost(Protocol):
         """The settings transports follow: sizes, deadlines, keepalive."""
         ...
 
-    def admit(self, request: HandshakeRequest) -> Refusal | None:
-        """Whether a handshake may be accepted: None, or why not.
+    async def admit(self, request: HandshakeRequest) -> Admission | Refusal:
+        """Whether a handshake may be accepted, and who its client is; or why not.
 
         The one admission rule: the hub must be running, a browser's ``Origin`` must be in
-        ``allowed_origins``, and fewer than ``max_clients`` may be connected.
+        ``allowed_origins``, fewer than ``max_clients`` may be connected, and the client
+        must authenticate as the hub requires (a token, an ``authenticate`` hook). It runs
+        once per connection.
         """
         ...
 
     def open_session(
-        self, transport: ClientTransport, request: HandshakeRequest
+        self, transport: ClientTransport, admission: Admission
     ) -> ClientSession | Refusal:
         """Take a client whose handshake was accepted: greet it and serve it.
 
-        Admission is checked again (the hub may have filled up or stopped while the
+        Capacity is checked again (the hub may have filled up or stopped while the
         handshake completed); a :class:`Refusal` then says which close code to send.
         """
         ...

@@ -69,6 +69,9 @@ class MessageType(enum.StrEnum):
     UNSUBSCRIBE = "unsubscribe"
     SUBSCRIBED = "subscribed"
     UNSUBSCRIBED = "unsubscribed"
+    REFRESH = "refresh"
+    REFRESHED = "refreshed"
+    TOKEN_EXPIRED = "token_expired"
 
 
 PROTOCOL_TYPES = frozenset(
@@ -83,12 +86,21 @@ PROTOCOL_TYPES = frozenset(
         MessageType.UNSUBSCRIBE,
         MessageType.SUBSCRIBED,
         MessageType.UNSUBSCRIBED,
+        MessageType.REFRESH,
+        MessageType.REFRESHED,
+        MessageType.TOKEN_EXPIRED,
     }
 )
 """Types the protocol itself uses; publishing one would confuse clients, so it is refused."""
 
 CLIENT_MESSAGE_TYPES = frozenset(
-    {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.PING, MessageType.PONG}
+    {
+        MessageType.SUBSCRIBE,
+        MessageType.UNSUBSCRIBE,
+        MessageType.PING,
+        MessageType.PONG,
+        MessageType.REFRESH,
+    }
 )
 
 
@@ -189,11 +201,13 @@ class ProtocolError(ValueError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientRequest:
     """One parsed client message: its type and, for (un)subscribe, the topics it names;
-    for subscribe, the ``since`` id to resume after (None when absent)."""
+    for subscribe, the ``since`` id to resume after (None when absent); for refresh, the
+    new token."""
 
     type: MessageType
     topics: tuple[str, ...] = ()
     since: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
 
 
 def parse_client_message(raw: str | bytes) -> ClientRequest:
@@ -218,9 +232,15 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
             {"type": kind, "expected": sorted(CLIENT_MESSAGE_TYPES)},
         )
     request_type = MessageType(kind)
+    data = message.get("data")
+    if request_type is MessageType.REFRESH:
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            # The value is a credential: the error never echoes it.
+            raise ProtocolError('refresh needs "data": {"token": "<a subscriber token>"}')
+        return ClientRequest(request_type, token=token)
     if request_type not in (MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE):
         return ClientRequest(request_type)
-    data = message.get("data")
     if not isinstance(data, dict) or "topics" not in data:
         raise ProtocolError(f'{kind} needs "data": {{"topics": [...]}}')
     topics = parse_topics(data["topics"])

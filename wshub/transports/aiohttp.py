@@ -134,16 +134,19 @@ class _Client:
 def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp request handler that serves hub clients, for ``router.add_get``.
 
-    It applies the hub's admission before the handshake (HTTP 403 for another browser
-    origin, 503 when the hub is full or stopping) and takes sizes, keepalive and deadlines
-    from ``hub.config``.
+    It applies the hub's admission before the handshake (HTTP 401 without the credentials
+    it requires, 403 for another browser origin, 503 when the hub is full or stopping) and
+    takes sizes, keepalive and deadlines from ``hub.config``.
     """
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        handshake = _handshake_request(request)
-        refusal = hub.admit(handshake)
-        if refusal is not None:
-            return web.Response(status=refusal.status, text=f"{refusal.reason}\n")
+        admission = await hub.admit(_handshake_request(request))
+        if isinstance(admission, Refusal):
+            return web.Response(
+                status=admission.status,
+                text=f"{admission.reason}\n",
+                headers=dict(admission.headers),
+            )
         config = hub.config
         ws = web.WebSocketResponse(
             compress=False,  # one frame built once must be valid on every connection
@@ -158,7 +161,7 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
         transport.set_write_buffer_limits(HIGH_WATER)
         set_send_buffer(transport, config.socket_send_buffer)
         client = _Client(ws, transport, request.writer, config.write_timeout)
-        opened = hub.open_session(client, handshake)
+        opened = hub.open_session(client, admission)
         if isinstance(opened, Refusal):
             await ws.close(code=opened.close_code, message=opened.reason.encode())
             return ws

@@ -124,14 +124,13 @@ class AsgiApp:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        handshake = _handshake_request(scope)
-        refusal = hub.admit(handshake)
-        if refusal is not None:
-            await _refuse(scope, send, refusal)
+        admission = await hub.admit(_handshake_request(scope))
+        if isinstance(admission, Refusal):
+            await _refuse(scope, send, admission)
             return
         await send({"type": "websocket.accept"})
         client = _Client(send, hub.config.write_timeout)
-        opened = hub.open_session(client, handshake)
+        opened = hub.open_session(client, admission)
         if isinstance(opened, Refusal):
             await send({"type": "websocket.close", "code": opened.close_code})
             return
@@ -190,7 +189,10 @@ async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
             {
                 "type": "websocket.http.response.start",
                 "status": refusal.status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    *((name.lower().encode(), value.encode()) for name, value in refusal.headers),
+                ],
             }
         )
         await send({"type": "websocket.http.response.body", "body": body})

@@ -45,6 +45,7 @@ from ..limits import (
 )
 from ..logs import RateLimitedLog
 from ..session import (
+    Admission,
     ClientSession,
     FrameKind,
     HandshakeRequest,
@@ -217,6 +218,8 @@ class HubEndpoint:
         # Pending handshakes and open connections alike, so that aclose() reaches both.
         self.connections: dict[HubConnection, None] = {}
         self.handshakes = 0  # connections whose opening handshake is not answered yet
+        # Admissions being decided (an authenticate hook, a key set): cancelled by aclose().
+        self.admissions: set[asyncio.Task[Admission | Refusal]] = set()
         # A connection whose socket gets a number this high leaves fewer than the reserve
         # free: the kernel hands out the lowest free number, so every one below is in use.
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -315,6 +318,8 @@ class HubEndpoint:
         for check in self._pong_checks.values():
             check.cancel()
         self._pong_checks.clear()
+        for admission in list(self.admissions):
+            admission.cancel()
         connections = list(self.connections)
         for connection in connections:
             if connection.protocol.state is _CONNECTING:
@@ -349,6 +354,7 @@ class HubConnection(asyncio.Protocol):
         "_fragment_count",
         "_fragment_text",
         "_fragments",
+        "_handshaking",
         "_head",
         "_lost",
         "_lost_waiters",
@@ -384,6 +390,8 @@ class HubConnection(asyncio.Protocol):
         self._fragment_text = False
         # The opening request head as it arrives; None once it is answered (or never counted).
         self._head: bytearray | None = None
+        # Counted in the endpoint's handshakes, from connection_made until it is answered.
+        self._handshaking = False
         # Bytes read but not handled yet (past READ_BUDGET); reading is paused meanwhile.
         self._backlog: memoryview | None = None
         self._lost = False
@@ -439,6 +447,7 @@ class HubConnection(asyncio.Protocol):
         set_send_buffer(transport, endpoint.config.socket_send_buffer)
         endpoint.connections[self] = None
         endpoint.handshakes += 1
+        self._handshaking = True
         self._head = bytearray()
         self._timer = endpoint.loop.call_later(
             endpoint.config.open_timeout, self._handshake_timeout
@@ -458,6 +467,15 @@ class HubConnection(asyncio.Protocol):
             self._handle_data(data[:READ_BUDGET])
         else:
             self._handle_data(data)
+
+    def _continue_reading(self) -> None:
+        """Read again after a pause: what waited in the backlog first."""
+        if not self._backlog:
+            self._backlog = None
+            if not self._lost and not self.transport.is_closing():
+                self.transport.resume_reading()
+        else:
+            self._endpoint.loop.call_soon(self._read_backlog)
 
     def _read_backlog(self) -> None:
         backlog = self._backlog
@@ -486,18 +504,19 @@ class HubConnection(asyncio.Protocol):
                 self._refuse_head()
             return
         end += len(_HEAD_END)
-        self._head_done()
-        self._handle_data(bytes(head[:end]))  # the request: answered here
+        self._head = None  # what follows is frames, read once the request is answered
+        self._handle_data(bytes(head[:end]))  # the request
         if len(head) > end:
             self.data_received(bytes(head[end:]))
 
-    def _head_done(self) -> None:
-        if self._head is not None:
-            self._head = None
+    def _handshake_done(self) -> None:
+        """The request is answered (or the connection lost): it is pending no more."""
+        if self._handshaking:
+            self._handshaking = False
             self._endpoint.handshakes -= 1
 
     def _refuse_head(self) -> None:
-        self._head_done()
+        self._head = None
         self._refuse(
             http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
             f"Request head larger than {MAX_REQUEST_HEAD} bytes\n",
@@ -511,6 +530,7 @@ class HubConnection(asyncio.Protocol):
     def _respond(self, response: Response) -> None:
         """Answer the opening request (the handshake deadline is over) and write it."""
         response.headers["Server"] = SERVER
+        self._handshake_done()
         self.protocol.send_response(response)
         if self._timer is not None:
             self._timer.cancel()
@@ -541,7 +561,8 @@ class HubConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Close the protocol, wake whoever waits, and tell the session."""
         self._lost = True
-        self._head_done()
+        self._head = None
+        self._handshake_done()
         self._backlog = None
         self.protocol.receive_eof()  # idempotent; the state becomes CLOSED
         self.protocol.data_to_send()  # nothing can be written any more
@@ -572,7 +593,6 @@ class HubConnection(asyncio.Protocol):
 
     def _handshake(self, request: Request) -> None:
         endpoint = self._endpoint
-        hub = endpoint.hub
         protocol = self.protocol
         target = urllib.parse.urlsplit(request.path).path
         if target != endpoint.path:
@@ -600,30 +620,58 @@ class HubConnection(asyncio.Protocol):
                 f"More than {MAX_REQUEST_HEADERS} header lines\n",
             )
         else:
-            handshake = _handshake_request(request, self.transport.get_extra_info("peername"))
-            refusal = hub.admit(handshake)
-            if refusal is not None:
-                response = protocol.reject(refusal.status, f"{refusal.reason}\n")
-            else:
-                # Validates the handshake; a bad request gets a 4xx here.
-                response = protocol.accept(request)
-                if response.status_code != 101 and _wrong_version(request):
-                    # RFC 6455 4.4: 426 naming the version this server speaks.
-                    response = protocol.reject(
-                        http.HTTPStatus.UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n"
-                    )
-                    response.headers["Sec-WebSocket-Version"] = "13"
-        self._respond(response)
-        if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
-            self._arm_close_deadline()
+            self._admit(request)
             return
-        # Nothing else happens between the admission above and here, so the hub cannot
-        # fill up in between and open_session takes the client.
-        self.last_received = endpoint.loop.time()
-        opened = hub.open_session(self, handshake)
+        self._respond(response)
+        self._arm_close_deadline()  # not a WebSocket: the protocol half-closed the stream
+
+    def _admit(self, request: Request) -> None:
+        """Ask the hub whether it takes the client (it may wait for an ``authenticate``
+        hook or a key set); bytes that arrive meanwhile wait, reading paused."""
+        endpoint = self._endpoint
+        handshake = _handshake_request(request, self.transport.get_extra_info("peername"))
+        if self._backlog is None:
+            self._backlog = memoryview(b"")
+        self.transport.pause_reading()
+        task = endpoint.loop.create_task(endpoint.hub.admit(handshake))
+        endpoint.admissions.add(task)
+        task.add_done_callback(lambda done: self._admitted(request, done))
+
+    def _admitted(self, request: Request, task: asyncio.Task[Admission | Refusal]) -> None:
+        self._endpoint.admissions.discard(task)
+        if self._lost or task.cancelled():
+            return
+        answer = task.result()
+        protocol = self.protocol
+        if isinstance(answer, Refusal):
+            response = protocol.reject(answer.status, f"{answer.reason}\n")
+            for name, value in answer.headers:
+                response.headers[name] = value
+        else:
+            # Validates the handshake; a bad request gets a 4xx here.
+            response = protocol.accept(request)
+            if response.status_code != 101 and _wrong_version(request):
+                # RFC 6455 4.4: 426 naming the version this server speaks.
+                response = protocol.reject(
+                    http.HTTPStatus.UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n"
+                )
+                response.headers["Sec-WebSocket-Version"] = "13"
+        self._respond(response)
         # websockets' parser keeps the request for the life of the connection; its headers
         # (each held twice, ~2 KiB, a third of an idle client) are not needed any more.
         request.headers = Headers()
+        if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
+            self._arm_close_deadline()
+        else:
+            self._open(answer)
+        self._continue_reading()
+
+    def _open(self, admission: Admission | Refusal) -> None:
+        assert isinstance(admission, Admission)
+        endpoint = self._endpoint
+        self.last_received = endpoint.loop.time()
+        # Capacity is checked again: the hub may have filled up while this client waited.
+        opened = endpoint.hub.open_session(self, admission)
         if isinstance(opened, Refusal):
             self._start_close(opened.close_code, opened.reason)
             return

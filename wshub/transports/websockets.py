@@ -34,6 +34,7 @@ from websockets.protocol import State
 
 from ..limits import set_send_buffer
 from ..session import (
+    Admission,
     ClientSession,
     FrameKind,
     HandshakeRequest,
@@ -65,6 +66,8 @@ class HubServerConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hub_session: ClientSession | None = None
+        # What process_request's admission found, for serve_connection to open with.
+        self.hub_admission: Admission | None = None
         self.socket_transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -155,13 +158,21 @@ async def serve_connection(hub: SessionHost, connection: ServerConnection) -> No
 
     The client starts with the topics of the URL's ``?topics=a,b`` or ``default_topics``,
     receives a ``connection`` message and is then served. A hub that filled up or is stopping
-    closes it with 1013 or 1001.
+    closes it with 1013 or 1001. A connection that :func:`server_options`' ``process_request``
+    did not admit before its handshake is admitted here, and closed (4001 for credentials
+    the hub refuses) if the hub does not take it.
     """
     assert connection.request is not None
-    request = _handshake_request(connection.request, connection.remote_address)
+    admission = connection.hub_admission if isinstance(connection, HubServerConnection) else None
+    if admission is None:
+        answer = await hub.admit(_handshake_request(connection.request, connection.remote_address))
+        if isinstance(answer, Refusal):
+            await connection.close(answer.close_code, answer.reason)
+            return
+        admission = answer
     set_send_buffer(connection.transport, hub.config.socket_send_buffer)
     client = _Client(connection, hub.config.write_timeout)
-    opened = hub.open_session(client, request)
+    opened = hub.open_session(client, admission)
     if isinstance(opened, Refusal):
         await connection.close(opened.close_code, opened.reason)
         return
@@ -201,7 +212,8 @@ def server_options(hub: SessionHost, *, path: str = "/api/ws") -> dict[str, Any]
     Compression is off (a frame built once must be valid on every connection), frame size,
     keepalive, handshake and closing deadlines come from the config, connections are
     :class:`HubServerConnection`, and ``process_request`` answers 404 off ``path`` and applies
-    the hub's admission (403 for another browser origin, 503 when full or stopping).
+    the hub's admission (401 without the credentials it requires, 403 for another browser
+    origin, 503 when full or stopping).
     """
     config = hub.config
     heartbeat = config.enable_ping_pong
@@ -221,9 +233,14 @@ def _process_request(hub: SessionHost, path: str) -> ProcessRequest:
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         if urllib.parse.urlsplit(request.path).path != path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
-        refusal = hub.admit(_handshake_request(request, connection.remote_address))
-        if refusal is not None:
-            return connection.respond(HTTPStatus(refusal.status), f"{refusal.reason}\n")
+        answer = await hub.admit(_handshake_request(request, connection.remote_address))
+        if isinstance(answer, Refusal):
+            response = connection.respond(HTTPStatus(answer.status), f"{answer.reason}\n")
+            for name, value in answer.headers:
+                response.headers[name] = value
+            return response
+        if isinstance(connection, HubServerConnection):
+            connection.hub_admission = answer
         return None
 
     return process_request
