@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -13,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 import wshub
 from wshub.api import (
@@ -28,9 +32,10 @@ from wshub.api import (
     create_api_app,
     start_api,
 )
+from wshub.auth import mint_token
 from wshub.bench.redis_server import RedisServer
 
-from .helpers import TIMEOUT, HubServer, client, recv_json, send_json, wait_until
+from .helpers import SECRET, TIMEOUT, HubServer, client, recv_json, send_json, wait_until
 from .test_resume import nothing_more, published
 
 TOKEN = "s3cret-token"
@@ -553,6 +558,32 @@ async def test_clients_and_stats(api: ApiFactory) -> None:
         assert reply.body == running.hub.stats()
         assert reply.body["clients"] == 1
         assert reply.body["messages_published"] == 1
+
+
+async def test_clients_show_who_each_client_is_and_metrics_count_refusals_by_reason(
+    api: ApiFactory,
+) -> None:
+    alice = mint_token(SECRET, sub="alice", topics=["test:team-a-*"], ttl=600)
+    expired = jwt.encode({"exp": 1, "sub": "bob"}, SECRET, algorithm="HS256")
+    async with api(auth_required=True, auth_secret=SECRET) as running:
+        for query in ("", f"&token={expired}", f"&token={expired}", "&token=x.y.z"):
+            with pytest.raises(InvalidStatus):
+                async with connect(running.ws_url(topics="test:team-a-eth") + query):
+                    pass
+        url = running.ws_url(topics="test:team-a-eth") + f"&token={alice}"
+        async with client(url):
+            [info] = (await running.get("/api/clients")).body
+            assert info["identity"] == "alice"
+            assert info["token_expires_at"].endswith("Z")
+            assert alice not in json.dumps(info)
+            samples = metric_samples((await running.get("/metrics")).text)
+        refused = {
+            dict(labels)["reason"]: value
+            for (name, labels), value in samples.items()
+            if name == "wshub_refused_handshakes_total"
+        }
+        assert refused == {"missing": 1, "expired": 2, "malformed": 1}
+        assert running.hub.stats()["refused_handshakes"] == refused
 
 
 # Authentication

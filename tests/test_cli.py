@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 import wshub
 
@@ -121,7 +121,7 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
         url = match.group(1)
         # A command line is readable by every user of the machine: the hub says so.
         lines = process.startup_lines
-        assert any("publish token is on the command line" in line for line in lines), lines
+        assert any("--publish-token is on the command line" in line for line in lines), lines
         data = tmp_path / "run.json"
         data.write_text('{"run_id": "r1", "progress": 0.5}')
         async with client(f"ws://127.0.0.1:{port}/api/ws?topics=run:r1") as (ws, _):
@@ -417,3 +417,55 @@ def test_token_command_errors_name_the_flag(tmp_path: Path) -> None:
         assert "Traceback" not in error
     status, _, error = wshub_token("--topics", "a*b", env={"WSHUB_AUTH_SECRET": SECRET})
     assert status == 2 and "--topics: topic pattern 'a*b'" in error, error
+
+
+async def test_serve_with_auth_required_admits_a_minted_token_and_never_logs_it(
+    tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    mint = ("--sub", "team-a", "--topics", "test:team-a-*", "--ttl", "10m")
+    status, token, _ = await asyncio.to_thread(
+        wshub_token, *mint, "--auth-secret-file", str(secret_file)
+    )
+    assert status == 0
+    arguments = ("--auth-required", "--auth-secret-file", str(secret_file), "--log-level", "debug")
+    async with wshub_serve(*arguments) as (process, port):
+        url = f"ws://127.0.0.1:{port}/api/ws"
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(url):
+                pass
+        assert refused.value.response.status_code == 401
+        query = f"?topics=test:team-a-eth,test:team-b-eth&token={token}"
+        async with client(url + query) as (ws, hello):
+            assert hello["data"]["topics"] == ["test:team-a-eth"]
+            error = await recv_json(ws)
+            assert error["error"]["details"]["forbidden"] == ["test:team-b-eth"]
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            rest = (await process.stderr.read()).decode()
+            logged = [*process.startup_lines, *rest.splitlines(keepends=True)]
+            assert await process.wait() == 0
+    text = "".join(logged)
+    assert "client" in text and "team-a" in text  # connections are logged, by identity,
+    assert token not in text and token.split(".")[2] not in text  # and the token never
+    assert SECRET not in text
+    assert not any("auth_required is off" in line for line in logged)
+
+
+def test_serve_warns_of_secrets_on_the_command_line_and_of_an_open_public_port() -> None:
+    from wshub.cli import startup_warnings
+    from wshub.settings import load_settings
+
+    flags = {"auth_secret": SECRET, "publish_token": "s3cret", "host": "0.0.0.0"}
+    warnings = startup_warnings(flags, load_settings(flags, environ={}))
+    assert [warning.split(" ", 1)[0] for warning in warnings] == [
+        "--publish-token",
+        "--auth-secret",
+        "auth_required",
+    ]
+    assert all(SECRET not in warning and "s3cret" not in warning for warning in warnings)
+    quiet = {"host": "127.0.0.1", "auth_required": "true", "auth_secret": None}
+    settings = load_settings(quiet, environ={"WSHUB_AUTH_SECRET": SECRET})
+    assert startup_warnings(quiet, settings) == []

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import wshub
-from wshub.session import FrameKind, Refusal
+from wshub.auth import Grants, Principal
+from wshub.session import Admission, FrameKind, HandshakeRequest, Refusal
 
 from .memory import MemoryClient
 
@@ -118,3 +119,28 @@ async def test_stop_says_goodbye_then_closes_with_1001(implementation: str) -> N
     assert memory.messages()[-1]["type"] == "disconnection"
     assert memory.close_frame == (1001, "server shutdown")
     assert hub.client_count == 0
+
+
+async def test_admission_says_who_the_client_is_and_its_grants_filter_its_topics(
+    implementation: str,
+) -> None:
+    def hook(request: HandshakeRequest) -> Principal:
+        return Principal(request.headers.get("x-user"), Grants.of(["run:*"]))
+
+    config = wshub.HubConfig(log_connection_events=False)
+    async with wshub.Hub(config, implementation=implementation, authenticate=hook) as hub:  # type: ignore[arg-type]
+        memory = MemoryClient(target="/api/ws?topics=run:1,test:x", headers={"x-user": "ci"})
+        admission = await hub.admit(memory.request)
+        assert isinstance(admission, Admission)
+        assert admission.principal.identity == "ci"
+        opened = hub.open_session(memory, admission)
+        assert not isinstance(opened, Refusal)
+        memory.session = opened
+        memory.send({"type": "subscribe", "data": {"topics": ["run:2", "*"]}})
+        hub.flush()
+        greeting, url_error, subscribe_error, subscribed = memory.messages()
+        assert greeting["data"]["topics"] == ["run:1"]
+        assert url_error["error"]["details"]["forbidden"] == ["test:x"]
+        assert subscribe_error["error"]["details"]["forbidden"] == ["*"]
+        assert subscribed["data"]["topics"] == ["run:1", "run:2"]
+        assert hub.client_info()[0]["identity"] == "ci"

@@ -8,6 +8,8 @@ import pytest
 
 from wshub.settings import ServerSettings, SettingsError, load_settings, setting_kinds
 
+from .helpers import SECRET
+
 
 def test_defaults() -> None:
     settings = load_settings({}, environ={})
@@ -115,6 +117,22 @@ def test_the_publish_token_from_a_file_or_the_environment(tmp_path: Path) -> Non
             "publish_token_file and publish_token are both set",
         ),
         ({"api_host": "0.0.0.0"}, {}, "publish_token must be set when api_host"),
+        (
+            {"auth_secret_file": "{missing}"},
+            {},
+            "auth_secret_file cannot be read: {missing}",
+        ),
+        (
+            {"auth_secret_file": "{empty}"},
+            {"WSHUB_AUTH_SECRET": "x" * 32},
+            "auth_secret_file and auth_secret are both set",
+        ),
+        ({"auth_required": "true"}, {}, "auth_required is true but no key verifies tokens"),
+        (
+            {"auth_secret_file": "{short}"},
+            {},
+            "auth_secret must be at least 32 bytes",
+        ),
         ({"api_host": "api.internal"}, {}, "publish_token must be set when api_host"),
     ],
 )
@@ -122,11 +140,23 @@ def test_token_mistakes_fail_at_start(
     tmp_path: Path, flags: dict[str, str], environ: dict[str, str], expected: str
 ) -> None:
     (tmp_path / "empty").write_text(" \n")
-    paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty")}
+    (tmp_path / "short").write_text("too short\n")
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "short")}
     flags = {name: value.format(**paths) for name, value in flags.items()}
     with pytest.raises(SettingsError) as error:
         load_settings(flags, environ=environ)
     assert str(error.value).startswith(expected.format(**paths))
+
+
+def test_the_auth_secret_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    flags = {"auth_secret_file": str(secret_file), "auth_required": "yes"}
+    from_file = load_settings(flags, environ={})
+    assert (from_file.hub.auth_secret, from_file.hub.auth_required) == (SECRET, True)
+    assert SECRET not in repr(from_file)  # settings are logged and printed: never the secret
+    from_environment = load_settings({}, environ={"WSHUB_AUTH_SECRET": SECRET})
+    assert from_environment.hub.auth_secret == SECRET
 
 
 def test_the_api_may_listen_beyond_loopback_with_a_token() -> None:

@@ -200,14 +200,17 @@ class JwksVerifier:
     """Verifies subscriber tokens with the keys of a JSON Web Key Set, found by ``kid``.
 
     PyJWT's :class:`jwt.PyJWKClient` fetches the set and keeps it for ``lifespan`` seconds;
-    a token naming a ``kid`` the cached set lacks fetches it again (at most every 30 s), so
-    an issuer can rotate keys. :meth:`verify` may fetch over the network: call it in a
-    thread.
+    a token naming a ``kid`` the cached set lacks fetches it again, at most once per
+    ``refetch_interval``, so an issuer can rotate keys and a client cannot make the hub
+    hammer the issuer with made-up key ids. :meth:`verify` may fetch over the network:
+    call it in a thread.
 
     Args:
         url: The key set's URL.
         audience, issuer, leeway: As for :class:`TokenVerifier`.
         timeout: Seconds one fetch may take.
+        lifespan: Seconds a fetched set is kept.
+        refetch_interval: Seconds after a fetch before an unknown ``kid`` fetches again.
     """
 
     def __init__(
@@ -219,12 +222,19 @@ class JwksVerifier:
         leeway: float = 0.0,
         timeout: float = 5.0,
         lifespan: float = 300.0,
+        refetch_interval: float = 30.0,
     ) -> None:
         self.url = url
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway
-        self._client = jwt.PyJWKClient(url, cache_keys=True, lifespan=lifespan, timeout=timeout)
+        self._client = jwt.PyJWKClient(
+            url,
+            cache_keys=True,
+            lifespan=lifespan,
+            timeout=timeout,
+            cooldown_duration=refetch_interval,
+        )
 
     def verify(self, token: str) -> Principal:
         """The principal a token names (blocking while the key set is fetched).

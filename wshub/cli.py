@@ -41,12 +41,13 @@ from .settings import (
     SERVER_FIELDS,
     ServerSettings,
     SettingsError,
+    is_loopback,
     load_settings,
     setting_kinds,
 )
 from .transports.lean import serve
 
-__all__ = ["Listening", "main", "run_server"]
+__all__ = ["Listening", "main", "run_server", "startup_warnings"]
 
 logger = logging.getLogger("wshub")
 
@@ -65,6 +66,7 @@ HELP = {
         "--publish-token-file or WSHUB_PUBLISH_TOKEN)"
     ),
     "publish_token_file": "file holding the publish token",
+    "auth_secret_file": "file holding the HS256 secret of subscriber tokens",
     "api_allowed_origins": "browser origins whose pages may POST to the internal API",
     "log_format": "text or json",
     "log_level": "debug, info, warning or error",
@@ -461,14 +463,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_format, settings.log_level)
-    if flags.get("publish_token") is not None:
-        logger.warning(
-            "the publish token is on the command line, where every user of this machine can "
-            "read it (ps, /proc); use --publish-token-file or WSHUB_PUBLISH_TOKEN"
-        )
+    for warning in startup_warnings(flags, settings):
+        logger.warning("%s", warning)
     if settings.workers > 1:
         return _supervise(settings)
     return _serve(run_server(settings))
+
+
+def startup_warnings(flags: dict[str, Any], settings: ServerSettings) -> list[str]:
+    """What ``wshub serve`` warns about before it starts: secrets on the command line, and
+    a public port that anyone may subscribe through."""
+    warnings = [
+        f"--{secret.replace('_', '-')} is on the command line, where every user of this "
+        f"machine can read it (ps, /proc); use {instead}"
+        for secret, instead in (
+            ("publish_token", "--publish-token-file or WSHUB_PUBLISH_TOKEN"),
+            ("auth_secret", "--auth-secret-file or WSHUB_AUTH_SECRET"),
+        )
+        if flags.get(secret) is not None
+    ]
+    if not settings.hub.auth_required and not is_loopback(settings.host):
+        warnings.append(
+            f"auth_required is off on {settings.host}: anyone who reaches the public port "
+            f"may subscribe to every topic (see docs/security.md)"
+        )
+    return warnings
 
 
 def _serve(server: Coroutine[Any, Any, None]) -> int:

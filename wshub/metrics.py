@@ -137,6 +137,16 @@ class HubCollector(Collector):
             if stats is not None:
                 counter.add_metric([], stats[key])
             yield counter
+        refused = CounterMetricFamily(
+            "wshub_refused_handshakes",
+            "Handshakes the hub refused, by reason: stopping, origin, capacity, per_address, "
+            "or why its credentials were refused (missing, expired, signature, ...).",
+            labels=["reason"],
+        )
+        if stats is not None:
+            for reason, count in sorted(stats["refused_handshakes"].items()):
+                refused.add_metric([reason], count)
+        yield refused
         if hub.backplane is not None:
             yield from _backplane_families(stats["backplane"] if stats is not None else None)
 

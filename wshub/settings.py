@@ -22,6 +22,7 @@ __all__ = [
     "SERVER_FIELDS",
     "ServerSettings",
     "SettingsError",
+    "is_loopback",
     "load_settings",
     "setting_kinds",
 ]
@@ -51,6 +52,9 @@ class ServerSettings:
             ``WSHUB_PUBLISH_TOKEN``: a command line is readable by every user of the machine.
         publish_token_file: A file holding the publish token (surrounding whitespace is
             dropped); instead of ``publish_token``.
+        auth_secret_file: A file holding the HS256 secret of subscriber tokens (surrounding
+            whitespace is dropped); instead of ``hub.auth_secret``, which a command line
+            would show to every user of the machine (``WSHUB_AUTH_SECRET`` works too).
         api_allowed_origins: Browser origins whose pages may POST to the internal API; a
             POST from any other page is refused (403).
         log_format: ``"text"`` for people, ``"json"`` for machines.
@@ -69,6 +73,7 @@ class ServerSettings:
     keyfile: str | None = None
     publish_token: str | None = None
     publish_token_file: str | None = None
+    auth_secret_file: str | None = None
     api_allowed_origins: Sequence[str] = ()
     log_format: str = "text"
     log_level: str = "info"
@@ -92,12 +97,19 @@ class ServerSettings:
             )
         if self.publish_token is not None and not self.publish_token:
             raise SettingsError("publish_token must not be empty")
-        if self.publish_token is None and not _is_loopback(self.api_host):
+        if self.publish_token is None and not is_loopback(self.api_host):
             # Anyone who reaches the API could publish to every dashboard.
             raise SettingsError(
                 f"publish_token must be set when api_host is not a loopback address "
                 f"(api_host is {self.api_host!r}); set publish_token_file or "
                 f"WSHUB_PUBLISH_TOKEN"
+            )
+        hub = self.hub
+        if hub.auth_required and not (hub.auth_secret or hub.auth_public_key or hub.auth_jwks_url):
+            # Embedded, an authenticate hook may decide; a standalone hub has only keys.
+            raise SettingsError(
+                "auth_required is true but no key verifies tokens: set auth_secret_file "
+                "(or WSHUB_AUTH_SECRET), auth_public_key or auth_jwks_url"
             )
         if isinstance(self.api_allowed_origins, str) or not all(
             isinstance(origin, str) for origin in self.api_allowed_origins
@@ -117,7 +129,8 @@ class ServerSettings:
             )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host == "localhost":
         return True
     try:
@@ -126,16 +139,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _read_token_file(path: str, source: str) -> str:
+# Secrets read from a file rather than given where other users can see them: the file's
+# setting, and the setting its content becomes.
+SECRET_FILES = {"publish_token_file": "publish_token", "auth_secret_file": "auth_secret"}
+
+
+def _read_secret_file(setting: str, path: str, source: str) -> str:
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        secret = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(
-            f"publish_token_file cannot be read: {path}: {exc} (from {source})"
-        ) from None
-    if not token:
-        raise SettingsError(f"publish_token_file {path} is empty (from {source})")
-    return token
+        raise SettingsError(f"{setting} cannot be read: {path}: {exc} (from {source})") from None
+    if not secret:
+        raise SettingsError(f"{setting} {path} is empty (from {source})")
+    return secret
 
 
 SERVER_FIELDS = tuple(
@@ -261,15 +277,17 @@ def load_settings(
             flag = "--" + name.replace("_", "-")
             merged[name] = _convert(name, kinds[name], value, flag)
             sources[name] = flag
-    token_file = merged.get("publish_token_file")
-    if token_file is not None:
-        if merged.get("publish_token") is not None:
+    for file_setting, setting in SECRET_FILES.items():
+        path = merged.get(file_setting)
+        if path is None:
+            continue
+        if merged.get(setting) is not None:
             raise SettingsError(
-                f"publish_token_file and publish_token are both set "
-                f"(from {sources['publish_token_file']} and {sources['publish_token']}); "
-                f"set one"
+                f"{file_setting} and {setting} are both set "
+                f"(from {sources[file_setting]} and {sources[setting]}); set one"
             )
-        merged["publish_token"] = _read_token_file(token_file, sources["publish_token_file"])
+        merged[setting] = _read_secret_file(file_setting, path, sources[file_setting])
+        sources[setting] = sources[file_setting]
     hub_values = {name: merged.pop(name) for name in list(merged) if name in HUB_FIELDS}
     try:
         hub = HubConfig(**hub_values)
