@@ -11,7 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from wshub.session import ClientSession, FrameKind, HandshakeRequest, Refusal, SessionHost
+from wshub.session import (
+    ClientSession,
+    FrameKind,
+    HandshakeRequest,
+    Refusal,
+    SessionHost,
+    admission_of,
+)
 
 
 class MemoryTransport:
@@ -83,7 +90,7 @@ class MemoryClient:
 
     async def open(self, hub: SessionHost) -> ClientSession | Refusal:
         """Ask ``hub`` to admit and take this client, as a transport does."""
-        admission = await hub.admit(self.request)
+        admission = await admission_of(hub, self.request)
         if isinstance(admission, Refusal):
             return admission
         opened = hub.open_session(self, admission)

@@ -14,7 +14,7 @@ import pytest
 
 import wshub
 from wshub.auth import Grants, Principal
-from wshub.session import Admission, FrameKind, HandshakeRequest, Refusal
+from wshub.session import Admission, FrameKind, HandshakeRequest, Refusal, admission_of
 
 from .memory import MemoryClient
 
@@ -130,7 +130,7 @@ async def test_admission_says_who_the_client_is_and_its_grants_filter_its_topics
     config = wshub.HubConfig(log_connection_events=False)
     async with wshub.Hub(config, implementation=implementation, authenticate=hook) as hub:  # type: ignore[arg-type]
         memory = MemoryClient(target="/api/ws?topics=run:1,test:x", headers={"x-user": "ci"})
-        admission = await hub.admit(memory.request)
+        admission = await admission_of(hub, memory.request)
         assert isinstance(admission, Admission)
         assert admission.principal.identity == "ci"
         opened = hub.open_session(memory, admission)

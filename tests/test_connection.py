@@ -175,3 +175,23 @@ async def test_server_options_follow_the_config() -> None:
     assert options["create_connection"] is HubServerConnection
     quiet = wshub.server_options(wshub.Hub(wshub.HubConfig(enable_ping_pong=False)))
     assert quiet["ping_interval"] is None and quiet["ping_timeout"] is None
+
+
+class _BrokenAdmission(wshub.Hub):
+    """A hub whose admission fails on a header: a bug in it must not hang the client."""
+
+    def admit(self, request: wshub.HandshakeRequest) -> Any:
+        if "x-break" in request.headers:
+            raise RuntimeError("admission bug")
+        return super().admit(request)
+
+
+async def test_a_failing_admission_answers_500_and_the_server_serves_on(hub_server: Any) -> None:
+    async with hub_server(hub_class=_BrokenAdmission) as served:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(served.url, additional_headers={"X-Break": "1"}):
+                pass
+        assert refused.value.response.status_code == 500
+        async with client(served.url) as (ws, _):
+            await send_json(ws, {"type": "ping"})
+            assert (await recv_json(ws))["type"] == "pong"

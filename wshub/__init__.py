@@ -16,7 +16,15 @@ Embed it in an asyncio service::
 """
 
 from ._version import __version__
-from .auth import Grants, Principal, TokenRefused, TokenVerifier, mint_token
+from .auth import (
+    AuthenticateHook,
+    AuthUnavailable,
+    Grants,
+    Principal,
+    TokenRefused,
+    TokenVerifier,
+    mint_token,
+)
 from .backplane import Backplane, BackplaneUnavailable, MemoryBackplane, MemoryStream
 from .config import HubConfig
 from .fanout import IMPLEMENTATION
@@ -24,13 +32,23 @@ from .hub import BroadcastBufferFull, Hub, Published
 from .publisher import Publisher, PublishError
 from .redis_backplane import RedisBackplane
 from .runner import HistoricRun, Regression
-from .session import ClientSession, ClientTransport, FrameKind, HandshakeRequest, Refusal
+from .session import (
+    Admission,
+    ClientSession,
+    ClientTransport,
+    FrameKind,
+    HandshakeRequest,
+    Refusal,
+)
 from .transports import AsgiApp, aiohttp_handler, asgi_app, serve, server_options
 from .wire import MessageTooLarge, MessageType, ProtocolError
 
 __all__ = [
     "IMPLEMENTATION",
+    "Admission",
     "AsgiApp",
+    "AuthUnavailable",
+    "AuthenticateHook",
     "Backplane",
     "BackplaneUnavailable",
     "BroadcastBufferFull",

@@ -485,6 +485,12 @@ class Authenticator:
         """Whether a key (a secret, a public key, a key set) verifies tokens here."""
         return self._static is not None or self._jwks is not None
 
+    @property
+    def waits(self) -> bool:
+        """Whether deciding may wait (for a hook, or a key set over the network); when not,
+        :meth:`authenticate_now` decides at once, without a task per handshake."""
+        return self._hook is not None or self._jwks is not None
+
     async def authenticate(self, request: HandshakeRequest) -> Principal:
         """Who the client of ``request`` is: the hook's answer, else its token's principal,
         else :data:`ANONYMOUS` when authentication is not required.
@@ -500,12 +506,37 @@ class Authenticator:
             token = token_from(request)
             if token is not None and self.verifies_tokens:
                 return await self.verify(token)
-            if self.required:
-                raise TokenRefused("missing", "a subscriber token is required")
-            return ANONYMOUS
+            return self._without_token()
         except TokenRefused as refused:
             self._count(refused)
             raise
+
+    def authenticate_now(self, request: HandshakeRequest) -> Principal:
+        """:meth:`authenticate`, where it never waits (:attr:`waits` is false).
+
+        Raises:
+            TokenRefused: It may not connect.
+        """
+        assert not self.waits
+        try:
+            token = token_from(request)
+            if token is not None and self._static is not None:
+                return self._verify_static(self._static, token)
+            return self._without_token()
+        except TokenRefused as refused:
+            self._count(refused)
+            raise
+
+    def _without_token(self) -> Principal:
+        if self.required:
+            raise TokenRefused("missing", "a subscriber token is required")
+        return ANONYMOUS
+
+    @staticmethod
+    def _verify_static(verifier: TokenVerifier, token: str) -> Principal:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise TokenRefused("malformed", f"the token is longer than {MAX_TOKEN_LENGTH}")
+        return verifier.verify(token)
 
     async def verify(self, token: str) -> Principal:
         """The principal of ``token`` (a handshake's, or a ``refresh``'s).
@@ -513,10 +544,10 @@ class Authenticator:
         Raises:
             TokenRefused: The token is refused, or this hub verifies no tokens.
         """
+        if self._static is not None:
+            return self._verify_static(self._static, token)
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenRefused("malformed", f"the token is longer than {MAX_TOKEN_LENGTH}")
-        if self._static is not None:
-            return self._static.verify(token)
         if self._jwks is not None:
             try:
                 async with asyncio.timeout(self._timeout):

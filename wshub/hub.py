@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import secrets
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -285,20 +285,28 @@ class Hub(RunnerNotifications):
 
     # The session port (wshub.session.SessionHost)
 
-    async def admit(self, request: HandshakeRequest) -> Admission | Refusal:
+    def admit(
+        self, request: HandshakeRequest
+    ) -> Admission | Refusal | Awaitable[Admission | Refusal]:
         """Whether a handshake may be accepted and who its client is, or why not (see
-        :meth:`wshub.session.SessionHost.admit`). Refusals are counted by reason in
+        :meth:`wshub.session.SessionHost.admit`): at once, or an awaitable when an
+        ``authenticate`` hook or a key set must be asked. Refusals are counted by reason in
         ``refused_handshakes``, those for capacity in ``rejected_connections`` too."""
         refusal = self._check_capacity(request)
         if refusal is not None:
             return refusal
+        if self._auth.waits:
+            return self._admit_later(request)
         try:
-            principal = await self._auth.authenticate(request)
-        except AuthUnavailable as exc:
-            return Refusal(503, exc.message[:200], _TRY_AGAIN_LATER)
+            return Admission(request, self._auth.authenticate_now(request))
         except TokenRefused as exc:
-            return Refusal(401, exc.message[:200], UNAUTHORIZED, _challenge(exc))
-        return Admission(request, principal)
+            return _token_refusal(exc)
+
+    async def _admit_later(self, request: HandshakeRequest) -> Admission | Refusal:
+        try:
+            return Admission(request, await self._auth.authenticate(request))
+        except TokenRefused as exc:
+            return _token_refusal(exc)
 
     def _check_capacity(self, request: HandshakeRequest) -> Refusal | None:
         """What admission checks twice: before the handshake and once it is accepted."""
@@ -679,6 +687,13 @@ class Hub(RunnerNotifications):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _token_refusal(refused: TokenRefused) -> Refusal:
+    """401 for credentials the hub refuses; 503 when nothing could decide."""
+    if isinstance(refused, AuthUnavailable):
+        return Refusal(503, refused.message[:200], _TRY_AGAIN_LATER)
+    return Refusal(401, refused.message[:200], UNAUTHORIZED, _challenge(refused))
 
 
 def _challenge(refused: TokenRefused) -> tuple[tuple[str, str], ...]:

@@ -6,8 +6,8 @@ here, and only here::
 
     transport                                hub (a SessionHost)
     ---------                                -------------------
-    handshake request   -- await admit() ->  Admission | Refusal  (stopping, origin,
-                                                 capacity, who the client is)
+    handshake request   -- admit() ------->  Admission | Refusal  (stopping, origin,
+                                             or an awaitable of it   capacity, who it is)
     handshake done      -- open_session() -> ClientSession | Refusal
     a message arrived   -- received() ---->  replies, subscriptions
     buffer high / low   -- pause_writing() / resume_writing()
@@ -26,8 +26,8 @@ To add a transport, implement :class:`ClientTransport` for one connection and ca
 :class:`SessionHost` (a :class:`wshub.Hub`) in this order: :meth:`~SessionHost.admit` before
 accepting the handshake, :meth:`~SessionHost.open_session` with its :class:`Admission` once
 it is accepted, then the session's methods as events arrive, :meth:`ClientSession.closed`
-exactly once at the end. Every method here runs on the hub's event loop; all but ``admit``
-(which may wait for an ``authenticate`` hook or a key set) are synchronous.
+exactly once at the end. Every method here runs on the hub's event loop, and is synchronous
+but for ``admit``, which may answer with an awaitable (an ``authenticate`` hook, a key set).
 docs/architecture.md walks through an example.
 """
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the config module imports auth, which imports this port
@@ -51,6 +51,7 @@ __all__ = [
     "HandshakeRequest",
     "Refusal",
     "SessionHost",
+    "admission_of",
     "format_address",
 ]
 
@@ -232,8 +233,14 @@ class SessionHost(Protocol):
         """The settings transports follow: sizes, deadlines, keepalive."""
         ...
 
-    async def admit(self, request: HandshakeRequest) -> Admission | Refusal:
+    def admit(
+        self, request: HandshakeRequest
+    ) -> Admission | Refusal | Awaitable[Admission | Refusal]:
         """Whether a handshake may be accepted, and who its client is; or why not.
+
+        The answer comes at once when nothing must be waited for, else as an awaitable
+        (an ``authenticate`` hook, a key set fetched over the network): a transport awaits
+        it, and the lean server spends a task only then. :func:`admission_of` does both.
 
         The one admission rule: the hub must be running, a browser's ``Origin`` must be in
         ``allowed_origins``, fewer than ``max_clients`` may be connected, and the client
@@ -259,3 +266,12 @@ def format_address(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address) if address is not None else ""
+
+
+async def admission_of(host: SessionHost, request: HandshakeRequest) -> Admission | Refusal:
+    """The hub's answer to a handshake, awaited if it must wait: what a transport that runs
+    a task per connection anyway calls before it accepts."""
+    answer = host.admit(request)
+    if isinstance(answer, Admission | Refusal):
+        return answer
+    return await answer

@@ -32,6 +32,7 @@ from ..session import (
     HandshakeRequest,
     Refusal,
     SessionHost,
+    admission_of,
     format_address,
 )
 from .messages import HIGH_WATER
@@ -140,7 +141,7 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
     """
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        admission = await hub.admit(_handshake_request(request))
+        admission = await admission_of(hub, _handshake_request(request))
         if isinstance(admission, Refusal):
             return web.Response(
                 status=admission.status,

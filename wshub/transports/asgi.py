@@ -23,7 +23,14 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..session import FrameKind, HandshakeRequest, Refusal, SessionHost, format_address
+from ..session import (
+    FrameKind,
+    HandshakeRequest,
+    Refusal,
+    SessionHost,
+    admission_of,
+    format_address,
+)
 from .messages import MessageSender
 
 __all__ = ["AsgiApp", "asgi_app"]
@@ -124,7 +131,7 @@ class AsgiApp:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        admission = await hub.admit(_handshake_request(scope))
+        admission = await admission_of(hub, _handshake_request(scope))
         if isinstance(admission, Refusal):
             await _refuse(scope, send, admission)
             return

@@ -188,6 +188,12 @@ def _handshake_request(request: Request, peer: Any) -> HandshakeRequest:
     )
 
 
+def _admission_failed(endpoint: HubEndpoint) -> Refusal:
+    """The hub's bug, not the client's: logged, answered 500, and the server serves on."""
+    endpoint.log.exception("admission failed")
+    return Refusal(500, "Internal Server Error", _INTERNAL_ERROR)
+
+
 class HubEndpoint:
     """One listening endpoint: the protocol factory, its connections and the heartbeat timer.
 
@@ -219,7 +225,7 @@ class HubEndpoint:
         self.connections: dict[HubConnection, None] = {}
         self.handshakes = 0  # connections whose opening handshake is not answered yet
         # Admissions being decided (an authenticate hook, a key set): cancelled by aclose().
-        self.admissions: set[asyncio.Task[Admission | Refusal]] = set()
+        self.admissions: set[asyncio.Future[Admission | Refusal]] = set()
         # A connection whose socket gets a number this high leaves fewer than the reserve
         # free: the kernel hands out the lowest free number, so every one below is in use.
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -626,28 +632,45 @@ class HubConnection(asyncio.Protocol):
         self._arm_close_deadline()  # not a WebSocket: the protocol half-closed the stream
 
     def _admit(self, request: Request) -> None:
-        """Ask the hub whether it takes the client (it may wait for an ``authenticate``
-        hook or a key set); bytes that arrive meanwhile wait, reading paused."""
+        """Ask the hub whether it takes the client: at once, or (an ``authenticate`` hook,
+        a key set) in a task, while bytes that arrive meanwhile wait, reading paused."""
         endpoint = self._endpoint
         handshake = _handshake_request(request, self.transport.get_extra_info("peername"))
+        try:
+            answer = endpoint.hub.admit(handshake)
+        except Exception:
+            self._answer(request, _admission_failed(endpoint))
+            return
+        if isinstance(answer, Admission | Refusal):
+            self._answer(request, answer)
+            return
         if self._backlog is None:
             self._backlog = memoryview(b"")
         self.transport.pause_reading()
-        task = endpoint.loop.create_task(endpoint.hub.admit(handshake))
+        task = asyncio.ensure_future(answer)
         endpoint.admissions.add(task)
         task.add_done_callback(lambda done: self._admitted(request, done))
 
-    def _admitted(self, request: Request, task: asyncio.Task[Admission | Refusal]) -> None:
+    def _admitted(self, request: Request, task: asyncio.Future[Admission | Refusal]) -> None:
         self._endpoint.admissions.discard(task)
         if self._lost or task.cancelled():
             return
-        answer = task.result()
+        try:
+            answer = task.result()
+        except Exception:
+            answer = _admission_failed(self._endpoint)
+        self._answer(request, answer)
+        self._continue_reading()
+
+    def _answer(self, request: Request, answer: Admission | Refusal) -> None:
         protocol = self.protocol
+        admission = None
         if isinstance(answer, Refusal):
             response = protocol.reject(answer.status, f"{answer.reason}\n")
             for name, value in answer.headers:
                 response.headers[name] = value
         else:
+            admission = answer
             # Validates the handshake; a bad request gets a 4xx here.
             response = protocol.accept(request)
             if response.status_code != 101 and _wrong_version(request):
@@ -660,14 +683,12 @@ class HubConnection(asyncio.Protocol):
         # websockets' parser keeps the request for the life of the connection; its headers
         # (each held twice, ~2 KiB, a third of an idle client) are not needed any more.
         request.headers = Headers()
-        if protocol.state is not _OPEN:  # refused: the protocol half-closed the connection
-            self._arm_close_deadline()
+        if admission is None or protocol.state is not _OPEN:
+            self._arm_close_deadline()  # refused: the protocol half-closed the connection
         else:
-            self._open(answer)
-        self._continue_reading()
+            self._open(admission)
 
-    def _open(self, admission: Admission | Refusal) -> None:
-        assert isinstance(admission, Admission)
+    def _open(self, admission: Admission) -> None:
         endpoint = self._endpoint
         self.last_received = endpoint.loop.time()
         # Capacity is checked again: the hub may have filled up while this client waited.

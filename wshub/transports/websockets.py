@@ -40,6 +40,7 @@ from ..session import (
     HandshakeRequest,
     Refusal,
     SessionHost,
+    admission_of,
     format_address,
 )
 from .messages import MessageSender
@@ -165,7 +166,8 @@ async def serve_connection(hub: SessionHost, connection: ServerConnection) -> No
     assert connection.request is not None
     admission = connection.hub_admission if isinstance(connection, HubServerConnection) else None
     if admission is None:
-        answer = await hub.admit(_handshake_request(connection.request, connection.remote_address))
+        request = _handshake_request(connection.request, connection.remote_address)
+        answer = await admission_of(hub, request)
         if isinstance(answer, Refusal):
             await connection.close(answer.close_code, answer.reason)
             return
@@ -233,7 +235,7 @@ def _process_request(hub: SessionHost, path: str) -> ProcessRequest:
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         if urllib.parse.urlsplit(request.path).path != path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
-        answer = await hub.admit(_handshake_request(request, connection.remote_address))
+        answer = await admission_of(hub, _handshake_request(request, connection.remote_address))
         if isinstance(answer, Refusal):
             response = connection.respond(HTTPStatus(answer.status), f"{answer.reason}\n")
             for name, value in answer.headers:
