@@ -626,6 +626,10 @@ class Clients:
             except TokenRefused as exc:
                 principal = None
                 refusal = exc
+            except Exception:  # a bug in verifying: the client still gets an answer
+                self.client_log.exception("verifying a refresh failed")
+                principal = None
+                refusal = AuthUnavailable("error", "the token cannot be verified now")
         finally:
             waiting, session.refreshing = session.refreshing or [], None
         if self.sessions.get(session.client_id) is not session:
