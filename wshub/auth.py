@@ -181,8 +181,8 @@ class TokenVerifier:
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.public_key is None):
             raise ValueError("give a token verifier exactly one of secret and public_key")
-        if self.secret is not None and len(self.secret.encode()) < MIN_SECRET_BYTES:
-            raise ValueError(f"an HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
+        if self.secret is not None:
+            check_secret("an HS256 secret", self.secret)
         algorithm = HMAC_ALGORITHM if self.public_key is None else algorithm_of(self.public_key)
         object.__setattr__(self, "algorithm", algorithm)
 
@@ -378,8 +378,8 @@ def mint_token(
     if algorithm not in (HMAC_ALGORITHM, *ASYMMETRIC_ALGORITHMS):
         known = ", ".join((HMAC_ALGORITHM, *ASYMMETRIC_ALGORITHMS))
         raise ValueError(f"algorithm must be one of {known}, got {algorithm!r}")
-    if algorithm == HMAC_ALGORITHM and len(key.encode()) < MIN_SECRET_BYTES:
-        raise ValueError(f"an HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
+    if algorithm == HMAC_ALGORITHM:
+        check_secret("an HS256 secret", key)
     if not ttl > 0:
         raise ValueError(f"ttl must be more than zero seconds, got {ttl!r}")
     grants = Grants.of(topics)
@@ -396,6 +396,19 @@ def mint_token(
         return jwt.encode(claims, key, algorithm=algorithm)
     except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
         raise ValueError(f"cannot sign with this key and {algorithm}: {exc}") from None
+
+
+def check_secret(name: str, secret: str) -> None:
+    """The one rule for HS256 secrets: at least :data:`MIN_SECRET_BYTES` bytes.
+
+    Raises:
+        ValueError: ``secret`` is shorter; the message starts with ``name``.
+    """
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{name} must be at least {MIN_SECRET_BYTES} bytes (a shorter HS256 secret can be "
+            f"guessed from any token signed with it)"
+        )
 
 
 def algorithm_of(pem: str) -> str:

@@ -607,7 +607,7 @@ class Clients:
         self.send(
             session,
             MessageType.TOKEN_EXPIRED,
-            {"expired_at": rfc3339(int(expires_at * 1e9)), "grace": grace},
+            {"expired_at": _timestamp(expires_at), "grace": grace},
         )
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(grace, self._expiry_over, session)
@@ -666,13 +666,12 @@ class Clients:
         if dropped:
             self.fanout.unsubscribe(client, dropped)
         self._watch_expiry(session)
-        expires_at = principal.expires_at
         self.send(
             session,
             MessageType.REFRESHED,
             {
                 "identity": principal.identity,
-                "expires_at": rfc3339(int(expires_at * 1e9)) if expires_at is not None else None,
+                "expires_at": _timestamp(principal.expires_at),
                 "topics": sorted(client.topics),
                 "dropped": dropped,
             },
@@ -683,24 +682,24 @@ class Clients:
     def describe(self, session: ClientSession) -> dict[str, Any]:
         """One client as ``client_info()`` shows it."""
         client = session.client
-        expires_at = session.principal.expires_at
         return {
             "id": client.client_id,
             "identity": session.principal.identity,
-            "token_expires_at": (
-                rfc3339(int(expires_at * 1e9)) if expires_at is not None else None
-            ),
+            "token_expires_at": _timestamp(session.principal.expires_at),
             "remote_addr": session.remote_addr,
             "user_agent": session.user_agent,
-            "connected_at": rfc3339(int(session.connected_at * 1e9)),
-            "last_ping": (
-                rfc3339(int(session.last_ping * 1e9)) if session.last_ping is not None else None
-            ),
+            "connected_at": _timestamp(session.connected_at),
+            "last_ping": _timestamp(session.last_ping),
             "subscriptions": sorted(client.topics),
             "messages_sent": client.messages_sent,
             "messages_dropped": client.messages_dropped,
             "buffered_bytes": client.buffered_bytes + session.transport.buffered_bytes(),
         }
+
+
+def _timestamp(seconds: float | None) -> str | None:
+    """Unix seconds as the envelope writes times (RFC 3339, UTC); None stays None."""
+    return None if seconds is None else rfc3339(int(seconds * 1e9))
 
 
 def _allowed(

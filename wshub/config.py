@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .auth import MIN_SECRET_BYTES, algorithm_of
+from .auth import algorithm_of, check_secret
 from .limits import proxy_networks
 from .wire import MAX_TOPIC_LENGTH, topic_problem
 
@@ -264,11 +264,8 @@ class HubConfig:
             raise ValueError(
                 f"{keys[0]} and {keys[1]} are both set: give one way to verify tokens"
             )
-        if self.auth_secret is not None and len(self.auth_secret.encode()) < MIN_SECRET_BYTES:
-            raise ValueError(
-                f"auth_secret must be at least {MIN_SECRET_BYTES} bytes (a shorter HS256 "
-                f"secret can be guessed from any token signed with it)"
-            )
+        if self.auth_secret is not None:
+            check_secret("auth_secret", self.auth_secret)
         if self.auth_public_key is not None:
             pem = _read_pem(self.auth_public_key)
             try:
