@@ -1,7 +1,9 @@
 """``wshub/static/wshub.js`` under Node against a real ``python -m wshub serve``.
 
 The JavaScript tests are ``tests/js/client_test.mjs``; this runs them with ``node --test``,
-the hub's URLs in ``WSHUB_WS_URL`` and ``WSHUB_API_URL``. When the script asks for a restart
+the hub's URLs in ``WSHUB_WS_URL`` and ``WSHUB_API_URL``, and those of a second hub that
+requires tokens in ``WSHUB_AUTH_WS_URL`` and ``WSHUB_AUTH_API_URL`` with the secret that signs
+them in ``WSHUB_AUTH_SECRET``. When the script asks for a restart
 (it prints ``RESTART`` and creates the file named by ``WSHUB_RESTART_FILE``: node --test gives
 it no stdin, and its stdout can reach us late) the hub is stopped with SIGTERM (its clients get
 1001 "server shutdown") and a new one is started on the same two ports; the client's
@@ -16,11 +18,13 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
+from .helpers import SECRET
 from .processes import HubProcess
 from .tools import require_node_packages
 
@@ -45,7 +49,22 @@ def restart(hub: HubProcess) -> HubProcess:
             time.sleep(0.2)
 
 
-def test_wshub_js_against_a_real_hub(pytestconfig: pytest.Config, tmp_path: Path) -> None:
+@pytest.fixture
+def auth_hub(tmp_path: Path) -> Iterator[HubProcess]:
+    """A hub that requires subscriber tokens signed with ``SECRET``, strict about expiry
+    (no leeway), so that a token minted to expire in 2 s does."""
+    secret_file = tmp_path / "auth-secret"
+    secret_file.write_text(SECRET)
+    hub = HubProcess(
+        extra=["--auth-required", "--auth-secret-file", str(secret_file), "--auth-leeway", "0"]
+    )
+    yield hub
+    hub.stop()
+
+
+def test_wshub_js_against_a_real_hub(
+    pytestconfig: pytest.Config, tmp_path: Path, auth_hub: HubProcess
+) -> None:
     node = require_node_packages(pytestconfig)
 
     hubs = [HubProcess()]
@@ -61,6 +80,9 @@ def test_wshub_js_against_a_real_hub(pytestconfig: pytest.Config, tmp_path: Path
         "WSHUB_WS_URL": f"ws://127.0.0.1:{hubs[0].port}/api/ws",
         "WSHUB_API_URL": f"http://127.0.0.1:{hubs[0].api_port}",
         "WSHUB_RESTART_FILE": str(restart_file),
+        "WSHUB_AUTH_WS_URL": f"ws://127.0.0.1:{auth_hub.port}/api/ws",
+        "WSHUB_AUTH_API_URL": f"http://127.0.0.1:{auth_hub.api_port}",
+        "WSHUB_AUTH_SECRET": SECRET,
         "NO_COLOR": "1",
     }
     try:
@@ -89,7 +111,7 @@ def test_wshub_js_against_a_real_hub(pytestconfig: pytest.Config, tmp_path: Path
                 hubs.append(restart(hubs[-1]))
         reader.join(timeout=5)
         report = "".join(output)
-        logs = "\n".join(hub.output for hub in hubs)
+        logs = "\n".join(hub.output for hub in (*hubs, auth_hub))
         assert process.returncode == 0, f"node failed:\n{report}\nhub logs:\n{logs}"
         assert restarted, f"the restart test did not run:\n{report}"
         assert re.search(r"\bskipped 0\b", report), f"some tests were skipped:\n{report}"

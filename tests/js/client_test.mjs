@@ -12,6 +12,7 @@
 // `ws` server, or a port where nothing listens.
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import net from "node:net";
 import test from "node:test";
@@ -22,6 +23,16 @@ const { WshubClient, WshubError } = await loadClient();
 const WS_URL = process.env.WSHUB_WS_URL;
 const API_URL = process.env.WSHUB_API_URL;
 const HUB = { skip: WS_URL && API_URL ? false : "WSHUB_WS_URL and WSHUB_API_URL are not set" };
+// A second hub that requires subscriber tokens signed (HS256) with WSHUB_AUTH_SECRET.
+const AUTH_WS_URL = process.env.WSHUB_AUTH_WS_URL;
+const AUTH_API_URL = process.env.WSHUB_AUTH_API_URL;
+const AUTH_SECRET = process.env.WSHUB_AUTH_SECRET;
+const AUTH_HUB = {
+  skip:
+    AUTH_WS_URL && AUTH_API_URL && AUTH_SECRET
+      ? false
+      : "WSHUB_AUTH_WS_URL, WSHUB_AUTH_API_URL and WSHUB_AUTH_SECRET are not set",
+};
 const TIMEOUT = 5000;
 
 /** The module under test; Node before 20.19 reads a .js file outside a module package as CJS. */
@@ -94,8 +105,8 @@ async function connected(client, ms = TIMEOUT) {
   await opened;
 }
 
-async function api(path, body) {
-  const response = await fetch(`${API_URL}${path}`, {
+async function api(path, body, base = API_URL) {
+  const response = await fetch(`${base}${path}`, {
     method: body === undefined ? "GET" : "POST",
     headers: body === undefined ? {} : { "Content-Type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -105,8 +116,17 @@ async function api(path, body) {
   return answer;
 }
 
-function publish(type, data, topics) {
-  return api("/api/publish", { type, data, topics });
+function publish(type, data, topics, base = API_URL) {
+  return api("/api/publish", { type, data, topics }, base);
+}
+
+/** A subscriber token for the auth hub, as a backend would mint it (HS256). */
+function mint({ sub = "alice", topics = ["*"], ttl = 3600 } = {}) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const exp = Math.floor(Date.now() / 1000) + ttl;
+  const unsigned = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub, topics, exp })}`;
+  const signature = createHmac("sha256", AUTH_SECRET).update(unsigned).digest("base64url");
+  return `${unsigned}.${signature}`;
 }
 
 /** A port on 127.0.0.1 where nothing listens (it was free a moment ago). */
@@ -543,9 +563,160 @@ test("options are checked", () => {
   assert.throws(() => new WshubClient("ftp://x/", { WebSocket }), /not a WebSocket URL/);
   assert.throws(() => new WshubClient("ws://x/", { WebSocket, jitter: 2 }), RangeError);
   assert.throws(() => new WshubClient("ws://x/", { WebSocket, topics: [""] }), TypeError);
+  assert.throws(() => new WshubClient("ws://x/", { WebSocket, token: "" }), /non-empty string/);
+  assert.throws(() => new WshubClient("ws://x/", { WebSocket, token: 7 }), /token must be/);
   const client = new WshubClient("http://x:1/api/ws?token=t", { WebSocket });
   assert.equal(client.url, "ws://x:1/api/ws?token=t");
   assert.equal(client.status, "closed");
+});
+
+// Against a hub that requires tokens
+
+test("a token function is asked on every connect, and its grants filter the topics", AUTH_HUB, async (t) => {
+  const asked = [];
+  const client = makeClient(t, AUTH_WS_URL, {
+    topics: ["run:1", "secret"],
+    token: async () => {
+      asked.push(client.status);
+      return mint({ topics: ["run:*"] });
+    },
+    minDelay: 50,
+    jitter: 0,
+  });
+  const errors = inbox(client, "error");
+  await connected(client);
+  assert.deepEqual(asked, ["connecting"]);
+  await errors.until(1);
+  assert.equal(errors.messages[0].error.code, 403);
+  assert.deepEqual(errors.messages[0].error.details.forbidden, ["secret"]);
+  assert.deepEqual(client.topics, ["run:1"], "a forbidden topic is not asked for again");
+  // Two requests in flight, the first partly forbidden: each resolves with its own answer.
+  const first = client.subscribe(["run:2", "other"]);
+  const second = client.subscribe(["run:3"]);
+  assert.deepEqual(await first, ["run:1", "run:2"]);
+  assert.deepEqual(await second, ["run:1", "run:2", "run:3"]);
+  assert.deepEqual(client.topics, ["run:1", "run:2", "run:3"]);
+  const [mine] = (await api("/api/clients", undefined, AUTH_API_URL)).filter(
+    (info) => info.id === client.clientId,
+  );
+  assert.equal(mine.identity, "alice");
+  // A reconnect asks the function again and carries only the granted topics.
+  const opened = nextStatus(client, "open");
+  client._ws.terminate();
+  await opened;
+  assert.deepEqual(asked, ["connecting", "connecting"]);
+  const events = inbox(client, "event");
+  await publish("event", { n: 1 }, ["other"], AUTH_API_URL);
+  await publish("event", { n: 2 }, ["run:2"], AUTH_API_URL);
+  await events.until(1);
+  assert.deepEqual(
+    events.messages.map((message) => message.data.n),
+    [2],
+  );
+  // The first greeting's repair asked for "secret" once more (an answer for every topic
+  // the greeting lacks); the reconnect asked for none: an error would have come before the
+  // event.
+  assert.deepEqual(
+    errors.messages.map((message) => message.error.details.forbidden),
+    [["secret"], ["secret"], ["other"]],
+  );
+});
+
+test("without a valid token the hub refuses the handshake; a static token connects", AUTH_HUB, async (t) => {
+  const anonymous = makeClient(t, AUTH_WS_URL, { reconnect: false });
+  anonymous.connect();
+  const { detail } = await nextStatus(anonymous, "closed");
+  assert.equal(detail.code, 1006);
+  const expired = makeClient(t, AUTH_WS_URL, { token: mint({ ttl: -60 }), reconnect: false });
+  expired.connect();
+  assert.equal((await nextStatus(expired, "closed")).detail.code, 1006);
+  const client = makeClient(t, AUTH_WS_URL, { token: mint({ sub: "bob" }), topics: ["a"] });
+  await connected(client);
+  assert.deepEqual(client.topics, ["a"]);
+  const { refused_handshakes: refused } = await api("/api/stats", undefined, AUTH_API_URL);
+  assert.ok(refused.missing >= 1 && refused.expired >= 1, JSON.stringify(refused));
+});
+
+test("an expiring token is refreshed from the function and the connection stays", AUTH_HUB, async (t) => {
+  let calls = 0;
+  const client = makeClient(t, AUTH_WS_URL, {
+    topics: ["run:1", "run:2"],
+    // The first token expires in two seconds; the refresh grants one topic fewer.
+    token: () => {
+      calls += 1;
+      return calls === 1
+        ? mint({ topics: ["run:*"], ttl: 2 })
+        : mint({ topics: ["run:1"], ttl: 3600 });
+    },
+  });
+  const statuses = [];
+  client.onStatus((status) => statuses.push(status));
+  const expired = inbox(client, "token_expired");
+  const refreshed = inbox(client, "refreshed");
+  await connected(client);
+  await refreshed.until(1, 10000);
+  assert.equal(expired.messages.length, 1);
+  assert.equal(calls, 2);
+  const { data } = refreshed.messages[0];
+  assert.equal(data.identity, "alice");
+  assert.deepEqual(data.dropped, ["run:2"]);
+  assert.deepEqual(client.topics, ["run:1"], "a reconnect does not ask for a dropped topic");
+  assert.deepEqual(statuses, ["connecting", "open"], "no reconnection");
+  const events = inbox(client, "event");
+  await publish("event", { n: 1 }, ["run:1"], AUTH_API_URL);
+  await events.until(1);
+});
+
+test("a refused refresh answers no subscribe()", AUTH_HUB, async (t) => {
+  let calls = 0;
+  let subscribing = null;
+  const client = makeClient(t, AUTH_WS_URL, {
+    topics: ["run:1"],
+    token: () => {
+      calls += 1;
+      if (calls === 1) return mint({ ttl: 2 });
+      // Sent after the refresh, so the hub answers the refresh first.
+      setTimeout(() => {
+        subscribing = client.subscribe("run:9");
+      }, 0);
+      return mint({ sub: "mallory" });
+    },
+  });
+  const errors = inbox(client, "error");
+  await connected(client);
+  await errors.until(1, 10000);
+  assert.equal(errors.messages[0].error.code, 403);
+  assert.equal(errors.messages[0].error.details.reason, "identity");
+  assert.ok(subscribing !== null, "the subscribe was made");
+  assert.deepEqual(await within(subscribing, "the subscribe's answer"), ["run:1", "run:9"]);
+});
+
+test("a token function that fails, or hangs, fails the attempt; the next one asks again", AUTH_HUB, async (t) => {
+  let calls = 0;
+  const client = makeClient(t, AUTH_WS_URL, {
+    token: () => {
+      calls += 1;
+      if (calls === 1) throw new Error("token service down");
+      if (calls === 2) return new Promise(() => {}); // never answers
+      if (calls === 3) return 42;
+      return mint();
+    },
+    deadAfter: 300,
+    minDelay: 20,
+    factor: 1,
+    jitter: 0,
+  });
+  const reasons = [];
+  client.onStatus((status, detail) => {
+    if (status === "reconnecting") reasons.push([detail.code, detail.reason]);
+  });
+  await connected(client);
+  assert.equal(calls, 4);
+  assert.deepEqual(reasons, [
+    [1006, "token: token service down"],
+    [1006, "token: the token function did not answer in 300 ms"],
+    [1006, "token: wshub: a token must be a non-empty string, not number"],
+  ]);
 });
 
 // Last: the hub restarts under the client.

@@ -60,6 +60,13 @@ const DEAD_CODE = 4000;
  *   0 disables the check. Keep it above `pingInterval` plus a round trip.
  * @property {boolean} [reconnect=true] Reconnect after a connection ends for any reason other
  *   than `close()`. With false, the first end of a connection sets the status to "closed".
+ * @property {string | (() => string | Promise<string>)} [token] A subscriber token for a hub
+ *   that requires one, sent as `?token=` (browsers cannot set headers on a WebSocket). A
+ *   function (sync or async) is called for every connect and reconnect, and again when the
+ *   hub says the token expired (`token_expired`), whose answer is sent as a `refresh`; so a
+ *   long-lived page stays connected. If it throws, rejects, returns something other than a
+ *   non-empty string, or takes longer than `deadAfter`, the attempt fails like a connection
+ *   that could not be made (code 1006) and is retried with backoff.
  */
 
 /**
@@ -151,6 +158,11 @@ export class WshubClient {
     this._pingInterval = number(options, "pingInterval", 25000, 0);
     this._deadAfter = number(options, "deadAfter", 60000, 0);
     this._reconnect = options.reconnect ?? true;
+    this._token = options.token ?? null;
+    if (typeof this._token === "string") checkToken(this._token);
+    else if (this._token !== null && typeof this._token !== "function") {
+      throw new TypeError("wshub: token must be a string or a function that returns one");
+    }
 
     /** @type {Set<string>} what the application asked for */
     this._topics = new Set(checkTopics(options.topics ?? ["*"]));
@@ -171,6 +183,8 @@ export class WshubClient {
     this._pingTimer = null;
     this._deadTimer = null;
     this._since = null; // the lastId the current attempt asked to resume after
+    this._opening = 0; // counts attempts, so a token that arrives late for one is dropped
+    this._tokenTimers = new Set(); // bounds on the token function's answers in flight
     /**
      * Requests sent on the current connection, in order; each answer (subscribed,
      * unsubscribed or error) settles the first entry's waiters.
@@ -321,6 +335,7 @@ export class WshubClient {
     const wasActive = this._active;
     this._active = false;
     this._clearRetry();
+    this._clearTokenTimers();
     const ws = this._ws;
     this._detach();
     if (ws !== null) {
@@ -340,9 +355,50 @@ export class WshubClient {
     this._retryTimer = null;
     this._setStatus("connecting");
     if (!this._active) return; // a status handler called close()
+    const attempt = ++this._opening;
+    if (typeof this._token !== "function") {
+      this._dial(this._token);
+      return;
+    }
+    this._freshToken().then(
+      (token) => {
+        if (this._active && this._opening === attempt) this._dial(token);
+      },
+      (error) => {
+        if (this._active && this._opening === attempt) {
+          this._ended(1006, `token: ${String(error?.message ?? error)}`);
+        }
+      },
+    );
+  }
+
+  /**
+   * The token function's answer, checked; rejects when it throws, rejects, returns no
+   * string, or takes longer than `deadAfter` (a hanging token service must not stall the
+   * reconnections for good).
+   * @returns {Promise<string>}
+   */
+  _freshToken() {
+    const answer = new Promise((resolve) => resolve(this._token())).then(checkToken);
+    if (this._deadAfter <= 0) return answer;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._tokenTimers.delete(timer);
+        reject(new Error(`the token function did not answer in ${this._deadAfter} ms`));
+      }, this._deadAfter);
+      this._tokenTimers.add(timer);
+      answer.then(resolve, reject).finally(() => {
+        clearTimeout(timer);
+        this._tokenTimers.delete(timer);
+      });
+    });
+  }
+
+  /** Make the WebSocket of one attempt. */
+  _dial(token) {
     let ws;
     try {
-      ws = new this._WebSocket(this._connectUrl());
+      ws = new this._WebSocket(this._connectUrl(token));
     } catch (error) {
       // e.g. a browser refusing ws: from an https: page; try again later like any failure
       this._ended(1006, String(error?.message ?? error));
@@ -374,10 +430,12 @@ export class WshubClient {
   /**
    * The URL of the next attempt: the endpoint with `?topics=` set to the local set and, once
    * a published message has arrived, `?since=` set to its id. Both travel in the handshake,
-   * so the hub subscribes and replays in one step: no gap, no duplicate.
+   * so the hub subscribes and replays in one step: no gap, no duplicate. The token, if any,
+   * travels as `?token=`.
    */
-  _connectUrl() {
+  _connectUrl(token) {
     const url = new URL(this.url);
+    if (token !== null) url.searchParams.set("token", token);
     const topics = this.topics.filter((topic) => !NOT_IN_URL.test(topic));
     url.searchParams.set("topics", topics.join(","));
     this._since = this.lastId;
@@ -418,6 +476,7 @@ export class WshubClient {
     if (!this._active) return;
     if (!this._reconnect) {
       this._active = false;
+      this._clearTokenTimers();
       this._settleAll(this.topics);
       this._setStatus("closed", { code, reason });
       return;
@@ -428,6 +487,11 @@ export class WshubClient {
     const delay = Math.round(base * (1 - this._jitter * Math.random()));
     this._retryTimer = setTimeout(() => this._open(), delay);
     this._setStatus("reconnecting", { attempt: this._attempt, delay, code, reason });
+  }
+
+  _clearTokenTimers() {
+    for (const timer of this._tokenTimers) clearTimeout(timer);
+    this._tokenTimers.clear();
   }
 
   _clearRetry() {
@@ -508,6 +572,12 @@ export class WshubClient {
       case "error":
         this._refused(message);
         break;
+      case "token_expired":
+        this._refresh();
+        break;
+      case "refreshed":
+        this._refreshed(message);
+        break;
       case "gap":
         this.lastGap = {
           missed: typeof message.data?.missed === "number" ? message.data.missed : null,
@@ -567,9 +637,22 @@ export class WshubClient {
 
   _refused(message) {
     const error = message.error ?? {};
-    // The hub's complaints about ?topics= and ?since= follow the greeting and answer no request.
+    const details = error.details;
+    if (Array.isArray(details?.forbidden)) {
+      // Topics the token does not grant: the hub applied the rest of the request, and its
+      // answer follows. Asking again on every reconnect would only be refused again.
+      for (const topic of details.forbidden) this._topics.delete(topic);
+      return;
+    }
+    // The hub's complaints about ?topics= and ?since= follow the greeting, and a refused
+    // refresh (details.reason) answers no subscribe either.
     const text = String(error.message);
-    if (this._pending.length === 0 || text.startsWith("?topics=") || text.startsWith("?since=")) {
+    if (
+      this._pending.length === 0 ||
+      text.startsWith("?topics=") ||
+      text.startsWith("?since=") ||
+      typeof details?.reason === "string"
+    ) {
       return;
     }
     const waiters = this._pending.shift();
@@ -577,6 +660,29 @@ export class WshubClient {
     for (const waiter of waiters) {
       waiter.reject(new WshubError(String(error.message ?? "refused"), error.code, error.details));
     }
+  }
+
+  // Tokens
+
+  /** The token expired: send a fresh one, if there is a function to get it from. */
+  _refresh() {
+    if (typeof this._token !== "function") return; // the hub closes with 4001; reconnecting fails
+    const ws = this._ws;
+    this._freshToken().then(
+      (token) => {
+        if (this._ws === ws) this._send({ type: "refresh", data: { token } });
+      },
+      // Without a fresh token the hub closes the connection (4001) when the grace period
+      // ends; the reconnection asks the function again and reports its failure.
+      noop,
+    );
+  }
+
+  _refreshed(message) {
+    const data = message.data ?? {};
+    if (Array.isArray(data.topics)) this._serverTopics = new Set(data.topics);
+    // The new token no longer grants these: the hub has left them.
+    if (Array.isArray(data.dropped)) for (const topic of data.dropped) this._topics.delete(topic);
   }
 
   _dispatch(message) {
@@ -649,6 +755,14 @@ function number(options, name, fallback, min, max = Infinity) {
     throw new RangeError(`wshub: ${name} must be a number from ${min} to ${max}, not ${value}`);
   }
   return value;
+}
+
+/** The token itself, or a TypeError. */
+function checkToken(token) {
+  if (typeof token !== "string" || token.length === 0) {
+    throw new TypeError(`wshub: a token must be a non-empty string, not ${typeof token}`);
+  }
+  return token;
 }
 
 /** The topics as an array, each checked as the hub does; throws a TypeError otherwise. */
