@@ -19,8 +19,10 @@ import pytest
 from playwright.sync_api import ConsoleMessage, Error, Locator, Page, expect, sync_playwright
 from redis import Redis
 
+from wshub import mint_token
 from wshub.bench.redis_server import RedisServer
 
+from .helpers import SECRET
 from .processes import HubProcess
 from .tools import require_chromium
 
@@ -37,6 +39,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+EXPECTED_FAILURES = (
+    "the server responded with a status of 401 (Unauthorized)",
+    "net::ERR_CONNECTION_REFUSED",
+)
 # Browser-side waits; generous, since a reconnect includes a backoff delay.
 WAIT_MS = 20_000
 
@@ -242,11 +248,14 @@ def page(chromium: str) -> Iterator[Page]:
                 errors.append(str(error))
 
             def console(message: ConsoleMessage) -> None:
-                # Chromium logs each refused reconnect while the hub restarts: expected.
-                if message.type == "error" and not message.text.startswith(
-                    "WebSocket connection to"
+                # Chromium logs each refused reconnect while the hub restarts, and the page's
+                # plain request asking why it could not connect (refused too while the hub
+                # is down, 401 from a hub that wants a token): expected.
+                text = message.text
+                if message.type == "error" and not (
+                    text.startswith("WebSocket connection to") or text.endswith(EXPECTED_FAILURES)
                 ):
-                    errors.append(message.text)
+                    errors.append(text)
 
             page.on("pageerror", page_error)
             page.on("console", console)
@@ -486,6 +495,53 @@ def test_the_page_dims_while_away_and_reconnects_at_once_when_asked(page: Page) 
         expect(button).to_be_hidden()
         expect(board).to_have_css("opacity", "1")
         page.clock.resume()
+
+
+def test_the_dashboard_takes_a_token_from_its_address_and_explains_a_refusal(
+    page: Page, tmp_path: pathlib.Path
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    status = page.get_by_test_id("status")
+    notice = page.get_by_test_id("access-notice")
+    flags = ["--auth-required", "--auth-secret-file", str(secret_file), "--auth-leeway", "0"]
+    with hub_process(extra=[*flags, "--auth-expiry-grace", "1"]) as hub:
+        home = f"http://127.0.0.1:{hub.port}/"
+        # No token: the page says what the hub wants, and stops asking.
+        page.goto(home)
+        expect(page.get_by_test_id("status-text")).to_have_text("Not authorized")
+        expect(status).to_have_attribute("data-status", "refused")
+        expect(notice).to_contain_text("This hub requires a subscriber token")
+        expect(page.get_by_test_id("reconnect-now")).to_be_hidden()
+
+        # Team A's token: its test is live; another team's is refused by name and the page
+        # keeps following its own.
+        token = mint_token(SECRET, sub="team-a", topics=["test:team-a-*"], ttl=3600)
+        page.goto(f"{home}?token={token}&test=team-a-eth")
+        expect(status).to_have_attribute("data-status", "open")
+        expect(notice).to_be_hidden()
+        expect(page.get_by_test_id("topics")).to_have_text("test:team-a-eth")
+        page.get_by_test_id("filter").fill("team-b-eth")
+        page.get_by_test_id("filter-apply").click()
+        expect(notice).to_contain_text("does not allow test:team-b-eth; it allows test:team-a-*")
+        expect(page.get_by_test_id("filter")).to_have_value("team-a-eth")
+        hub.notify("run_started", run("r-a1", "team-a-eth"))
+        expect(page.locator('[data-run-id="r-a1"]')).to_be_visible()
+        expect(page.get_by_test_id("topics")).to_have_text("test:team-a-eth")
+
+        # Every event (*) is not granted to team A either.
+        page.goto(f"{home}?token={token}")
+        expect(notice).to_contain_text("does not allow every event (*)")
+
+        # A token that expires while the page is open: told, disconnected after the grace
+        # period, and the reconnection refused with the reason.
+        short = mint_token(SECRET, sub="team-a", topics=["*"], ttl=2)
+        page.goto(f"{home}?token={short}")
+        expect(status).to_have_attribute("data-status", "open")
+        expect(notice).to_contain_text("This page's token has expired")
+        expect(page.get_by_test_id("status-text")).to_have_text("Not authorized")
+        expect(notice).to_contain_text("refused this page's token: the token has expired")
+        assert token not in hub.output and short not in hub.output
 
 
 # Records each notification the page raises, then raises it for real.

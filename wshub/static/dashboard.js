@@ -626,6 +626,83 @@ function showGap(data) {
 
 reconnectButton.addEventListener("click", () => client.reconnectNow());
 
+// ---------------------------------------------------------------------------------------
+// Access: a hub that requires subscriber tokens (docs/security.md)
+
+// The token comes in the page's own address (/?token=...), since a page cannot set headers
+// on a WebSocket; wshub.js sends it on every connect and reconnect.
+const pageToken = new URL(location.href).searchParams.get("token") || null;
+const accessNotice = $("access-notice");
+let probing = false;
+
+function showAccess(text) {
+  $("access-notice-text").textContent = text;
+  accessNotice.hidden = false;
+}
+
+/**
+ * A WebSocket that cannot connect tells the page nothing of why: a 401 looks like a hub
+ * that is down. Ask the endpoint with plain HTTP, which answers a refused token with the
+ * same status and its reason. Refused (401 or 403), the page stops retrying: the same
+ * token would only be refused again.
+ */
+async function explainFailure() {
+  if (probing) return;
+  probing = true;
+  try {
+    const url = new URL(endpoint, location.href);
+    if (pageToken) url.searchParams.set("token", pageToken);
+    let answer;
+    try {
+      answer = await fetch(url, { cache: "no-store" });
+    } catch {
+      return; // the hub is unreachable: the reconnection goes on
+    }
+    if (answer.status !== 401 && answer.status !== 403) return;
+    const reason = (await answer.text()).trim().slice(0, 200);
+    if (client.status === "open") return;
+    client.close();
+    statusBox.dataset.status = "refused";
+    document.body.dataset.connection = "refused";
+    statusText.textContent = answer.status === 401 ? "Not authorized" : "Refused";
+    if (answer.status === 403) {
+      showAccess(`The hub refused this page: ${reason}.`);
+    } else if (pageToken === null) {
+      showAccess(
+        "This hub requires a subscriber token. Open this page with ?token=<your token> " +
+          "in its address; an operator mints one with `wshub token`.",
+      );
+    } else {
+      showAccess(
+        `The hub refused this page's token: ${reason}. ` +
+          "Open the page with a fresh ?token= in its address.",
+      );
+    }
+  } finally {
+    probing = false;
+  }
+}
+
+/** The hub refused topics this page's token does not grant (and applied the others). */
+function showForbidden(error) {
+  const forbidden = error?.details?.forbidden;
+  if (error?.code !== 403 || !Array.isArray(forbidden)) return;
+  const named = forbidden.map((topic) => (topic === "*" ? "every event (*)" : topic)).join(", ");
+  const allowed = Array.isArray(error.details.allowed) ? error.details.allowed.join(", ") : "";
+  showAccess(
+    `This page's token does not allow ${named}` +
+      (allowed ? `; it allows ${allowed}. Follow a test it allows by name.` : "."),
+  );
+}
+
+function showExpiry(data) {
+  const grace = isNumber(data?.grace) ? ` in ${Math.round(data.grace)}s` : "";
+  showAccess(
+    `This page's token has expired: the hub disconnects it${grace}. ` +
+      "Open the page with a fresh ?token= in its address.",
+  );
+}
+
 $("resume-notice-dismiss").addEventListener("click", () => {
   resumeNotice.hidden = true;
 });
@@ -661,9 +738,16 @@ async function follow(testName) {
   if (next === activeTest) return;
   const previous = activeTest ? [`test:${activeTest}`] : ["*"];
   const wanted = next ? [`test:${next}`] : ["*"];
+  const before = activeTest;
   activeTest = next;
   // Subscribe before unsubscribing, so no event falls in between.
-  await client.subscribe(wanted);
+  const held = await client.subscribe(wanted);
+  if (!wanted.every((topic) => held.includes(topic))) {
+    // Not granted (the error handler says so): keep following what the page follows.
+    activeTest = before;
+    filterInput.value = before;
+    return;
+  }
   await client.unsubscribe(previous.filter((topic) => !wanted.includes(topic)));
   for (const element of document.querySelectorAll("[data-test]")) applyFilterTo(element);
   clearButton.hidden = !next;
@@ -688,6 +772,7 @@ const scheme = location.protocol === "https:" ? "wss" : "ws";
 const endpoint = document.querySelector('meta[name="wshub-endpoint"]')?.content || "/api/ws";
 const client = new WshubClient(`${scheme}://${location.host}${endpoint}`, {
   topics: initialTest ? [`test:${initialTest}`] : ["*"],
+  token: pageToken,
 });
 
 client.onStatus((status, detail) => {
@@ -695,8 +780,12 @@ client.onStatus((status, detail) => {
   if (status === "open") {
     showTopics();
     showResume(detail);
+  } else if (status === "reconnecting" && detail?.code === 1006) {
+    explainFailure();
   }
 });
+client.on("error", showForbidden);
+client.on("token_expired", showExpiry);
 client.on("*", () => arrivals.push(performance.now()));
 client.on("gap", showGap);
 client.on("run_started", onRunStarted);
