@@ -528,6 +528,11 @@ def test_the_dashboard_takes_a_token_from_its_address_and_explains_a_refusal(
         hub.notify("run_started", run("r-a1", "team-a-eth"))
         expect(page.locator('[data-run-id="r-a1"]')).to_be_visible()
         expect(page.get_by_test_id("topics")).to_have_text("test:team-a-eth")
+        # A test the token grants: followed, and the notice goes.
+        page.get_by_test_id("filter").fill("team-a-trace")
+        page.get_by_test_id("filter-apply").click()
+        expect(page.get_by_test_id("topics")).to_have_text("test:team-a-trace")
+        expect(notice).to_be_hidden()
 
         # Every event (*) is not granted to team A either.
         page.goto(f"{home}?token={token}")

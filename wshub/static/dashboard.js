@@ -670,7 +670,7 @@ async function explainFailure() {
     } else if (pageToken === null) {
       showAccess(
         "This hub requires a subscriber token. Open this page with ?token=<your token> " +
-          "in its address; an operator mints one with `wshub token`.",
+          "in its address; an operator mints one with the command wshub token.",
       );
     } else {
       showAccess(
@@ -749,6 +749,7 @@ async function follow(testName) {
     return;
   }
   await client.unsubscribe(previous.filter((topic) => !wanted.includes(topic)));
+  accessNotice.hidden = true; // a refusal it showed is answered: this one was granted
   for (const element of document.querySelectorAll("[data-test]")) applyFilterTo(element);
   clearButton.hidden = !next;
   filterInput.value = next;

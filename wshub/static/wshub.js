@@ -760,7 +760,8 @@ function number(options, name, fallback, min, max = Infinity) {
 /** The token itself, or a TypeError. */
 function checkToken(token) {
   if (typeof token !== "string" || token.length === 0) {
-    throw new TypeError(`wshub: a token must be a non-empty string, not ${typeof token}`);
+    const what = token === "" ? "an empty string" : typeof token;
+    throw new TypeError(`wshub: a token must be a non-empty string, not ${what}`);
   }
   return token;
 }
