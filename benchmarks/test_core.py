@@ -41,7 +41,7 @@ def fanout(core: ModuleType) -> Iterator[tuple[Any, list[Any]]]:
         loop,
         client_buffer_size=BURST * 2,
         max_buffered_bytes=2**24,
-        drop_oldest=False,
+        policy=core.CONFLATE,  # the hub's default
         flush_interval=0.0,
         on_overflow=lambda client: None,
         on_blocked=lambda client: None,
@@ -59,11 +59,11 @@ def fanout(core: ModuleType) -> Iterator[tuple[Any, list[Any]]]:
     loop.close()
 
 
-def frame(core: ModuleType, number: int) -> Any:
+def frame(core: ModuleType, number: int, key: str | None = None) -> Any:
     payload = core.encode_envelope(
-        "run_progress", PAYLOAD, "2026-11-25T00:00:00.000Z", f"1-{number}"
+        "run_progress", PAYLOAD, "2026-11-25T00:00:00.000Z", f"1-{number}", key=key
     )
-    return core.Message(payload)
+    return core.Message(payload, key)
 
 
 def test_burst_to_all(benchmark: Any, core: ModuleType, fanout: tuple[Any, list[Any]]) -> None:
@@ -80,6 +80,25 @@ def test_burst_to_all(benchmark: Any, core: ModuleType, fanout: tuple[Any, list[
     benchmark(burst)
     assert all(client.messages_sent == BURST * len(bursts) for client in clients)
     assert hub_fanout.writes == CLIENTS * len(bursts)  # one write per client per burst
+
+
+def test_keyed_burst_to_all(
+    benchmark: Any, core: ModuleType, fanout: tuple[Any, list[Any]]
+) -> None:
+    """As test_burst_to_all, with the runner's keyed progress: healthy clients pay nothing
+    for conflation, and get every message."""
+    hub_fanout, clients = fanout
+    bursts: list[int] = []
+
+    def burst() -> None:
+        for number in range(BURST):
+            hub_fanout.publish_all(frame(core, number, "run:run-42"))
+        hub_fanout.flush()
+        bursts.append(1)
+
+    benchmark(burst)
+    assert all(client.messages_sent == BURST * len(bursts) for client in clients)
+    assert hub_fanout.conflations == 0
 
 
 def test_topic_fanout(benchmark: Any, core: ModuleType, fanout: tuple[Any, list[Any]]) -> None:

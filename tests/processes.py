@@ -116,7 +116,11 @@ class HubProcess:
         return recipients
 
     def publish(
-        self, message_type: str, data: Any = None, topics: Sequence[str] | None = None
+        self,
+        message_type: str,
+        data: Any = None,
+        topics: Sequence[str] | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         """``POST /api/publish``; returns the answer, ``{"id": ..., "recipients": ...}``.
 
@@ -126,6 +130,8 @@ class HubProcess:
         body: dict[str, Any] = {"type": message_type, "data": data}
         if topics is not None:
             body["topics"] = list(topics)
+        if key is not None:
+            body["key"] = key
         status, answer = self._request("POST", "/api/publish", body)
         if status != 200:
             raise ApiError(status, answer)

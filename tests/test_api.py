@@ -248,6 +248,30 @@ async def test_a_publish_retried_with_its_idempotency_key_is_delivered_once(
         await nothing_more(ws)
 
 
+async def test_a_publish_may_carry_a_conflation_key(api: ApiFactory) -> None:
+    async with api() as running, client(running.ws_url()) as (ws, _):
+        reply = await running.post("/api/publish", {"type": "state", "data": 1, "key": "run:7"})
+        assert reply.status == 200, reply.body
+        progress = {
+            "run_id": "r7",
+            "test_name": "t",
+            "progress": 0.5,
+            "elapsed_s": 1.0,
+            "requests_done": 1,
+            "current_rps": 1.0,
+            "error_rate": 0.0,
+        }
+        reply = await running.post("/api/notify/run_progress", progress)
+        assert reply.status == 200, reply.body
+        messages = await published(ws, 2)
+        assert [m.get("key") for m in messages] == ["run:7", "run:r7"]
+        for bad in ("", "k" * 257, 5, ["run:7"]):
+            reply = await running.post("/api/publish", {"type": "state", "key": bad})
+            assert reply.status == 400, (bad, reply.body)
+            assert reply.body["error"]["field"] == "key"
+        assert running.hub.stats()["messages_published"] == 2
+
+
 async def test_bad_idempotency_keys_are_400_naming_the_field(api: ApiFactory) -> None:
     async with api() as running:
         for body, headers in (
@@ -917,6 +941,7 @@ async def test_metrics_report_the_hub_counters_and_the_latency_histogram(
         expected_counters = {
             "wshub_deliveries_total": stats["deliveries"],
             "wshub_drops_total": 0,
+            "wshub_conflated_total": 0,
             "wshub_bytes_sent_total": stats["bytes_sent"],
             "wshub_writes_total": stats["writes"],
             "wshub_slow_consumer_disconnects_total": 0,

@@ -133,6 +133,12 @@ async def test_publish_command_reaches_a_client_through_the_internal_api(tmp_pat
             assert output.strip() == f"queued for 1 client (message {message['id']})"
             assert message["type"] == "run_progress"
             assert message["data"] == {"run_id": "r1", "progress": 0.5}
+            assert "key" not in message
+
+            # --key: the conflation key travels in the envelope.
+            status, _, _ = await wshub_publish(url, "--type", "state", "--key", "run:r1")
+            assert status == 0
+            assert (await recv_json(ws))["key"] == "run:r1"
 
             # With a key, running the command twice publishes once.
             keyed = ("--type", "deploy", "--idempotency-key", "deploy-1", "--retry-for", "5")

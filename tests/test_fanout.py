@@ -13,6 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from websockets.frames import Frame, Opcode
 import wshub
 from wshub import _fanout_py
 
-from .memory import MemoryTransport
+from .memory import MemoryTransport, split_frames
 
 compiled_only = pytest.mark.parametrize("implementation", ["cython"], indirect=True)
 
@@ -91,12 +92,15 @@ json_values = st.recursive(
 topic_names = st.sampled_from(["*", "a", "b", "c", "run:1", "test:x"])
 topic_sets = st.lists(topic_names, max_size=4)
 client_indexes = st.integers(0, 5)
+keys = st.sampled_from(["k1", "k2", "k3"])
 
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("subscribe"), client_indexes, topic_sets),
         st.tuples(st.just("unsubscribe"), client_indexes, topic_sets),
         st.tuples(st.just("publish_topics"), json_values, topic_sets),
+        st.tuples(st.just("publish_keyed"), keys, topic_sets),
+        st.tuples(st.just("publish_all_keyed"), keys, st.just(None)),
         st.tuples(st.just("publish_all"), json_values, st.just(None)),
         st.tuples(st.just("send"), client_indexes, json_values),
         st.tuples(st.just("flush"), st.just(None), st.just(None)),
@@ -110,6 +114,24 @@ operations = st.lists(
     max_size=60,
 )
 
+# Weighted towards what conflation needs: paused clients and many keyed messages.
+# (About a quarter of the examples conflate; a few compact a queue.)
+conflating_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("pause"), client_indexes, st.just(None)),
+        st.tuples(st.just("publish_all_keyed"), keys, st.just(None)),
+        st.tuples(st.just("publish_all_keyed"), keys, st.just(None)),
+        st.tuples(st.just("publish_all_keyed"), keys, st.just(None)),
+        st.tuples(st.just("publish_keyed"), keys, topic_sets),
+        st.tuples(st.just("publish_all"), json_values, st.just(None)),
+        st.tuples(st.just("subscribe"), client_indexes, topic_sets),
+        st.tuples(st.just("resume"), client_indexes, st.just(None)),
+        st.tuples(st.just("flush"), st.just(None), st.just(None)),
+    ),
+    min_size=10,
+    max_size=80,
+)
+
 # Clients 0-3 take WebSocket frames, 4-5 text messages; client 3's write re-enters the core
 # (it queues a reply for client 0 and pauses itself, as an asyncio transport's write may), and
 # the on_blocked callback resumes client 5 at once, as a transport that drains fast does.
@@ -121,7 +143,7 @@ def run_core(
     ops: list[Any],
     buffer_size: int,
     max_bytes: int,
-    drop_oldest: bool,
+    policy: int,
     flush_interval: float = 0.0,
 ) -> dict[str, Any]:
     """Apply ``ops`` to a fresh Fanout of ``core``; return everything observable."""
@@ -155,7 +177,7 @@ def run_core(
         loop,
         client_buffer_size=buffer_size,
         max_buffered_bytes=max_bytes,
-        drop_oldest=drop_oldest,
+        policy=policy,
         flush_interval=flush_interval,
         on_overflow=lambda client: events.append(("overflow", index_of[id(client)])),
         on_blocked=blocked,
@@ -171,6 +193,12 @@ def run_core(
             elif kind == "publish_topics":
                 message = envelope_message(core, first, number)
                 results.append(fanout.publish_topics(message, second))
+            elif kind == "publish_keyed":
+                message = envelope_message(core, number, number, key=first)
+                results.append(fanout.publish_topics(message, second))
+            elif kind == "publish_all_keyed":
+                message = envelope_message(core, number, number, key=first)
+                results.append(fanout.publish_all(message))
             elif kind == "publish_all":
                 results.append(fanout.publish_all(envelope_message(core, first, number)))
             elif kind == "send":
@@ -205,6 +233,9 @@ def run_core(
             (
                 c.messages_sent,
                 c.messages_dropped,
+                c.conflated,
+                c.holes,
+                dict(c.keys),
                 c.buffered_bytes,
                 len(c.frames),
                 c.closed,
@@ -213,15 +244,21 @@ def run_core(
             )
             for c in clients
         ],
-        "totals": (fanout.deliveries, fanout.drops, fanout.bytes_sent, fanout.writes),
+        "totals": (
+            fanout.deliveries,
+            fanout.drops,
+            fanout.conflations,
+            fanout.bytes_sent,
+            fanout.writes,
+        ),
     }
 
 
-def envelope_message(core: ModuleType, data: Any, number: int) -> Any:
+def envelope_message(core: ModuleType, data: Any, number: int, key: str | None = None) -> Any:
     payload = core.encode_envelope(
-        "event", data, "2026-11-25T00:00:00.000Z", f"1-{number}", None, None
+        "event", data, "2026-11-25T00:00:00.000Z", f"1-{number}", None, None, key
     )
-    return core.Message(payload)
+    return core.Message(payload, key)
 
 
 @compiled_only
@@ -229,8 +266,9 @@ def envelope_message(core: ModuleType, data: Any, number: int) -> Any:
 @given(
     ops=operations,
     buffer_size=st.integers(1, 6),
-    max_bytes=st.integers(1, 600),
-    drop_oldest=st.booleans(),
+    # Small byte caps overflow by bytes; the large one lets the count bound and conflation act.
+    max_bytes=st.integers(1, 600) | st.just(100_000),
+    policy=st.sampled_from(_fanout_py.POLICIES),
     flush_interval=st.sampled_from([0.0, 0.001]),
 )
 def test_both_cores_write_the_same_bytes_to_the_same_clients(
@@ -238,11 +276,26 @@ def test_both_cores_write_the_same_bytes_to_the_same_clients(
     ops: list[Any],
     buffer_size: int,
     max_bytes: int,
-    drop_oldest: bool,
+    policy: int,
     flush_interval: float,
 ) -> None:
-    compiled = run_core(core, ops, buffer_size, max_bytes, drop_oldest, flush_interval)
-    reference = run_core(_fanout_py, ops, buffer_size, max_bytes, drop_oldest, flush_interval)
+    compiled = run_core(core, ops, buffer_size, max_bytes, policy, flush_interval)
+    reference = run_core(_fanout_py, ops, buffer_size, max_bytes, policy, flush_interval)
+    assert compiled == reference
+
+
+@compiled_only
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=conflating_operations,
+    buffer_size=st.integers(1, 6),
+    max_bytes=st.integers(100, 2000) | st.just(100_000),
+)
+def test_both_cores_conflate_alike(
+    core: ModuleType, ops: list[Any], buffer_size: int, max_bytes: int
+) -> None:
+    compiled = run_core(core, ops, buffer_size, max_bytes, core.CONFLATE)
+    reference = run_core(_fanout_py, ops, buffer_size, max_bytes, _fanout_py.CONFLATE)
     assert compiled == reference
 
 
@@ -254,6 +307,7 @@ def test_both_cores_write_the_same_bytes_to_the_same_clients(
     message_id=st.none() | st.text(max_size=20),
     client_id=st.none() | st.text(max_size=16),
     error=st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+    key=st.none() | st.text(min_size=1, max_size=20),
 )
 def test_both_cores_encode_the_same_envelope(
     core: ModuleType,
@@ -262,8 +316,10 @@ def test_both_cores_encode_the_same_envelope(
     message_id: str | None,
     client_id: str | None,
     error: Any,
+    key: str | None,
 ) -> None:
-    arguments = (message_type, data, "2026-11-25T00:00:00.000Z", message_id, client_id, error)
+    timestamp = "2026-11-25T00:00:00.000Z"
+    arguments = (message_type, data, timestamp, message_id, client_id, error, key)
     payload = core.encode_envelope(*arguments)
     assert payload == _fanout_py.encode_envelope(*arguments)
     assert core.build_frame(payload) == _fanout_py.build_frame(payload)
@@ -280,7 +336,7 @@ def test_a_topic_message_reaches_each_client_once_in_the_reference_core() -> Non
         ],
         buffer_size=10,
         max_bytes=10_000,
-        drop_oldest=False,
+        policy=_fanout_py.DISCONNECT,
     )
     assert outcome["results"][-2:] == [2, True]  # two recipients, a flush scheduled
     assert [len(written) for written in outcome["written"][:3]] == [1, 1, 0]
@@ -290,7 +346,7 @@ def make_fanout(core: ModuleType, loop: asyncio.AbstractEventLoop, **overrides: 
     options: dict[str, Any] = {
         "client_buffer_size": 10,
         "max_buffered_bytes": 10_000,
-        "drop_oldest": False,
+        "policy": core.DISCONNECT,
         "flush_interval": 0.0,
         "on_overflow": lambda client: None,
         "on_blocked": lambda client: None,
@@ -347,3 +403,112 @@ def test_a_write_that_raises_counts_its_frames_as_dropped(core: ModuleType) -> N
         assert fanout.drops == 3
     finally:
         loop.close()
+
+
+# Conflation: what a client that fell behind keeps
+
+
+def paused_client(core: ModuleType, fanout: Any, kind: int = 0) -> tuple[Any, MemoryTransport]:
+    """A client subscribed to "t" whose transport is not writable."""
+    transport = MemoryTransport()
+    client = core.Client("c" * 16, transport.write, kind)
+    fanout.add_client(client)
+    fanout.subscribe(client, ["t"])
+    client.writable = False
+    return client, transport
+
+
+def keyed(core: ModuleType, number: int, key: str | None) -> Any:
+    return envelope_message(core, {"n": number}, number, key=key)
+
+
+def numbers_written(transport: MemoryTransport) -> list[int]:
+    """The ``data.n`` of every message written, frames and text messages alike."""
+    payloads = [
+        payload
+        for written in transport.written
+        for payload in (split_frames(written) if isinstance(written, bytes) else written)
+    ]
+    return [orjson.loads(payload)["data"]["n"] for payload in payloads]
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["frames", "text"])
+async def test_conflation_keeps_the_latest_of_each_key_in_id_order(
+    core: ModuleType, kind: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    fanout = make_fanout(core, loop, client_buffer_size=3, policy=core.CONFLATE)
+    client, transport = paused_client(core, fanout, kind)
+    for number, key in [(1, "run:1"), (2, None), (3, "run:2"), (4, "run:1"), (5, "run:2")]:
+        assert fanout.publish_topics(keyed(core, number, key), ["t"]) == 1
+    # 4 superseded 1 and 5 superseded 3: the newer one queued at the end, so ids still rise.
+    assert (client.conflated, fanout.conflations, client.closed) == (2, 2, False)
+    client.writable = True
+    fanout.unblock(client)
+    assert numbers_written(transport) == [2, 4, 5]
+    assert (client.messages_sent, client.messages_dropped, client.holes) == (3, 0, 0)
+    assert client.buffered_bytes == 0
+
+
+async def test_conflation_disconnects_a_client_when_nothing_can_be_superseded(
+    core: ModuleType,
+) -> None:
+    overflowed: list[Any] = []
+    loop = asyncio.get_running_loop()
+    fanout = make_fanout(
+        core, loop, client_buffer_size=2, policy=core.CONFLATE, on_overflow=overflowed.append
+    )
+    events, _ = paused_client(core, fanout)
+    for number in (1, 2):
+        fanout.publish_topics(keyed(core, number, None), ["t"])
+    # Full of events: a third event cannot take anyone's place.
+    assert fanout.publish_topics(keyed(core, 3, None), ["t"]) == 0
+    assert overflowed == [events] and events.closed
+    assert (events.messages_dropped, events.conflated) == (3, 0)
+    # Full of other keys: a new key supersedes nothing either.
+    states, _ = paused_client(core, fanout)
+    for number, key in [(1, "a"), (2, "b")]:
+        fanout.publish_topics(keyed(core, number, key), ["t"])
+    assert fanout.publish_topics(keyed(core, 3, "c"), ["t"]) == 0
+    assert overflowed == [events, states]
+
+
+async def test_a_long_stall_keeps_a_conflating_queue_bounded(core: ModuleType) -> None:
+    loop = asyncio.get_running_loop()
+    fanout = make_fanout(core, loop, client_buffer_size=2, policy=core.CONFLATE)
+    client, transport = paused_client(core, fanout)
+    fanout.publish_topics(keyed(core, 0, None), ["t"])
+    for number in range(1, 1001):
+        fanout.publish_topics(keyed(core, number, "run:1"), ["t"])
+        assert len(client.frames) <= 2 * 2 + 1
+    client.writable = True
+    fanout.unblock(client)
+    assert numbers_written(transport) == [0, 1000]
+    assert client.conflated == 999
+
+
+async def test_a_writable_client_gets_every_keyed_message(core: ModuleType) -> None:
+    """Conflation is for clients that fell behind: a burst to a healthy one is written."""
+    loop = asyncio.get_running_loop()
+    fanout = make_fanout(core, loop, client_buffer_size=2, policy=core.CONFLATE)
+    transport = MemoryTransport()
+    client = core.Client("c" * 16, transport.write)
+    fanout.add_client(client)
+    for number in range(5):
+        fanout.publish_all(keyed(core, number, "run:1"))
+    fanout.flush()
+    assert numbers_written(transport) == [0, 1, 2, 3, 4]
+    assert client.conflated == 0
+
+
+def test_the_cores_refuse_an_unknown_policy_and_a_key_that_is_not_a_string(
+    core: ModuleType,
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="policy"):
+            make_fanout(core, loop, policy=7)
+    finally:
+        loop.close()
+    with pytest.raises(TypeError, match="key"):
+        core.Message(b"{}", 42)

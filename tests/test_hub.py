@@ -524,9 +524,10 @@ def test_runner_records_refuse_unknown_keys_and_wrong_kinds_and_keep_missing_one
     assert kind.value.field == "regression.percent_change"
     with pytest.raises(runner.PayloadError, match='needs an "id"'):
         runner.new_run_event({"test_name": "t"})
-    data, topics = runner.new_run_event({"id": "r", "test_name": "t"})
+    data, topics, key = runner.new_run_event({"id": "r", "test_name": "t"})
     assert data["summary"]["p95_latency_ms"] is None and data["git_commit"] is None
     assert topics == ["new_run", "run:r", "test:t"]
+    assert key is None, "an event that must not be lost has no key"
     # The dataclasses themselves default to None too.
     assert runner.new_run_event(wshub.HistoricRun("r"))[0]["summary"]["total_requests"] is None
 

@@ -195,6 +195,27 @@ async def test_resume_on_another_node_while_publishing_goes_on(start_hubs: Start
     assert_increasing([last_seen, *(message["id"] for message in messages)])
 
 
+async def test_a_key_crosses_redis_to_every_node_and_into_replays(start_hubs: StartHubs) -> None:
+    first, second = await start_hubs(2)
+    async with client(ws_url(second, "?topics=a")) as (ws, _):
+        marker = await publish(first, "marker", None, ["a"])
+        await asyncio.to_thread(first.publish, "state", {"n": 1}, ["a"], "run:1")
+        await asyncio.to_thread(first.publish, "event", {"n": 2}, ["a"])
+        live = await until_count(ws, 3)
+    assert [(m["type"], m.get("key")) for m in live] == [
+        ("marker", None),
+        ("state", "run:1"),
+        ("event", None),
+    ]
+    # A node started now holds none of them: its replay comes from Redis, keys and all.
+    [third] = await start_hubs(1)
+    async with client(ws_url(third, f"?topics=a&since={marker}")) as (ws, hello):
+        assert hello["data"]["recovered"] is True, hello
+        await publish(first, END, None, ["a"])
+        replayed = await until_end(ws)
+    assert [(m["type"], m.get("key")) for m in replayed] == [("state", "run:1"), ("event", None)]
+
+
 async def until_count(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
     messages = [await recv_json(ws) for _ in range(count)]
     assert all("id" in message for message in messages), messages

@@ -6,8 +6,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+
+from wshub.metrics import HubCollector
 
 from .helpers import client, recv_json, send_json, wait_until
 
@@ -106,7 +109,104 @@ async def test_drop_oldest_keeps_the_client_and_its_newest_messages(hub_server: 
             assert (await recv_json(slow))["type"] == "pong"
 
 
-@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+async def test_a_published_message_carries_its_key_and_the_runs_events_their_runs(
+    hub_server: Any,
+) -> None:
+    async with hub_server() as served, client(served.url) as (ws, _):
+        hub = served.hub
+        hub.broadcast_to_all("state", {"n": 1}, key="deploy:eu")
+        await hub.publish("event", {"n": 2}, key=None)
+        hub.notify_run_progress(
+            "r1", "eth_call", 0.5, elapsed_s=1.0, requests_done=5, current_rps=5.0, error_rate=0.0
+        )
+        hub.notify_run_failed("r1", "eth_call", "node crashed")
+        hub.notify_regression({"id": "g1", "run_id": "r1"}, {"id": "r1", "test_name": "eth_call"})
+        messages = [await recv_json(ws) for _ in range(5)]
+        assert [(m["type"], m.get("key")) for m in messages] == [
+            ("state", "deploy:eu"),
+            ("event", None),
+            ("run_progress", "run:r1"),
+            ("run_failed", "run:r1"),
+            ("regression_detected", None),
+        ]
+        for bad, error in (("", ValueError), ("k" * 257, ValueError), (5, TypeError)):
+            with pytest.raises(error, match="key"):
+                hub.broadcast_to_subscribers("state", None, ["t"], key=bad)
+            with pytest.raises(error, match="key"):
+                await hub.publish("state", None, key=bad)
+        assert hub.stats()["messages_published"] == 5
+
+
+async def test_conflate_gives_a_slow_client_every_event_and_the_latest_of_every_key(
+    hub_server: Any,
+) -> None:
+    async with hub_server(client_buffer_size=64, write_timeout=10.0) as served:
+        hub = served.hub
+        assert hub.config.slow_client_policy == "conflate"  # the default
+        async with (
+            client(served.url, max_queue=None) as (fast, _),
+            client(served.url) as (slow, _),
+        ):
+            slow.transport.pause_reading()
+            published = 0
+            events: list[int] = []
+            latest: dict[str, int] = {}
+
+            def conflated_enough() -> bool:
+                infos = {info["id"]: info for info in hub.client_info()}
+                return any(info["conflated"] >= 200 for info in infos.values())
+
+            # Progress of three runs, superseding each other per run, and every 25th
+            # message an event that must arrive.
+            while not conflated_enough() and published < MAX_PUBLISHES:
+                if published % 25 == 0:
+                    hub.broadcast_to_all("regression", {"n": published, "pad": PADDING})
+                    events.append(published)
+                else:
+                    key = f"run:{published % 3}"
+                    hub.broadcast_to_all("progress", {"n": published, "pad": PADDING}, key=key)
+                    latest[key] = published
+                published += 1
+                await asyncio.sleep(0)
+            assert conflated_enough(), hub.client_info()
+            hub.broadcast_to_all("done", {"n": published})
+            assert await read_numbers(fast, published) == list(range(published + 1))
+
+            slow.transport.resume_reading()
+            received: list[dict[str, Any]] = []
+            while not received or received[-1]["type"] != "done":
+                received.append(await recv_json(slow))
+            numbers = [message["data"]["n"] for message in received]
+            assert numbers == sorted(numbers), "ids, and so numbers, only rise"
+            assert [m["data"]["n"] for m in received if m["type"] == "regression"] == events
+            last_of = {m["key"]: m["data"]["n"] for m in received if m["type"] == "progress"}
+            assert last_of == latest
+            info = next(i for i in hub.client_info() if i["conflated"])
+            assert len(received) + info["conflated"] == published + 1
+            stats = hub.stats()
+            assert (stats["slow_consumer_disconnects"], stats["drops"]) == (0, 0)
+            assert stats["conflated"] == info["conflated"]
+            registry = CollectorRegistry()
+            registry.register(HubCollector(hub))
+            assert registry.get_sample_value("wshub_conflated_total") == info["conflated"]
+
+
+async def test_conflate_closes_a_client_with_4008_when_events_alone_overflow(
+    hub_server: Any,
+) -> None:
+    async with hub_server(client_buffer_size=8, write_timeout=10.0) as served:
+        hub = served.hub
+        async with client(served.url) as (slow, _):
+            slow.transport.pause_reading()
+            await flood(hub, until=lambda: hub.stats()["slow_consumer_disconnects"] > 0)
+            slow.transport.resume_reading()
+            received, close = await read_all(slow)
+            assert received == list(range(len(received)))
+            assert close is not None and (close.code, close.reason) == (4008, "slow consumer")
+            assert hub.stats()["conflated"] == 0
+
+
+@pytest.mark.parametrize("policy", ["conflate", "disconnect", "drop_oldest"])
 async def test_transport_that_does_not_drain_within_write_timeout_is_closed(
     hub_server: Any, policy: str
 ) -> None:
@@ -127,7 +227,7 @@ async def test_transport_that_does_not_drain_within_write_timeout_is_closed(
             assert received == list(range(len(received)))
 
 
-@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+@pytest.mark.parametrize("policy", ["conflate", "disconnect", "drop_oldest"])
 async def test_a_burst_larger_than_the_buffer_reaches_a_healthy_client_whole(
     hub_server: Any, transport: str, policy: str
 ) -> None:
@@ -145,8 +245,9 @@ async def test_a_burst_larger_than_the_buffer_reaches_a_healthy_client_whole(
                 assert (stats["drops"], stats["slow_consumer_disconnects"]) == (0, 0)
                 return
             # An ASGI server sends nothing before the loop turns: past the bounds the burst
-            # meets the policy, which says so, never a silent loss.
-            if policy == "disconnect":
+            # meets the policy, which says so, never a silent loss (these messages have no
+            # key: conflate cannot supersede them and disconnects).
+            if policy != "drop_oldest":
                 received, close = await read_all(ws, "n")
                 assert received == list(range(len(received))) and len(received) < 500
                 assert close is not None and (close.code, close.reason) == (4008, "slow consumer")

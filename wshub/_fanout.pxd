@@ -8,6 +8,7 @@ cimport cython
 
 cdef class Message:
     cdef readonly bytes payload
+    cdef readonly object key
     cdef readonly list encodings
 
     @cython.final
@@ -26,6 +27,9 @@ cdef class Client:
     cdef public Py_ssize_t buffered_bytes
     cdef public Py_ssize_t messages_sent
     cdef public Py_ssize_t messages_dropped
+    cdef public Py_ssize_t conflated
+    cdef readonly dict keys
+    cdef readonly Py_ssize_t holes
     cdef public Py_ssize_t stamp
     cdef public bint pending
     cdef public bint blocked
@@ -36,7 +40,7 @@ cdef class Fanout:
     cdef public object loop
     cdef public Py_ssize_t client_buffer_size
     cdef public Py_ssize_t max_buffered_bytes
-    cdef public bint drop_oldest
+    cdef readonly int policy
     cdef public double flush_interval
     cdef public object on_overflow
     cdef public object on_blocked
@@ -49,6 +53,7 @@ cdef class Fanout:
     cdef public Py_ssize_t publish_stamp
     cdef public Py_ssize_t deliveries
     cdef public Py_ssize_t drops
+    cdef public Py_ssize_t conflations
     cdef public Py_ssize_t bytes_sent
     cdef public Py_ssize_t writes
 
@@ -59,6 +64,10 @@ cdef class Fanout:
     @cython.final
     cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1
     @cython.final
+    cdef int _supersede(self, Client client, object key) except -1
+    @cython.final
+    cdef int _compact(self, Client client) except -1
+    @cython.final
     cdef int _overflow(self, Client client) except -1
     @cython.final
     cdef int _after_publish(self, Py_ssize_t count) except -1
@@ -68,3 +77,5 @@ cdef class Fanout:
     cdef int _write(self, Client client) except -1
     @cython.final
     cdef int _discard(self, Client client) except -1
+    @cython.final
+    cdef inline int _empty(self, Client client) except -1

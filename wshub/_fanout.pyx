@@ -12,7 +12,7 @@ from cpython.bytes cimport (
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
@@ -35,7 +35,11 @@ cdef extern from "Python.h":
 
 
 __all__ = [
+    "CONFLATE",
+    "DISCONNECT",
+    "DROP_OLDEST",
     "FRAME_KINDS",
+    "POLICIES",
     "TEXT_MESSAGES",
     "WEBSOCKET_FRAMES",
     "Client",
@@ -53,12 +57,24 @@ cdef enum:
     _WEBSOCKET_FRAMES = 0
     _TEXT_MESSAGES = 1
     _KIND_COUNT = 2
+    _DISCONNECT = 0
+    _DROP_OLDEST = 1
+    _CONFLATE = 2
 
 # The frame kinds, as in the twin, which documents them; the next kind plugs in here, in
 # Message._build and, if its queue is not joined, in Fanout._write.
 WEBSOCKET_FRAMES = _WEBSOCKET_FRAMES
 TEXT_MESSAGES = _TEXT_MESSAGES
 FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
+
+# The slow-client policies, as in the twin, which documents them.
+DISCONNECT = _DISCONNECT
+DROP_OLDEST = _DROP_OLDEST
+CONFLATE = _CONFLATE
+POLICIES = (DISCONNECT, DROP_OLDEST, CONFLATE)
+
+# A superseded frame's slot: it joins to nothing, and text queues leave it out.
+cdef bytes _HOLE = b""
 
 
 def encode_envelope(
@@ -68,11 +84,12 @@ def encode_envelope(
     message_id=None,
     client_id=None,
     error=None,
+    key=None,
 ):
     """Serialize one wire envelope to JSON bytes.
 
-    Keys appear in a fixed order (type, data, timestamp, id, client_id, error) and are absent
-    when their value is ``None``. Raises TypeError when orjson cannot serialize ``data``.
+    Keys appear in a fixed order (type, data, timestamp, id, key, client_id, error) and are
+    absent when their value is ``None``. Raises TypeError when orjson cannot serialize ``data``.
     """
     cdef dict envelope = {"type": message_type}
     if data is not None:
@@ -80,6 +97,8 @@ def encode_envelope(
     envelope["timestamp"] = timestamp
     if message_id is not None:
         envelope["id"] = message_id
+    if key is not None:
+        envelope["key"] = key
     if client_id is not None:
         envelope["client_id"] = client_id
     if error is not None:
@@ -153,10 +172,13 @@ cdef class Message:
     def __cinit__(self, *args, **kwargs):
         self.encodings = [None, None]
 
-    def __init__(self, payload):
+    def __init__(self, payload, key=None):
         if not PyBytes_CheckExact(payload):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         self.payload = payload
+        self.key = key
         self.encodings = [None, payload]
 
     def encoded(self, Py_ssize_t kind):
@@ -191,6 +213,7 @@ cdef class Client:
         # The hot paths treat these as never None, even before __init__ has run.
         self.topics = set()
         self.frames = []
+        self.keys = {}
 
     def __init__(self, client_id, write, int kind=_WEBSOCKET_FRAMES):
         if kind < 0 or kind >= _KIND_COUNT:
@@ -204,6 +227,11 @@ cdef class Client:
         self.buffered_bytes = 0
         self.messages_sent = 0
         self.messages_dropped = 0
+        self.conflated = 0  # messages superseded by a newer one with their key
+        # Under CONFLATE, while not writable: the index in ``frames`` of each keyed frame
+        # queued meanwhile, and how many slots of ``frames`` are holes.
+        self.keys = {}
+        self.holes = 0
         # Number of the last publish queued for this client: de-duplicates a message whose
         # topics match several of the client's subscriptions, in O(1) per match.
         self.stamp = 0
@@ -216,7 +244,7 @@ cdef class Fanout:
     """Topic index, per-client bounded buffers and the coalescing flush.
 
     Keyword-only arguments as in ``_fanout_py.Fanout``: ``client_buffer_size``,
-    ``max_buffered_bytes``, ``drop_oldest``, ``flush_interval``, ``on_overflow``, ``on_blocked``.
+    ``max_buffered_bytes``, ``policy``, ``flush_interval``, ``on_overflow``, ``on_blocked``.
     The callback contract is the twin's (see its module docstring).
     """
 
@@ -234,15 +262,17 @@ cdef class Fanout:
         *,
         Py_ssize_t client_buffer_size,
         Py_ssize_t max_buffered_bytes,
-        bint drop_oldest,
+        int policy,
         double flush_interval,
         on_overflow,
         on_blocked,
     ):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown slow-client policy {policy!r}")
         self.loop = loop
         self.client_buffer_size = client_buffer_size
         self.max_buffered_bytes = max_buffered_bytes
-        self.drop_oldest = drop_oldest
+        self.policy = policy
         self.flush_interval = flush_interval
         self.on_overflow = on_overflow
         self.on_blocked = on_blocked
@@ -255,6 +285,7 @@ cdef class Fanout:
         self.publish_stamp = 0
         self.deliveries = 0
         self.drops = 0
+        self.conflations = 0
         self.bytes_sent = 0
         self.writes = 0
 
@@ -270,8 +301,7 @@ cdef class Fanout:
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
         client.closed = True
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
 
     def close_client(self, Client client not None):
         """The client's transport is closing: drop what is queued (counted), accept no more."""
@@ -371,6 +401,7 @@ cdef class Fanout:
         cdef PyObject* found
         cdef bytes frame
         cdef Py_ssize_t size
+        cdef bint tracked = False
         if client.closed:
             return False
         # An encoding already built costs one list read; kinds are checked in Client().
@@ -380,18 +411,25 @@ cdef class Fanout:
         else:
             frame = message._encoded(client.kind)
         size = PyBytes_GET_SIZE(frame)
+        # Only a client that is not writable conflates, and only it indexes its keys; the
+        # writable flag comes first, so a healthy client pays one flag read for all of it.
+        if not client.writable and self.policy == _CONFLATE and message.key is not None:
+            tracked = True
+            self._supersede(client, message.key)
         if self._is_full(client, size):
             if client.writable:
                 # A burst larger than the buffer, to a transport that can take it: write what
                 # is queued now rather than treat a healthy client as slow.
                 self._write(client)
             if self._is_full(client, size):
-                if not self.drop_oldest:
+                if self.policy != _DROP_OLDEST:
                     self._overflow(client)
                     return False
                 self._drop_oldest(client, size)
             elif client.closed:  # the write failed or the transport closed meanwhile
                 return False
+        if tracked:
+            PyDict_SetItem(client.keys, message.key, PyList_GET_SIZE(client.frames))
         PyList_Append(client.frames, frame)
         client.buffered_bytes += size
         self.deliveries += 1
@@ -404,11 +442,52 @@ cdef class Fanout:
     cdef inline bint _is_full(self, Client client, Py_ssize_t incoming):
         """Whether ``incoming`` more bytes would pass the client's caps (an empty buffer
         always takes one frame, so a message larger than the byte cap still flows)."""
-        cdef Py_ssize_t queued = PyList_GET_SIZE(client.frames)
+        cdef Py_ssize_t queued = PyList_GET_SIZE(client.frames) - client.holes
         return queued > 0 and (
             queued >= self.client_buffer_size
             or client.buffered_bytes + incoming > self.max_buffered_bytes
         )
+
+    @cython.final
+    cdef int _supersede(self, Client client, object key) except -1:
+        """Take the queued frame with ``key``, if any, out of the client's queue (its slot
+        becomes a hole)."""
+        cdef object found
+        cdef Py_ssize_t index
+        cdef list frames = client.frames
+        found = client.keys.pop(key, None)
+        if found is None:
+            return 0
+        index = found
+        client.buffered_bytes -= _bytes_size(PyList_GET_ITEM(frames, index))
+        frames[index] = _HOLE
+        client.holes += 1
+        client.conflated += 1
+        self.conflations += 1
+        if client.holes > self.client_buffer_size:
+            self._compact(client)
+        return 0
+
+    @cython.final
+    cdef int _compact(self, Client client) except -1:
+        """Leave the holes out of the client's queue (see the twin)."""
+        cdef dict key_at = {index: key for key, index in client.keys.items()}
+        cdef list frames = []
+        cdef dict keys = {}
+        cdef Py_ssize_t index
+        cdef object frame
+        cdef object key
+        for index in range(PyList_GET_SIZE(client.frames)):
+            frame = <object>PyList_GET_ITEM(client.frames, index)
+            if _bytes_size(<PyObject*>frame):
+                key = key_at.get(index)
+                if key is not None:
+                    keys[key] = PyList_GET_SIZE(frames)
+                PyList_Append(frames, frame)
+        client.frames = frames
+        client.keys = keys
+        client.holes = 0
+        return 0
 
     @cython.final
     cdef int _drop_oldest(self, Client client, Py_ssize_t incoming) except -1:
@@ -432,12 +511,11 @@ cdef class Fanout:
 
     @cython.final
     cdef int _overflow(self, Client client) except -1:
-        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames) + 1
+        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames) - client.holes + 1
         client.messages_dropped += dropped
         self.drops += dropped
         client.closed = True
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
         PyList_Append(self.overflowed, client)
         return 0
 
@@ -513,14 +591,17 @@ cdef class Fanout:
             if count == 1:
                 data = <bytes>PyList_GET_ITEM(frames, 0)
             else:
-                data = _join_frames(frames)
+                data = _join_frames(frames)  # holes join to nothing
             size = PyBytes_GET_SIZE(data)
+        elif client.holes:
+            data = [frame for frame in frames if PyBytes_GET_SIZE(frame)]
+            size = client.buffered_bytes
         else:
             data = frames
             size = client.buffered_bytes
+        count -= client.holes
         # Emptied before the call, which may come back into the core (the callback contract).
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
         try:
             client.write(data)
         except Exception:
@@ -535,11 +616,19 @@ cdef class Fanout:
 
     @cython.final
     cdef int _discard(self, Client client) except -1:
-        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames)
+        cdef Py_ssize_t dropped = PyList_GET_SIZE(client.frames) - client.holes
         client.messages_dropped += dropped
         self.drops += dropped
+        self._empty(client)
+        return 0
+
+    @cython.final
+    cdef inline int _empty(self, Client client) except -1:
         client.frames = []
         client.buffered_bytes = 0
+        if client.holes or PyDict_Size(client.keys):
+            client.holes = 0
+            client.keys = {}
         return 0
 
     def close(self):

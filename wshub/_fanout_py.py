@@ -15,6 +15,19 @@ every frame queued for a client during one event-loop iteration leaves in a sing
 The core knows nothing of WebSocket libraries. A client is a bound ``write`` and a
 ``writable`` flag that its transport keeps up to date (see :mod:`wshub.session`).
 
+Slow clients. A client whose buffer is full is handled by the fan-out's policy:
+:data:`DISCONNECT` gives up on it (``on_overflow``), :data:`DROP_OLDEST` drops its oldest
+frames. Under :data:`CONFLATE`, while a client's transport is not writable (it fell behind:
+its socket does not drain), a message with a ``key`` supersedes the one with the same key
+still queued for it: the older frame leaves the queue (its slot becomes an empty *hole*,
+which joins to nothing) and the newer one takes its turn at the end, so the client's stream
+stays in id order (a ``since`` resume stays exact) and its queue holds only the latest
+message of each key beside the messages without one. Should that still pass the bound
+(messages without a key, and keys, alone fill it), the client overflows as under
+:data:`DISCONNECT`: nothing is ever dropped unsaid. A writable client's full buffer is
+written at once, so buffers fill only while a transport is not writable; keys are indexed
+only then, which keeps the common path free of them.
+
 The callback contract. ``write``, ``on_blocked`` and ``on_overflow`` run Python code while
 the core is working: ``write`` inside a flush (and inside a publish, when a burst fills a
 buffer), the others after the publish or flush that caused them. ``write`` may clear the
@@ -40,7 +53,11 @@ import orjson
 from .wire import JSON_OPTIONS
 
 __all__ = [
+    "CONFLATE",
+    "DISCONNECT",
+    "DROP_OLDEST",
     "FRAME_KINDS",
+    "POLICIES",
     "TEXT_MESSAGES",
     "WEBSOCKET_FRAMES",
     "Client",
@@ -61,6 +78,19 @@ client's queue is handed to ``write`` as a ``list`` of ``bytes``, one per messag
 # a branch in Message._build and, if its queue is not joined, one in Fanout._write.
 FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
 
+# The slow-client policies: what a full buffer does (see the module docstring).
+DISCONNECT = 0
+"""Give up on the client: its frames are dropped (counted) and ``on_overflow`` is told."""
+DROP_OLDEST = 1
+"""Drop the oldest frames (counted) to make room."""
+CONFLATE = 2
+"""While not writable, supersede the queued message with the incoming one's key; a full
+buffer then overflows as under :data:`DISCONNECT`."""
+POLICIES = (DISCONNECT, DROP_OLDEST, CONFLATE)
+
+# A superseded frame's slot: it joins to nothing, and text queues leave it out.
+_HOLE = b""
+
 _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
 _MEDIUM = struct.Struct("!BBH")
 _LARGE = struct.Struct("!BBQ")
@@ -73,6 +103,7 @@ def encode_envelope(
     message_id: str | None = None,
     client_id: str | None = None,
     error: Any = None,
+    key: str | None = None,
 ) -> bytes:
     """Serialize one wire envelope to JSON bytes.
 
@@ -85,6 +116,8 @@ def encode_envelope(
         message_id: The published message's id, or None for direct replies.
         client_id: The recipient's id, for messages addressed to one client.
         error: The ``error`` object of an error envelope.
+        key: The published message's conflation key (messages with the same key supersede
+            each other), or None.
 
     Returns:
         The UTF-8 JSON document.
@@ -98,6 +131,8 @@ def encode_envelope(
     envelope["timestamp"] = timestamp
     if message_id is not None:
         envelope["id"] = message_id
+    if key is not None:
+        envelope["key"] = key
     if client_id is not None:
         envelope["client_id"] = client_id
     if error is not None:
@@ -126,14 +161,19 @@ class Message:
 
     ``encodings[kind]`` is None until a recipient of that frame kind needs it; then it is
     built once and shared by every recipient of the kind, and by replays of the message.
+    ``key``, when not None, lets this message supersede an older one with the same key in a
+    slow client's queue under :data:`CONFLATE`.
     """
 
-    __slots__ = ("encodings", "payload")
+    __slots__ = ("encodings", "key", "payload")
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, key: str | None = None) -> None:
         if not isinstance(payload, bytes):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         self.payload: bytes = payload
+        self.key: str | None = key
         self.encodings: list[bytes | None] = [None, payload]
 
     def encoded(self, kind: int) -> bytes:
@@ -173,7 +213,10 @@ class Client:
         "buffered_bytes",
         "client_id",
         "closed",
+        "conflated",
         "frames",
+        "holes",
+        "keys",
         "kind",
         "messages_dropped",
         "messages_sent",
@@ -198,6 +241,11 @@ class Client:
         self.buffered_bytes: int = 0
         self.messages_sent: int = 0
         self.messages_dropped: int = 0
+        self.conflated: int = 0  # messages superseded by a newer one with their key
+        # Under CONFLATE, while not writable: the key of each keyed frame queued meanwhile,
+        # with its index in ``frames``, and how many slots of ``frames`` are holes.
+        self.keys: dict[str, int] = {}
+        self.holes: int = 0
         # Number of the last publish queued for this client: de-duplicates a message whose
         # topics match several of the client's subscriptions, in O(1) per match.
         self.stamp: int = 0
@@ -214,11 +262,13 @@ class Fanout:
         client_buffer_size: Most frames a client's buffer holds.
         max_buffered_bytes: Most bytes a client's buffer holds; a single frame larger than
             this is still accepted into an empty buffer, so large messages can flow.
-        drop_oldest: On overflow, drop the oldest frames (True) or close the client (False).
+        policy: What a full buffer does: :data:`DISCONNECT`, :data:`DROP_OLDEST` or
+            :data:`CONFLATE`.
         flush_interval: 0 flushes at the end of the current loop iteration; more than 0
             coalesces for up to that many seconds.
-        on_overflow: Called with a client that overflowed under the "disconnect" policy, after
-            the publish that overflowed it has finished.
+        on_overflow: Called with a client that overflowed (under :data:`DISCONNECT`, or a
+            message :data:`CONFLATE` could not supersede with), after the publish that
+            overflowed it has finished.
         on_blocked: Called once with a client that had frames to write while it was not
             writable, after the publish or flush that found it so; :meth:`unblock` resumes it.
     """
@@ -229,15 +279,17 @@ class Fanout:
         *,
         client_buffer_size: int,
         max_buffered_bytes: int,
-        drop_oldest: bool,
+        policy: int,
         flush_interval: float,
         on_overflow: Callable[[Client], object],
         on_blocked: Callable[[Client], object],
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown slow-client policy {policy!r}")
         self.loop = loop
         self.client_buffer_size = client_buffer_size
         self.max_buffered_bytes = max_buffered_bytes
-        self.drop_oldest = drop_oldest
+        self.policy = policy
         self.flush_interval = flush_interval
         self.on_overflow = on_overflow
         self.on_blocked = on_blocked
@@ -250,6 +302,7 @@ class Fanout:
         self.publish_stamp: int = 0
         self.deliveries: int = 0
         self.drops: int = 0
+        self.conflations: int = 0
         self.bytes_sent: int = 0
         self.writes: int = 0
 
@@ -265,8 +318,7 @@ class Fanout:
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
         client.closed = True
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
 
     def close_client(self, client: Client) -> None:
         """The client's transport is closing: drop what is queued (counted), accept no more.
@@ -352,6 +404,11 @@ class Fanout:
         if frame is None:
             frame = message.encoded(client.kind)
         size = len(frame)
+        key = message.key
+        # Only a client that is not writable conflates, and only it indexes its keys.
+        tracked = key if not client.writable and self.policy == CONFLATE else None
+        if tracked is not None:
+            self._supersede(client, tracked)
         queued = len(client.frames)
         # Inline test of the common case; _is_full() decides on the rare full path.
         if queued and (
@@ -363,12 +420,14 @@ class Fanout:
                 # is queued now rather than treat a healthy client as slow.
                 self._write(client)
             if self._is_full(client, size):
-                if not self.drop_oldest:
+                if self.policy != DROP_OLDEST:
                     self._overflow(client)
                     return False
                 self._drop_oldest(client, size)
             elif client.closed:  # the write failed or the transport closed meanwhile
                 return False
+        if tracked is not None:
+            client.keys[tracked] = len(client.frames)
         client.frames.append(frame)
         client.buffered_bytes += size
         self.deliveries += 1
@@ -380,11 +439,42 @@ class Fanout:
     def _is_full(self, client: Client, incoming: int) -> bool:
         """Whether ``incoming`` more bytes would pass the client's caps (an empty buffer
         always takes one frame, so a message larger than the byte cap still flows)."""
-        queued = len(client.frames)
+        queued = len(client.frames) - client.holes
         return queued > 0 and (
             queued >= self.client_buffer_size
             or client.buffered_bytes + incoming > self.max_buffered_bytes
         )
+
+    def _supersede(self, client: Client, key: str) -> None:
+        """Take the queued frame with ``key``, if any, out of the client's queue (its slot
+        becomes a hole)."""
+        index = client.keys.pop(key, None)
+        if index is None:
+            return
+        frames = client.frames
+        client.buffered_bytes -= len(frames[index])
+        frames[index] = _HOLE
+        client.holes += 1
+        client.conflated += 1
+        self.conflations += 1
+        if client.holes > self.client_buffer_size:
+            self._compact(client)
+
+    def _compact(self, client: Client) -> None:
+        """Leave the holes out of the client's queue, so that it stays within twice its
+        bound however long the client is superseded."""
+        key_at = {index: key for key, index in client.keys.items()}
+        frames: list[bytes] = []
+        keys: dict[str, int] = {}
+        for index, frame in enumerate(client.frames):
+            if frame:
+                key = key_at.get(index)
+                if key is not None:
+                    keys[key] = len(frames)
+                frames.append(frame)
+        client.frames = frames
+        client.keys = keys
+        client.holes = 0
 
     def _drop_oldest(self, client: Client, incoming: int) -> None:
         frames = client.frames
@@ -404,12 +494,11 @@ class Fanout:
             self.drops += dropped
 
     def _overflow(self, client: Client) -> None:
-        dropped = len(client.frames) + 1
+        dropped = len(client.frames) - client.holes + 1
         client.messages_dropped += dropped
         self.drops += dropped
         client.closed = True
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
         self.overflowed.append(client)
 
     def _after_publish(self, count: int) -> None:
@@ -462,17 +551,17 @@ class Fanout:
                 client.blocked = True
                 self.newly_blocked.append(client)
             return
-        count = len(frames)
+        count = len(frames) - client.holes
         if client.kind == WEBSOCKET_FRAMES:
-            data: Any = frames[0] if count == 1 else b"".join(frames)
+            # Holes join to nothing.
+            data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
             size = len(data)
         else:
-            data = frames
+            data = [frame for frame in frames if frame] if client.holes else frames
             size = client.buffered_bytes
         # Emptied before the call, which may come back into the core (see the module's
         # callback contract).
-        client.frames = []
-        client.buffered_bytes = 0
+        self._empty(client)
         try:
             client.write(data)
         except Exception:
@@ -485,11 +574,18 @@ class Fanout:
         self.writes += 1
 
     def _discard(self, client: Client) -> None:
-        dropped = len(client.frames)
+        dropped = len(client.frames) - client.holes
         client.messages_dropped += dropped
         self.drops += dropped
+        self._empty(client)
+
+    @staticmethod
+    def _empty(client: Client) -> None:
         client.frames = []
         client.buffered_bytes = 0
+        if client.holes or client.keys:
+            client.holes = 0
+            client.keys = {}
 
     def close(self) -> None:
         """Cancel a scheduled flush; queued frames stay where they are."""

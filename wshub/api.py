@@ -45,6 +45,7 @@ from .wire import (
     JSON_OPTIONS,
     MessageTooLarge,
     MessageType,
+    check_message_key,
     check_message_type,
     did_you_mean,
     shown,
@@ -278,6 +279,17 @@ class _Publish(NamedTuple):
     topics: Sequence[str] | None
     suspects: tuple[tuple[str, Any, int], ...] = ()
     idempotency_key: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        message_type: MessageType,
+        event: runner.Event,
+        suspects: tuple[tuple[str, Any, int], ...] = (),
+    ) -> _Publish:
+        """What the hub's ``notify_*`` would publish for ``event``."""
+        return cls(message_type, event.data, event.topics, suspects, key=event.key)
 
     def serialized(self) -> orjson.Fragment | None:
         """``data`` serialized, once: the hub puts these bytes in the envelope as they are.
@@ -304,17 +316,17 @@ def _new_run(body: Mapping[str, Any], event_format: str) -> _Publish:
     run = _record(body, "run")
     # run.performance_scores -> data.summary.performance_scores, or data.performance_scores
     depth = 0 if event_format == "json-bench" else 1
-    data, topics = runner.new_run_event(run, event_format=event_format)
-    return _Publish(MessageType.NEW_RUN, data, topics, (("run", run, depth),))
+    event = runner.new_run_event(run, event_format=event_format)
+    return _Publish.of(MessageType.NEW_RUN, event, (("run", run, depth),))
 
 
 def _regression_detected(body: Mapping[str, Any], event_format: str) -> _Publish:
     regression = _record(body, "regression")
     run = _record(body, "run")
-    data, topics = runner.regression_event(regression, run, event_format=event_format)
+    event = runner.regression_event(regression, run, event_format=event_format)
     # The regression's values land in data, the run's in data.run_info.
     suspects = (("regression", regression, 0), ("run", run, 1))
-    return _Publish(MessageType.REGRESSION_DETECTED, data, topics, suspects)
+    return _Publish.of(MessageType.REGRESSION_DETECTED, event, suspects)
 
 
 def _baseline_updated(body: Mapping[str, Any], event_format: str) -> _Publish:
@@ -322,9 +334,9 @@ def _baseline_updated(body: Mapping[str, Any], event_format: str) -> _Publish:
     run_id = _string(body, "run_id")
     test_name = _string(body, "test_name")
     action = _optional_string(body, "action")
-    return _Publish(
+    return _Publish.of(
         MessageType.BASELINE_UPDATED,
-        *runner.baseline_updated_event(
+        runner.baseline_updated_event(
             baseline_name,
             run_id,
             test_name,
@@ -340,9 +352,9 @@ def _analysis_complete(body: Mapping[str, Any], event_format: str) -> _Publish:
     if "analysis_results" not in body:
         raise _bad("analysis_results", "analysis_results is required")
     results = body["analysis_results"]
-    data, topics = runner.analysis_complete_event(run_id, test_name, results)
+    event = runner.analysis_complete_event(run_id, test_name, results)
     suspects = (("analysis_results", results, 1),)  # data.analysis_results
-    return _Publish(MessageType.ANALYSIS_COMPLETE, data, topics, suspects)
+    return _Publish.of(MessageType.ANALYSIS_COMPLETE, event, suspects)
 
 
 def _run_started(body: Mapping[str, Any], event_format: str) -> _Publish:
@@ -356,8 +368,8 @@ def _run_started(body: Mapping[str, Any], event_format: str) -> _Publish:
         "planned_requests": _integer(body, "planned_requests", required=False),
         "started_at": _optional_string(body, "started_at"),
     }
-    return _Publish(
-        MessageType.RUN_STARTED, *runner.run_started_event(run_id, test_name, **details)
+    return _Publish.of(
+        MessageType.RUN_STARTED, runner.run_started_event(run_id, test_name, **details)
     )
 
 
@@ -372,9 +384,9 @@ def _run_progress(body: Mapping[str, Any], event_format: str) -> _Publish:
         "current_rps": _number(body, "current_rps", required=True),
         "error_rate": _number(body, "error_rate", required=True),
     }
-    return _Publish(
+    return _Publish.of(
         MessageType.RUN_PROGRESS,
-        *runner.run_progress_event(run_id, test_name, progress, **details),
+        runner.run_progress_event(run_id, test_name, progress, **details),
     )
 
 
@@ -387,8 +399,8 @@ def _run_complete(body: Mapping[str, Any], event_format: str) -> _Publish:
         "total_errors": _integer(body, "total_errors", required=False),
         "error_rate": _number(body, "error_rate", required=False),
     }
-    return _Publish(
-        MessageType.RUN_COMPLETE, *runner.run_complete_event(run_id, test_name, **details)
+    return _Publish.of(
+        MessageType.RUN_COMPLETE, runner.run_complete_event(run_id, test_name, **details)
     )
 
 
@@ -397,9 +409,9 @@ def _run_failed(body: Mapping[str, Any], event_format: str) -> _Publish:
     test_name = _string(body, "test_name")
     error = _string(body, "error")
     elapsed_s = _number(body, "elapsed_s", required=False)
-    return _Publish(
+    return _Publish.of(
         MessageType.RUN_FAILED,
-        *runner.run_failed_event(run_id, test_name, error, elapsed_s=elapsed_s),
+        runner.run_failed_event(run_id, test_name, error, elapsed_s=elapsed_s),
     )
 
 
@@ -420,7 +432,7 @@ _NOTIFIERS: Final[Mapping[str, Callable[[Mapping[str, Any], str], _Publish]]] = 
 # than a value silently missing from every dashboard. A notify body's keys are the
 # parameters of its runner event builder but the hub's event_format.
 _BODY_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    "publish": frozenset({"type", "data", "topics", "idempotency_key"}),
+    "publish": frozenset({"type", "data", "topics", "idempotency_key", "key"}),
     **{
         str(kind): frozenset(inspect.signature(builder).parameters) - {"event_format"}
         for kind, builder in runner.EVENT_BUILDERS.items()
@@ -566,7 +578,11 @@ class _Api:
         started = time.perf_counter()
         try:
             published = await self.hub.publish(
-                publish.type, data, publish.topics, idempotency_key=publish.idempotency_key
+                publish.type,
+                data,
+                publish.topics,
+                idempotency_key=publish.idempotency_key,
+                key=publish.key,
             )
         except BackplaneUnavailable as exc:
             if exc.outcome == UNKNOWN:
@@ -612,9 +628,15 @@ class _Api:
             raise _bad("type", f"type {message_type!r} is reserved for the protocol") from None
         topics = _topics(body)
         data = body.get("data")
-        key = _idempotency_key(request, body)
+        idempotency_key = _idempotency_key(request, body)
+        key = body.get("key")
+        if key is not None:
+            try:
+                check_message_key(key)
+            except (TypeError, ValueError) as exc:
+                raise _bad("key", str(exc)) from None
         return await self._publish(
-            _Publish(str(message_type), data, topics, (("data", data, 0),), key)
+            _Publish(str(message_type), data, topics, (("data", data, 0),), idempotency_key, key)
         )
 
     async def notify(self, request: web.Request) -> web.Response:

@@ -77,6 +77,7 @@ class Entry(NamedTuple):
         data: The envelope's ``data`` as JSON, or None.
         topics: The topics it was published to; None when it goes to every client.
         origin: An opaque token of the publishing hub, so it knows its own messages.
+        key: The message's conflation key, or None.
     """
 
     message_id: str
@@ -84,6 +85,7 @@ class Entry(NamedTuple):
     data: bytes | None
     topics: tuple[str, ...] | None
     origin: str | None
+    key: str | None = None
 
 
 class StoredEntries(NamedTuple):
@@ -148,8 +150,10 @@ class Backplane(Protocol):
         topics: Sequence[str] | None,
         origin: str | None = None,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> asyncio.Future[Added]:
         """Queue a message for the store, in call order; the future gets what was added.
+        ``key`` is the message's conflation key, carried with it to every hub.
 
         With ``idempotency_key``, a key the store took within its idempotency window makes
         this publish a duplicate: not added, answered with the first one's id.
@@ -268,6 +272,7 @@ class MemoryStream:
         topics: Sequence[str] | None,
         origin: str | None = None,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> Added:
         """Append a message and wake the readers, unless ``idempotency_key`` was added
         within the window (then nothing changes)."""
@@ -284,6 +289,7 @@ class MemoryStream:
             data,
             tuple(topics) if topics is not None else None,
             origin,
+            key,
         )
         self._entries.append((entry, self._clock()))
         self.added += 1
@@ -397,12 +403,14 @@ class MemoryBackplane:
         topics: Sequence[str] | None,
         origin: str | None = None,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> asyncio.Future[Added]:
         """Add a message to the stream; the future is done already."""
         if not self.ready:
             raise BackplaneUnavailable("the backplane is not running")
         future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
-        future.set_result(self.stream.add(message_type, data, topics, origin, idempotency_key))
+        added = self.stream.add(message_type, data, topics, origin, idempotency_key, key)
+        future.set_result(added)
         return future
 
     async def entries(self, after: str, until: str) -> StoredEntries:

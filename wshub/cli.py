@@ -167,6 +167,11 @@ def _add_publish_command(commands: Any) -> None:
     )
     publish.add_argument("--topics", help="comma-separated topics (default: every client)")
     publish.add_argument(
+        "--key",
+        help="the message's conflation key, e.g. run:42: a newer message with the same key "
+        "supersedes it for a client that fell behind (default: none, an event never dropped)",
+    )
+    publish.add_argument(
         "--token",
         default=os.environ.get("WSHUB_PUBLISH_TOKEN"),
         help="the hub's publish token (env WSHUB_PUBLISH_TOKEN)",
@@ -286,10 +291,12 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error(f"--data: the body of a {args.notify} event must be a JSON object")
             if topics is not None:
                 parser.error("--topics: an event goes to the topics of its kind, run and test")
+            if args.key is not None:
+                parser.error("--key: an event of a run carries the run's key already")
             published = publisher.notify(args.notify, data, idempotency_key=args.idempotency_key)
         else:
             published = publisher.publish(
-                args.message_type, data, topics, idempotency_key=args.idempotency_key
+                args.message_type, data, topics, idempotency_key=args.idempotency_key, key=args.key
             )
     except PublishError as exc:
         unknown = (

@@ -693,6 +693,7 @@ class Clients:
             "subscriptions": sorted(client.topics),
             "messages_sent": client.messages_sent,
             "messages_dropped": client.messages_dropped,
+            "conflated": client.conflated,
             "buffered_bytes": client.buffered_bytes + session.transport.buffered_bytes(),
         }
 

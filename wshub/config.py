@@ -18,7 +18,7 @@ from .wire import MAX_TOPIC_LENGTH, topic_problem
 
 __all__ = ["EVENT_FORMATS", "SLOW_CLIENT_POLICIES", "HubConfig"]
 
-SLOW_CLIENT_POLICIES = ("disconnect", "drop_oldest")
+SLOW_CLIENT_POLICIES = ("conflate", "disconnect", "drop_oldest")
 #: The shapes of the runner's events: this hub's own, or the one NethermindEth/json-bench's
 #: React dashboard reads (see wshub.runner).
 EVENT_FORMATS = ("wshub", "json-bench")
@@ -57,8 +57,12 @@ class HubConfig:
             not bad input), close that client with 1011 instead of answering with a 500 error.
         log_connection_events: Log connects and disconnects at INFO.
         max_buffered_bytes: Most bytes queued in the hub for one client.
-        slow_client_policy: ``"disconnect"`` closes a client whose buffer would overflow with
-            4008; ``"drop_oldest"`` drops its oldest messages and counts them.
+        slow_client_policy: What a client whose buffer is full gets. ``"conflate"``: a
+            message with a ``key`` supersedes the older one with the same key still queued
+            (counted as ``conflated``), so the client catches up on the latest of every key;
+            what cannot be superseded (a message without a key) closes it with 4008.
+            ``"disconnect"`` closes it with 4008; ``"drop_oldest"`` drops its oldest
+            messages and counts them.
         default_topics: Topics of a client that names none in its URL.
         max_subscriptions: Most topics one client may hold.
         allowed_origins: Browser origins allowed to connect; None allows any.
@@ -129,7 +133,7 @@ class HubConfig:
     disconnect_on_error: bool = True
     log_connection_events: bool = True
     max_buffered_bytes: int = 1024 * 1024
-    slow_client_policy: str = "disconnect"
+    slow_client_policy: str = "conflate"
     default_topics: Sequence[str] = ("*",)
     max_subscriptions: int = 100
     allowed_origins: Sequence[str] | None = None

@@ -82,12 +82,23 @@ class Framer:
         )
         return core.Message(payload)
 
-    def published(self, message_type: str, data: Any, message_id: str, timestamp: str) -> Any:
-        """A published message; ``data`` is serialized here (TypeError if it cannot be)."""
+    def published(
+        self,
+        message_type: str,
+        data: Any,
+        message_id: str,
+        timestamp: str,
+        key: str | None = None,
+    ) -> Any:
+        """A published message; ``data`` is serialized here (TypeError if it cannot be).
+        ``key``, its conflation key, is in the envelope and on the core's message."""
         core = self._core
-        return core.Message(core.encode_envelope(message_type, data, timestamp, message_id))
+        payload = core.encode_envelope(message_type, data, timestamp, message_id, key=key)
+        return core.Message(payload, key)
 
-    def stored(self, message_type: str, data: bytes | None, message_id: str) -> Any:
+    def stored(
+        self, message_type: str, data: bytes | None, message_id: str, key: str | None = None
+    ) -> Any:
         """A message read from a backplane, around its ``data`` serialized by the publisher;
         its timestamp is the id's milliseconds."""
         ms = int(message_id.partition("-")[0])
@@ -96,8 +107,10 @@ class Framer:
             self._timestamp = rfc3339(ms * 1_000_000)
         core = self._core
         fragment = orjson.Fragment(data) if data is not None else None
-        payload = core.encode_envelope(message_type, fragment, self._timestamp, message_id)
-        return core.Message(payload)
+        payload = core.encode_envelope(
+            message_type, fragment, self._timestamp, message_id, key=key
+        )
+        return core.Message(payload, key)
 
 
 def encode_data(data: Any) -> bytes | None:

@@ -42,6 +42,7 @@ from .wire import (
     MessageTooLarge,
     MessageType,
     check_envelope_size,
+    check_message_key,
     check_message_type,
     parse_message_id,
     topic_list,
@@ -208,7 +209,7 @@ class Hub(RunnerNotifications):
             self._loop,
             client_buffer_size=config.client_buffer_size,
             max_buffered_bytes=config.max_buffered_bytes,
-            drop_oldest=SlowConsumers.drops_oldest(config),
+            policy=SlowConsumers.core_policy(self._core, config),
             flush_interval=config.flush_interval,
             on_overflow=overflowed,
             on_blocked=blocked,
@@ -394,6 +395,7 @@ class Hub(RunnerNotifications):
             "messages_published": self._published,
             "deliveries": fanout.deliveries if fanout is not None else 0,
             "drops": fanout.drops if fanout is not None else 0,
+            "conflated": fanout.conflations if fanout is not None else 0,
             "bytes_sent": fanout.bytes_sent if fanout is not None else 0,
             "writes": fanout.writes if fanout is not None else 0,
             "slow_consumer_disconnects": clients.slow.disconnects if clients is not None else 0,
@@ -420,6 +422,7 @@ class Hub(RunnerNotifications):
         topics: Iterable[str] | str | None = None,
         *,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> Published:
         """Publish to every client subscribed to one of ``topics`` (or to ``"*"``), or to every
         client when ``topics`` is None, on this hub and on every hub joined with it.
@@ -432,13 +435,19 @@ class Hub(RunnerNotifications):
         publish's id with ``duplicate`` True: after an outcome-unknown failure, publish again
         with the same key, and the message is delivered once whatever happened to the first.
 
+        With ``key`` (such as ``"run:42"``), a newer message with the same key supersedes
+        this one in the queue of a client that fell behind (``slow_client_policy`` "conflate"):
+        give one to messages that are the current state of something, none to events a
+        client must not lose.
+
         Returns:
             The message's id and how many clients of this hub it was queued for.
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
             ValueError: ``message_type`` is one the protocol uses, a topic is empty or
-                longer than 256 characters, or ``idempotency_key`` is empty or too long.
+                longer than 256 characters, or ``idempotency_key`` or ``key`` is empty or
+                too long.
             MessageTooLarge: The message would exceed ``max_publish_size`` (a ValueError).
             BackplaneUnavailable: The backplane could not take it. Its ``outcome`` says
                 whether it was not published (Redis was known to be unreachable) or the
@@ -450,14 +459,16 @@ class Hub(RunnerNotifications):
         topic_names = topic_list(topics) if topics is not None else None
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
+        if key is not None:
+            check_message_key(key)
         backplane = self._backplane
         if backplane is None:
             if idempotency_key is None:
-                return Published(*self._publish_here(message_type, data, topic_names))
+                return Published(*self._publish_here(message_type, data, topic_names, key))
             first = self._keys.get(idempotency_key)
             if first is not None:
                 return Published(first, 0, duplicate=True)
-            published = Published(*self._publish_here(message_type, data, topic_names))
+            published = Published(*self._publish_here(message_type, data, topic_names, key))
             self._keys.put(idempotency_key, published.id)
             return published
         check_message_type(message_type)
@@ -469,7 +480,7 @@ class Hub(RunnerNotifications):
         self._returning[origin] = returned
         try:
             added = await backplane.publish(
-                message_type, payload, topic_names, origin, idempotency_key
+                message_type, payload, topic_names, origin, idempotency_key, key
             )
             if added.duplicate:
                 return Published(added.message_id, 0, duplicate=True)
@@ -482,8 +493,11 @@ class Hub(RunnerNotifications):
             self._returning.pop(origin, None)
         return Published(added.message_id, recipients)
 
-    def broadcast_to_all(self, message_type: str, data: Any = None) -> int:
-        """Queue a message for every connected client, whatever it subscribed to.
+    def broadcast_to_all(
+        self, message_type: str, data: Any = None, *, key: str | None = None
+    ) -> int:
+        """Queue a message for every connected client, whatever it subscribed to; ``key``
+        as in :meth:`publish`.
 
         With a backplane the message goes to the backplane and is queued when it comes back,
         so the count is not known yet: 0 is returned. A failure on the way is logged and
@@ -495,16 +509,22 @@ class Hub(RunnerNotifications):
         Raises:
             TypeError: ``data`` cannot be serialized, or ``message_type`` is not a string.
             ValueError: ``message_type`` is one the protocol uses (``connection``, ``error``,
-                ``subscribed``, ...).
+                ``subscribed``, ...), or ``key`` is empty or too long.
             MessageTooLarge: The message would exceed ``max_publish_size``.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
-        return self._broadcast(message_type, data, None)
+        return self._broadcast(message_type, data, None, key)
 
     def broadcast_to_subscribers(
-        self, message_type: str, data: Any, topics: Iterable[str] | str
+        self,
+        message_type: str,
+        data: Any,
+        topics: Iterable[str] | str,
+        *,
+        key: str | None = None,
     ) -> int:
-        """Queue a message for every client subscribed to one of ``topics`` or to ``"*"``.
+        """Queue a message for every client subscribed to one of ``topics`` or to ``"*"``;
+        ``key`` as in :meth:`publish`.
 
         A client matching several topics receives the message once. With a backplane, see
         :meth:`broadcast_to_all`.
@@ -514,30 +534,38 @@ class Hub(RunnerNotifications):
 
         Raises:
             TypeError: ``data`` cannot be serialized, or a topic is not a string.
-            ValueError: ``message_type`` is one the protocol uses, or a topic is empty or
-                longer than 256 characters.
+            ValueError: ``message_type`` is one the protocol uses, a topic is empty or
+                longer than 256 characters, or ``key`` is empty or too long.
             MessageTooLarge: The message would exceed ``max_publish_size``.
             BackplaneUnavailable: The backplane is known to be unreachable.
         """
-        return self._broadcast(message_type, data, topics)
+        return self._broadcast(message_type, data, topics, key)
 
-    def _broadcast(self, message_type: str, data: Any, topics: Iterable[str] | str | None) -> int:
+    def _broadcast(
+        self,
+        message_type: str,
+        data: Any,
+        topics: Iterable[str] | str | None,
+        key: str | None,
+    ) -> int:
         """The synchronous publish behind both ``broadcast_*`` (``topics`` None: to all)."""
         if self._state != "running":
             return 0
         topic_names = topic_list(topics) if topics is not None else None
+        if key is not None:
+            check_message_key(key)
         if self._backplane is not None:
-            self._send_to_backplane(message_type, data, topic_names)
+            self._send_to_backplane(message_type, data, topic_names, key)
             return 0
-        return self._publish_here(message_type, data, topic_names)[1]
+        return self._publish_here(message_type, data, topic_names, key)[1]
 
     def _publish_here(
-        self, message_type: str, data: Any, topics: list[str] | None
+        self, message_type: str, data: Any, topics: list[str] | None, key: str | None
     ) -> tuple[str, int]:
         """Publish without a backplane: id, serialization, history and fan-out in one step."""
         check_message_type(message_type)
         message_id, timestamp = self._clock.next()
-        message = self._framer.published(str(message_type), data, message_id, timestamp)
+        message = self._framer.published(str(message_type), data, message_id, timestamp, key)
         limit = self.config.max_publish_size
         if len(message.payload) > limit:
             raise MessageTooLarge(len(message.payload), limit)
@@ -559,12 +587,14 @@ class Hub(RunnerNotifications):
             return int(fanout.publish_all(message))
         return int(fanout.publish_topics(message, topics))
 
-    def _send_to_backplane(self, message_type: str, data: Any, topics: list[str] | None) -> None:
+    def _send_to_backplane(
+        self, message_type: str, data: Any, topics: list[str] | None, key: str | None
+    ) -> None:
         assert self._backplane is not None
         check_message_type(message_type)
         payload = encode_data(data)
         self._check_size(message_type, payload)
-        future = self._backplane.publish(message_type, payload, topics)
+        future = self._backplane.publish(message_type, payload, topics, key=key)
         future.add_done_callback(self._sent_to_backplane)
 
     def _sent_to_backplane(self, future: asyncio.Future[Added]) -> None:
@@ -580,8 +610,11 @@ class Hub(RunnerNotifications):
         message_type: str,
         data: Any = None,
         topics: Iterable[str] | str | None = None,
+        *,
+        key: str | None = None,
     ) -> concurrent.futures.Future[int]:
-        """Publish from another thread: to ``topics``, or to every client when None.
+        """Publish from another thread: to ``topics``, or to every client when None; ``key``
+        as in :meth:`publish`.
 
         Returns:
             A future with the number of clients the message was queued for (0 when the hub
@@ -606,7 +639,7 @@ class Hub(RunnerNotifications):
             self._threadsafe_waiting += 1
         try:
             loop.call_soon_threadsafe(
-                self._publish_from_thread, message_type, data, topics, future
+                self._publish_from_thread, message_type, data, topics, key, future
             )
         except RuntimeError:  # the loop is closed
             with self._threadsafe_lock:
@@ -619,18 +652,16 @@ class Hub(RunnerNotifications):
         message_type: str,
         data: Any,
         topics: Iterable[str] | str | None,
+        key: str | None,
         future: concurrent.futures.Future[int],
     ) -> None:
         with self._threadsafe_lock:
             self._threadsafe_waiting -= 1
         if self._backplane is not None and self._state == "running":
-            self._spawn(self._publish_for_thread(message_type, data, topics, future))
+            self._spawn(self._publish_for_thread(message_type, data, topics, key, future))
             return
         try:
-            if topics is None:
-                count = self.broadcast_to_all(message_type, data)
-            else:
-                count = self.broadcast_to_subscribers(message_type, data, topics)
+            count = self._broadcast(message_type, data, topics, key)
         except Exception as exc:
             future.set_exception(exc)
         else:
@@ -641,10 +672,11 @@ class Hub(RunnerNotifications):
         message_type: str,
         data: Any,
         topics: Iterable[str] | str | None,
+        key: str | None,
         future: concurrent.futures.Future[int],
     ) -> None:
         try:
-            published = await self.publish(message_type, data, topics)
+            published = await self.publish(message_type, data, topics, key=key)
         except Exception as exc:
             future.set_exception(exc)
         else:
@@ -656,7 +688,7 @@ class Hub(RunnerNotifications):
         """A message came back from the backplane: frame it once and fan it out here."""
         if self._state != "running":
             return
-        message = self._framer.stored(entry.message_type, entry.data, entry.message_id)
+        message = self._framer.stored(entry.message_type, entry.data, entry.message_id, entry.key)
         recipients = self._fan_out(entry.message_id, entry.topics, message)
         if self._returning and entry.origin is not None:
             returned = self._returning.get(entry.origin)

@@ -59,6 +59,12 @@ _COUNTERS: Final = (
         "wshub_drops",
         "Messages dropped for slow or closing clients instead of being written.",
     ),
+    (
+        "conflated",
+        "wshub_conflated",
+        "Queued messages superseded by a newer one with the same key for clients that fell "
+        "behind (slow_client_policy conflate).",
+    ),
     ("bytes_sent", "wshub_bytes_sent", "Bytes written to client transports by the hub."),
     ("writes", "wshub_writes", "Transport writes made by the fan-out core."),
     (

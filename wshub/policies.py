@@ -3,9 +3,12 @@
 Two things can go wrong, and the core reports both:
 
 - its buffer overflows (more than ``client_buffer_size`` messages or ``max_buffered_bytes``
-  queued): ``slow_client_policy="drop_oldest"`` lets the core drop the oldest frames and count
-  them; ``"disconnect"`` makes the core give up on the client, and this module closes it with
-  4008;
+  queued): ``slow_client_policy="conflate"`` (the default) lets a message with a ``key``
+  supersede the older one with the same key still queued, so the client holds the latest of
+  every key; ``"drop_oldest"`` lets the core drop the oldest frames and count them;
+  ``"disconnect"`` makes the core give up on the client, and this module closes it with 4008.
+  What ``"conflate"`` cannot supersede (a message without a key, or a key not queued) closes
+  the client with 4008 too: a client never loses an event without being told;
 - its transport stays unwritable (paused) for ``write_timeout``: it is closed with 4008,
   whatever the policy, since its socket is not draining at all.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 from .config import HubConfig
@@ -52,9 +56,15 @@ class SlowConsumers:
         self._drained: asyncio.Event | None = None
 
     @staticmethod
-    def drops_oldest(config: HubConfig) -> bool:
-        """Whether the core drops a full buffer's oldest frames instead of giving up."""
-        return config.slow_client_policy == "drop_oldest"
+    def core_policy(core: ModuleType, config: HubConfig) -> int:
+        """The core's constant for ``slow_client_policy``."""
+        policies = {
+            "disconnect": core.DISCONNECT,
+            "drop_oldest": core.DROP_OLDEST,
+            "conflate": core.CONFLATE,
+        }
+        policy: int = policies[config.slow_client_policy]
+        return policy
 
     def overflowed(self, client: Any) -> None:
         """The core gave up on ``client``: its buffer overflowed under "disconnect"."""

@@ -83,6 +83,7 @@ class Publisher:
         topics: Iterable[str] | None = None,
         *,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> Published:
         """Publish one message to ``topics`` (every client when None).
 
@@ -93,6 +94,8 @@ class Publisher:
             idempotency_key: Publishes with the same key within the hub's
                 ``idempotency_window`` are delivered once; None takes a fresh random key, so
                 that only this call's own retries are recognised.
+            key: The message's conflation key: a newer message with the same key supersedes
+                it in the queue of a client that fell behind (see :meth:`Hub.publish`).
 
         Returns:
             What the hub did, as :meth:`Hub.publish` says it: the message's id, how many of
@@ -106,6 +109,8 @@ class Publisher:
         body: dict[str, Any] = {"type": message_type, "data": data}
         if topics is not None:
             body["topics"] = list(topics)
+        if key is not None:
+            body["key"] = key
         return self._post("/api/publish", body, idempotency_key)
 
     def notify(

@@ -115,12 +115,14 @@ def redact_url(url: str) -> str:
 def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     topics = fields.get(b"topics")
     origin = fields.get(b"origin")
+    key = fields.get(b"key")
     return Entry(
         entry_id.decode(),
         fields[b"type"].decode(),
         fields.get(b"data"),
         tuple(orjson.loads(topics)) if topics is not None else None,
         origin.decode() if origin is not None else None,
+        key.decode() if key is not None else None,
     )
 
 
@@ -279,6 +281,7 @@ class RedisBackplane:
         topics: Sequence[str] | None,
         origin: str | None = None,
         idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> asyncio.Future[Added]:
         """Queue a message for ``XADD`` (see :meth:`Backplane.publish`)."""
         if not self.ready:
@@ -291,6 +294,8 @@ class RedisBackplane:
             fields[b"topics"] = orjson.dumps(list(topics))
         if origin is not None:
             fields[b"origin"] = origin.encode()
+        if key is not None:
+            fields[b"key"] = key.encode()
         future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
         self._outgoing.put_nowait(_Outgoing(fields, idempotency_key, future))
         return future

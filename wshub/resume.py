@@ -156,7 +156,7 @@ class Resumer:
         )
         live = pending.live_topics or ()
         messages = [
-            self.framer.stored(entry.message_type, entry.data, entry.message_id)
+            self.framer.stored(entry.message_type, entry.data, entry.message_id, entry.key)
             for entry in stored.entries
             if missed(
                 parse_message_id(entry.message_id),

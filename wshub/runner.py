@@ -14,12 +14,13 @@ import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from .wire import MessageClock, MessageType, did_you_mean
 
 __all__ = [
     "EVENT_BUILDERS",
+    "Event",
     "HistoricRun",
     "PayloadError",
     "Regression",
@@ -30,12 +31,34 @@ __all__ = [
     "regression_event",
     "run_complete_event",
     "run_failed_event",
+    "run_key",
     "run_progress_event",
     "run_started_event",
 ]
 
 Timestamp = datetime | str
-Event = tuple[dict[str, Any], list[str]]
+
+
+class Event(NamedTuple):
+    """One runner event as the hub publishes it.
+
+    Attributes:
+        data: The event's ``data``.
+        topics: The topics it goes to: its type, ``run:<id>`` and ``test:<name>``.
+        key: Its conflation key: ``run:<id>`` for the four events of a run in progress, so
+            that a newer one supersedes an older one a slow client has not read yet (the
+            latest state of the run is what it needs); None for the others, events that a
+            client must never lose (``new_run``, ``regression_detected``, ...).
+    """
+
+    data: dict[str, Any]
+    topics: list[str]
+    key: str | None = None
+
+
+def run_key(run_id: str) -> str:
+    """The conflation key of a run's ``run_*`` events."""
+    return f"run:{run_id}"
 
 
 @dataclasses.dataclass
@@ -213,7 +236,7 @@ def new_run_event(run: HistoricRun | Mapping[str, Any], *, event_format: str = "
         for key in _JSON_BENCH_OPTIONAL:  # absent rather than null, as its type has them
             if data[key] is None:
                 del data[key]
-        return data, topics
+        return Event(data, topics)
     data = {
         "run_id": run.id,
         "test_name": run.test_name,
@@ -230,7 +253,7 @@ def new_run_event(run: HistoricRun | Mapping[str, Any], *, event_format: str = "
             "performance_scores": run.performance_scores,
         },
     }
-    return data, topics
+    return Event(data, topics)
 
 
 # The keys json-bench's dashboard declares optional (`baseline_name?`): left out when not
@@ -290,7 +313,7 @@ def regression_event(
     run_id = regression.run_id or run.id
     topics = _topics(MessageType.REGRESSION_DETECTED, run_id, run.test_name)
     if event_format == "json-bench":
-        return _json_bench_regression(regression, run_id), topics
+        return Event(_json_bench_regression(regression, run_id), topics)
     data = {
         "regression_id": regression.id,
         "run_id": run_id,
@@ -313,7 +336,7 @@ def regression_event(
             "timestamp": run.timestamp,
         },
     }
-    return data, topics
+    return Event(data, topics)
 
 
 #: What can happen to a baseline (``baseline_updated``'s ``action``).
@@ -336,7 +359,7 @@ def baseline_updated_event(
         )
     topics = _topics(MessageType.BASELINE_UPDATED, run_id, test_name)
     if event_format == "json-bench":
-        return {"runId": run_id, "baselineName": baseline_name, "action": action}, topics
+        return Event({"runId": run_id, "baselineName": baseline_name, "action": action}, topics)
     data = {
         "baseline_name": baseline_name,
         "run_id": run_id,
@@ -344,7 +367,7 @@ def baseline_updated_event(
         "action": action,
         "updated_at": MessageClock.now(),
     }
-    return data, topics
+    return Event(data, topics)
 
 
 def analysis_complete_event(run_id: str, test_name: str, analysis_results: Any) -> Event:
@@ -355,7 +378,7 @@ def analysis_complete_event(run_id: str, test_name: str, analysis_results: Any) 
         "analysis_results": analysis_results,
         "completed_at": MessageClock.now(),
     }
-    return data, _topics(MessageType.ANALYSIS_COMPLETE, run_id, test_name)
+    return Event(data, _topics(MessageType.ANALYSIS_COMPLETE, run_id, test_name))
 
 
 def run_started_event(
@@ -381,7 +404,7 @@ def run_started_event(
         "methods": methods or [],
         "planned_requests": planned_requests,
     }
-    return data, _topics(MessageType.RUN_STARTED, run_id, test_name)
+    return Event(data, _topics(MessageType.RUN_STARTED, run_id, test_name), run_key(run_id))
 
 
 def run_progress_event(
@@ -410,7 +433,7 @@ def run_progress_event(
         "current_rps": current_rps,
         "error_rate": error_rate,
     }
-    return data, _topics(MessageType.RUN_PROGRESS, run_id, test_name)
+    return Event(data, _topics(MessageType.RUN_PROGRESS, run_id, test_name), run_key(run_id))
 
 
 def run_complete_event(
@@ -432,7 +455,7 @@ def run_complete_event(
         "total_errors": total_errors,
         "error_rate": error_rate,
     }
-    return data, _topics(MessageType.RUN_COMPLETE, run_id, test_name)
+    return Event(data, _topics(MessageType.RUN_COMPLETE, run_id, test_name), run_key(run_id))
 
 
 def run_failed_event(
@@ -446,7 +469,7 @@ def run_failed_event(
         "failed_at": MessageClock.now(),
         "elapsed_s": elapsed_s,
     }
-    return data, _topics(MessageType.RUN_FAILED, run_id, test_name)
+    return Event(data, _topics(MessageType.RUN_FAILED, run_id, test_name), run_key(run_id))
 
 
 #: The builder of each runner event, by type. Its parameters but ``event_format`` are the
@@ -469,7 +492,12 @@ class RunnerNotifications(abc.ABC):
 
     @abc.abstractmethod
     def broadcast_to_subscribers(
-        self, message_type: str, data: Any, topics: Iterable[str] | str
+        self,
+        message_type: str,
+        data: Any,
+        topics: Iterable[str] | str,
+        *,
+        key: str | None = None,
     ) -> int:
         """Queue a message for every client subscribed to one of ``topics`` (the hub's)."""
 
@@ -479,8 +507,7 @@ class RunnerNotifications(abc.ABC):
         """The hub's ``event_format``: ``"wshub"`` or ``"json-bench"``."""
 
     def _notify(self, message_type: MessageType, event: Event) -> int:
-        data, topics = event
-        return self.broadcast_to_subscribers(message_type, data, topics)
+        return self.broadcast_to_subscribers(message_type, event.data, event.topics, key=event.key)
 
     def notify_new_run(self, run: HistoricRun | Mapping[str, Any]) -> int:
         """Announce a finished, stored run (``new_run``). Returns the recipient count."""

@@ -30,6 +30,7 @@ __all__ = [
     "MessageType",
     "ProtocolError",
     "check_envelope_size",
+    "check_message_key",
     "check_message_type",
     "did_you_mean",
     "parse_client_message",
@@ -317,6 +318,21 @@ def check_message_type(message_type: object) -> None:
             f"message_type {message_type!r} is reserved for the protocol; "
             "publish events under types of their own"
         )
+
+
+def check_message_key(key: object) -> str:
+    """``key`` if it is a usable conflation key: the topic rule, a string of 1 to
+    :data:`MAX_TOPIC_LENGTH` characters (it names a thing, such as ``run:42``).
+
+    Raises:
+        TypeError: ``key`` is not a string.
+        ValueError: ``key`` is empty or too long.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a string, got {type(key).__name__}")
+    if not key or len(key) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"key must be 1 to {MAX_TOPIC_LENGTH} characters, got {len(key)}")
+    return key
 
 
 # Twenty digits hold any 64-bit value; the bound keeps int() of hostile input cheap.
