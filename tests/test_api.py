@@ -272,6 +272,32 @@ async def test_a_publish_may_carry_a_conflation_key(api: ApiFactory) -> None:
         assert running.hub.stats()["messages_published"] == 2
 
 
+async def test_topics_show_subscribers_and_watchers(api: ApiFactory) -> None:
+    async with (
+        api() as running,
+        client(running.ws_url(topics="run:1,test:a")) as _,
+        client(running.ws_url(topics="run:1")) as _,
+        client(running.ws_url(topics="*,run:1")) as _,
+    ):
+        reply = await running.get("/api/topics")
+        assert reply.status == 200
+        assert reply.body == {
+            "topics": {
+                "*": {"subscribers": 1, "watchers": 1},
+                "run:1": {"subscribers": 3, "watchers": 3},  # the "*" client counted once
+                "test:a": {"subscribers": 1, "watchers": 2},
+            }
+        }
+        reply = await running.get("/api/topics?topic=run:2")
+        assert reply.body == {"topic": "run:2", "subscribers": 0, "watchers": 1}
+        reply = await running.get("/api/topics?topic=" + "x" * 257)
+        assert (reply.status, reply.body["error"]["field"]) == (400, "topic")
+        samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_topics", ())] == 3
+        assert samples[("wshub_topic_subscribers", (("topic", "run:1"),))] == 3
+        assert samples[("wshub_topic_subscribers", (("topic", "test:a"),))] == 1
+
+
 async def test_bad_idempotency_keys_are_400_naming_the_field(api: ApiFactory) -> None:
     async with api() as running:
         for body, headers in (

@@ -47,6 +47,32 @@ async def test_refusals_carry_status_and_field(lean_server: Any) -> None:
         assert bad.value.status == 400 and bad.value.field == "progress"
 
 
+async def test_watchers_say_how_many_clients_a_topic_would_reach(lean_server: Any) -> None:
+    async with (
+        lean_server() as served,
+        await start_api(served.hub, port=0, publish_token="t") as api,
+    ):
+        publisher = Publisher(api.url, token="t")
+        assert await asyncio.to_thread(publisher.watchers, "run:r1") == 0
+        async with (
+            client(served.url + "?topics=run:r1,test:t1") as _,
+            client(served.url + "?topics=run:r1") as _,
+            client(served.url + "?topics=*") as _,
+        ):
+            assert await asyncio.to_thread(publisher.watchers, "run:r1") == 3
+            assert await asyncio.to_thread(publisher.watchers, "run:r2") == 1  # the "*" one
+        await asyncio.wait_for(_until(lambda: served.hub.client_count == 0), DEADLINE)
+        assert await asyncio.to_thread(publisher.watchers, "run:r1") == 0
+        with pytest.raises(PublishError) as bad:
+            await asyncio.to_thread(publisher.watchers, "")
+        assert bad.value.status == 400 and bad.value.field == "topic"
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
+
+
 def test_unreachable_hub() -> None:
     with pytest.raises(PublishError, match="cannot reach") as refused:
         Publisher("http://127.0.0.1:1", timeout=2, retry_for=0).publish("x")

@@ -660,6 +660,29 @@ class _Api:
         """``GET /api/clients``."""
         return _json_response(self.hub.client_info())
 
+    async def topics(self, request: web.Request) -> web.Response:
+        """``GET /api/topics``: subscribers and watchers of every topic held, or of one
+        (``?topic=``)."""
+        hub = self.hub
+        topic = request.query.get("topic")
+        if topic is not None:
+            problem = topic_problem(topic)
+            if problem is not None:
+                raise _bad("topic", problem)
+            subscribers = hub.topic_subscribers().get(topic, 0)
+            return _json_response(
+                {"topic": topic, "subscribers": subscribers, "watchers": hub.watchers(topic)}
+            )
+        counts = hub.topic_subscribers()
+        return _json_response(
+            {
+                "topics": {
+                    name: {"subscribers": count, "watchers": hub.watchers(name)}
+                    for name, count in sorted(counts.items())
+                }
+            }
+        )
+
     async def stats(self, request: web.Request) -> web.Response:
         """``GET /api/stats``."""
         return _json_response(self.hub.stats())
@@ -743,6 +766,7 @@ def create_api_app(
     app.router.add_post("/api/notify/{kind}", api.notify)
     app.router.add_get("/api/clients", api.clients)
     app.router.add_get("/api/stats", api.stats)
+    app.router.add_get("/api/topics", api.topics)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

@@ -376,6 +376,32 @@ class Hub(RunnerNotifications):
         clients = self._clients
         return clients.sessions.get(client_id) if clients is not None else None
 
+    def watchers(self, topic: str) -> int:
+        """How many of this hub's clients a message published to ``topic`` would reach now:
+        those subscribed to it or to ``"*"``. A runner may publish fine-grained progress
+        only while someone watches.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic (TypeError: not a string).
+        """
+        topic_list(topic)
+        fanout = self._fanout
+        if fanout is None:
+            return 0
+        wildcard = fanout.index.get("*", {})
+        if topic == "*":
+            return len(wildcard)
+        direct = fanout.index.get(topic, {})
+        return len(wildcard) + sum(1 for client in direct if client not in wildcard)
+
+    def topic_subscribers(self) -> dict[str, int]:
+        """How many of this hub's clients hold each topic that some client holds (``"*"``
+        included), by topic."""
+        fanout = self._fanout
+        if fanout is None:
+            return {}
+        return {topic: len(subscribers) for topic, subscribers in fanout.index.items()}
+
     def client_info(self) -> list[dict[str, Any]]:
         """A snapshot of every connected client, as JSON-ready dictionaries."""
         clients = self._clients

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from ._version import __version__
 from .hub import Hub
 
-__all__ = ["LATENCY_BUCKETS", "HubCollector"]
+__all__ = ["LATENCY_BUCKETS", "MAX_TOPIC_SERIES", "HubCollector"]
 
 #: Buckets of ``wshub_api_publish_to_flush_seconds``, in seconds. With the default
 #: ``flush_interval`` of 0 the flush follows within one loop iteration (tens of µs to a few
@@ -46,6 +46,9 @@ LATENCY_BUCKETS: Final = (
 )
 
 # stats() key -> (metric name without the _total suffix, help text).
+#: The most topics ``wshub_topic_subscribers`` has a series for (a label per topic).
+MAX_TOPIC_SERIES: Final = 100
+
 _COUNTERS: Final = (
     ("messages_published", "wshub_messages_published", "Messages published through the hub."),
     (
@@ -153,8 +156,26 @@ class HubCollector(Collector):
             for reason, count in sorted(stats["refused_handshakes"].items()):
                 refused.add_metric([reason], count)
         yield refused
+        yield from _topic_families(hub.topic_subscribers() if stats is not None else None)
         if hub.backplane is not None:
             yield from _backplane_families(stats["backplane"] if stats is not None else None)
+
+
+def _topic_families(counts: Mapping[str, int] | None) -> Iterator[Metric]:
+    topics = GaugeMetricFamily("wshub_topics", "Topics some client of this hub holds.")
+    subscribers = GaugeMetricFamily(
+        "wshub_topic_subscribers",
+        f"Clients of this hub subscribed to each topic: the {MAX_TOPIC_SERIES} topics with "
+        "the most, so that a hub of many runs keeps its series bounded.",
+        labels=["topic"],
+    )
+    if counts is not None:
+        topics.add_metric([], len(counts))
+        busiest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        for topic, count in busiest[:MAX_TOPIC_SERIES]:
+            subscribers.add_metric([topic], count)
+    yield topics
+    yield subscribers
 
 
 def _backplane_families(stats: Mapping[str, Any] | None) -> Iterator[Metric]:

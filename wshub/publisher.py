@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping
@@ -134,13 +135,35 @@ class Publisher:
         """
         return self._post(f"/api/notify/{kind}", {**(body or {}), **fields}, idempotency_key)
 
+    def watchers(self, topic: str) -> int:
+        """How many clients of the hub a message to ``topic`` would reach now (subscribed
+        to it or to ``"*"``): publish fine-grained progress only while someone watches.
+
+        Raises:
+            PublishError: The hub refused the question (a bad topic: 400), or could not be
+                reached.
+        """
+        query = urllib.parse.urlencode({"topic": topic})
+        request = urllib.request.Request(f"{self.url}/api/topics?{query}", headers=self._auth())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise _refusal(exc, "the question") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise PublishError(f"cannot reach the hub at {self.url}: {exc}") from None
+        watchers: int = answer["watchers"]
+        return watchers
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token is not None else {}
+
     def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> Published:
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
+            **self._auth(),
         }
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
         payload = orjson.dumps(body)
         deadline = time.monotonic() + self.retry_for
         delay = RETRY_DELAY[0]
@@ -178,7 +201,7 @@ class Publisher:
         return Published(answer["id"], answer["recipients"], answer.get("duplicate", False))
 
 
-def _refusal(error: urllib.error.HTTPError) -> PublishError:
+def _refusal(error: urllib.error.HTTPError, what: str = "the publish") -> PublishError:
     try:
         answer = json.loads(error.read())
         details = answer.get("error", {})
@@ -187,7 +210,7 @@ def _refusal(error: urllib.error.HTTPError) -> PublishError:
         details, outcome = {}, None
     message = details.get("message") or error.reason
     return PublishError(
-        f"the hub refused the publish ({error.code}): {message}",
+        f"the hub refused {what} ({error.code}): {message}",
         status=error.code,
         field=details.get("field"),
         outcome=UNKNOWN if outcome == UNKNOWN else NOT_PUBLISHED,
