@@ -75,6 +75,8 @@ const DEAD_CODE = 4000;
  * @property {any} [data]
  * @property {string} [timestamp]
  * @property {string} [id] On published messages: `"<milliseconds>-<sequence>"`.
+ * @property {string} [key] On published messages that are the state of something (a run's
+ *   events: `"run:<id>"`): a client that fell behind gets only the newest of each key.
  * @property {string} [client_id]
  * @property {{code: number, message: string, details?: any}} [error] On `error` messages.
  */
