@@ -24,7 +24,9 @@ def test_defaults_are_the_seed_defaults() -> None:
         config.disconnect_on_error,
         config.log_connection_events,
     ) == (100, 10.0, 60.0, 54.0, 60.0, 524288, 256, 1000, True, True, True)
-    assert config.slow_client_policy == "disconnect"
+    # The seed's was "disconnect": a dashboard that falls behind now catches up on the latest
+    # of every key instead, and is still closed before it loses an event.
+    assert config.slow_client_policy == "conflate"
     assert config.default_topics == ("*",)
     assert config.max_subscriptions == 100
     assert config.allowed_origins is None

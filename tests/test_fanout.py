@@ -235,7 +235,7 @@ def run_core(
                 c.messages_dropped,
                 c.conflated,
                 c.holes,
-                dict(c.keys),
+                c.keys,
                 c.buffered_bytes,
                 len(c.frames),
                 c.closed,

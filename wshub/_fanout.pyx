@@ -12,7 +12,7 @@ from cpython.bytes cimport (
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem, PyDict_Size
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
@@ -213,7 +213,6 @@ cdef class Client:
         # The hot paths treat these as never None, even before __init__ has run.
         self.topics = set()
         self.frames = []
-        self.keys = {}
 
     def __init__(self, client_id, write, int kind=_WEBSOCKET_FRAMES):
         if kind < 0 or kind >= _KIND_COUNT:
@@ -229,8 +228,9 @@ cdef class Client:
         self.messages_dropped = 0
         self.conflated = 0  # messages superseded by a newer one with their key
         # Under CONFLATE, while not writable: the index in ``frames`` of each keyed frame
-        # queued meanwhile, and how many slots of ``frames`` are holes.
-        self.keys = {}
+        # queued meanwhile (None until there is one, as in the twin), and how many slots of
+        # ``frames`` are holes.
+        self.keys = None
         self.holes = 0
         # Number of the last publish queued for this client: de-duplicates a message whose
         # topics match several of the client's subscriptions, in O(1) per match.
@@ -429,6 +429,8 @@ cdef class Fanout:
             elif client.closed:  # the write failed or the transport closed meanwhile
                 return False
         if tracked:
+            if client.keys is None:
+                client.keys = {}
             PyDict_SetItem(client.keys, message.key, PyList_GET_SIZE(client.frames))
         PyList_Append(client.frames, frame)
         client.buffered_bytes += size
@@ -455,6 +457,8 @@ cdef class Fanout:
         cdef object found
         cdef Py_ssize_t index
         cdef list frames = client.frames
+        if client.keys is None:
+            return 0
         found = client.keys.pop(key, None)
         if found is None:
             return 0
@@ -471,7 +475,7 @@ cdef class Fanout:
     @cython.final
     cdef int _compact(self, Client client) except -1:
         """Leave the holes out of the client's queue (see the twin)."""
-        cdef dict key_at = {index: key for key, index in client.keys.items()}
+        cdef dict key_at = {index: key for key, index in (client.keys or {}).items()}
         cdef list frames = []
         cdef dict keys = {}
         cdef Py_ssize_t index
@@ -626,9 +630,9 @@ cdef class Fanout:
     cdef inline int _empty(self, Client client) except -1:
         client.frames = []
         client.buffered_bytes = 0
-        if client.holes or PyDict_Size(client.keys):
+        if client.keys is not None:
             client.holes = 0
-            client.keys = {}
+            client.keys = None
         return 0
 
     def close(self):

@@ -243,8 +243,10 @@ class Client:
         self.messages_dropped: int = 0
         self.conflated: int = 0  # messages superseded by a newer one with their key
         # Under CONFLATE, while not writable: the key of each keyed frame queued meanwhile,
-        # with its index in ``frames``, and how many slots of ``frames`` are holes.
-        self.keys: dict[str, int] = {}
+        # with its index in ``frames`` (None until there is one: most clients never fall
+        # behind, and an empty dict costs each of them 64 bytes), and how many slots of
+        # ``frames`` are holes.
+        self.keys: dict[str, int] | None = None
         self.holes: int = 0
         # Number of the last publish queued for this client: de-duplicates a message whose
         # topics match several of the client's subscriptions, in O(1) per match.
@@ -409,7 +411,7 @@ class Fanout:
         tracked = key if not client.writable and self.policy == CONFLATE else None
         if tracked is not None:
             self._supersede(client, tracked)
-        queued = len(client.frames)
+        queued = len(client.frames) - client.holes
         # Inline test of the common case; _is_full() decides on the rare full path.
         if queued and (
             queued >= self.client_buffer_size
@@ -427,6 +429,8 @@ class Fanout:
             elif client.closed:  # the write failed or the transport closed meanwhile
                 return False
         if tracked is not None:
+            if client.keys is None:
+                client.keys = {}
             client.keys[tracked] = len(client.frames)
         client.frames.append(frame)
         client.buffered_bytes += size
@@ -448,6 +452,8 @@ class Fanout:
     def _supersede(self, client: Client, key: str) -> None:
         """Take the queued frame with ``key``, if any, out of the client's queue (its slot
         becomes a hole)."""
+        if client.keys is None:
+            return
         index = client.keys.pop(key, None)
         if index is None:
             return
@@ -463,7 +469,7 @@ class Fanout:
     def _compact(self, client: Client) -> None:
         """Leave the holes out of the client's queue, so that it stays within twice its
         bound however long the client is superseded."""
-        key_at = {index: key for key, index in client.keys.items()}
+        key_at = {index: key for key, index in (client.keys or {}).items()}
         frames: list[bytes] = []
         keys: dict[str, int] = {}
         for index, frame in enumerate(client.frames):
@@ -583,9 +589,9 @@ class Fanout:
     def _empty(client: Client) -> None:
         client.frames = []
         client.buffered_bytes = 0
-        if client.holes or client.keys:
+        if client.keys is not None:
             client.holes = 0
-            client.keys = {}
+            client.keys = None
 
     def close(self) -> None:
         """Cancel a scheduled flush; queued frames stay where they are."""
