@@ -540,7 +540,8 @@ def test_the_dashboard_takes_a_token_from_its_address_and_explains_a_refusal(
 
         # A token that expires while the page is open: told, disconnected after the grace
         # period, and the reconnection refused with the reason.
-        short = mint_token(SECRET, sub="team-a", topics=["*"], ttl=2)
+        # Long enough for a slow machine to open the page before it expires.
+        short = mint_token(SECRET, sub="team-a", topics=["*"], ttl=5)
         page.goto(f"{home}?token={short}")
         expect(status).to_have_attribute("data-status", "open")
         expect(notice).to_contain_text("This page's token has expired")

@@ -670,16 +670,20 @@ test("an expiring token is refreshed from the function and the connection stays"
 test("a refused refresh answers no subscribe()", AUTH_HUB, async (t) => {
   let calls = 0;
   let subscribing = null;
+  // A subscribe sent on the heels of the refresh, in the same turn of the loop: the hub
+  // answers the refresh first, before any answer can reach the client.
+  class SubscribeAfterRefresh extends WebSocket {
+    send(data, ...rest) {
+      super.send(data, ...rest);
+      if (JSON.parse(data).type === "refresh") subscribing = client.subscribe("run:9");
+    }
+  }
   const client = makeClient(t, AUTH_WS_URL, {
     topics: ["run:1"],
+    WebSocket: SubscribeAfterRefresh,
     token: () => {
       calls += 1;
-      if (calls === 1) return mint({ ttl: 2 });
-      // Sent after the refresh, so the hub answers the refresh first.
-      setTimeout(() => {
-        subscribing = client.subscribe("run:9");
-      }, 0);
-      return mint({ sub: "mallory" });
+      return calls === 1 ? mint({ ttl: 2 }) : mint({ sub: "mallory" });
     },
   });
   const errors = inbox(client, "error");
