@@ -268,9 +268,8 @@ class Fanout:
             :data:`CONFLATE`.
         flush_interval: 0 flushes at the end of the current loop iteration; more than 0
             coalesces for up to that many seconds.
-        on_overflow: Called with a client that overflowed (under :data:`DISCONNECT`, or a
-            message :data:`CONFLATE` could not supersede with), after the publish that
-            overflowed it has finished.
+        on_overflow: Called with a client that overflowed (under :data:`DISCONNECT` or
+            :data:`CONFLATE`), after the publish that overflowed it has finished.
         on_blocked: Called once with a client that had frames to write while it was not
             writable, after the publish or flush that found it so; :meth:`unblock` resumes it.
     """

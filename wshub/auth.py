@@ -535,7 +535,7 @@ class Authenticator:
             if self._static is None:  # no key: a token would not count, so none is read
                 return self._without_token()
             token = token_from(request)
-            if token is not None and self._static is not None:
+            if token is not None:
                 return self._verify_static(self._static, token)
             return self._without_token()
         except TokenRefused as refused:

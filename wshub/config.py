@@ -57,10 +57,11 @@ class HubConfig:
             not bad input), close that client with 1011 instead of answering with a 500 error.
         log_connection_events: Log connects and disconnects at INFO.
         max_buffered_bytes: Most bytes queued in the hub for one client.
-        slow_client_policy: What a client whose buffer is full gets. ``"conflate"``: a
+        slow_client_policy: What a client that falls behind gets. ``"conflate"``: a
             message with a ``key`` supersedes the older one with the same key still queued
             (counted as ``conflated``), so the client catches up on the latest of every key;
-            what cannot be superseded (a message without a key) closes it with 4008.
+            when messages without a key, and one per key, fill its buffer, it is closed
+            with 4008.
             ``"disconnect"`` closes it with 4008; ``"drop_oldest"`` drops its oldest
             messages and counts them.
         default_topics: Topics of a client that names none in its URL.

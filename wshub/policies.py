@@ -7,7 +7,7 @@ Two things can go wrong, and the core reports both:
   supersede the older one with the same key still queued, so the client holds the latest of
   every key; ``"drop_oldest"`` lets the core drop the oldest frames and count them;
   ``"disconnect"`` makes the core give up on the client, and this module closes it with 4008.
-  What ``"conflate"`` cannot supersede (a message without a key, or a key not queued) closes
+  Under ``"conflate"``, a buffer that messages without a key, and one per key, fill closes
   the client with 4008 too: a client never loses an event without being told;
 - its transport stays unwritable (paused) for ``write_timeout``: it is closed with 4008,
   whatever the policy, since its socket is not draining at all.
