@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import re
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from wshub.bench import main
+from wshub.bench.client import Reader, Tally
 from wshub.bench.redis_server import RedisServer, free_port
 from wshub.bench.report import plot_figure
 from wshub.bench.report import warnings as report_warnings
@@ -247,3 +249,35 @@ def test_the_plot_of_one_client_count_has_labelled_bars_and_of_several_lines() -
     several = plot_figure([row("wshub-cython", 100, 9e4), row("wshub-cython", 1000, 8e4)])
     [axis] = several.axes
     assert axis.containers == [] and len(axis.lines) == 1
+
+
+async def test_a_reader_counts_published_messages_but_never_the_greeting() -> None:
+    """A greeting that arrives after the worker is armed (an ASGI server sends it from a task
+    of its own) is not a delivery."""
+    greeting = b'{"type":"connection","data":{"client_id":"c"},"timestamp":"t"}'
+    event = b'{"type":"run_progress","data":{"sent_at":1.0},"timestamp":"t","id":"1-0"}'
+
+    def frame(payload: bytes) -> bytes:
+        return bytes((0x81, len(payload))) + payload
+
+    async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        writer.write(frame(greeting) + frame(event) + frame(event))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    tally = Tally()
+    tally.arm(100, lambda: None)
+    opened: asyncio.Future[bool] = loop.create_future()
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        _, reader = await loop.create_connection(
+            lambda: Reader(b"GET / HTTP/1.1\r\n\r\n", tally, opened), "127.0.0.1", port
+        )
+        assert await opened
+        async with asyncio.timeout(10):
+            while not reader.closed:
+                await asyncio.sleep(0.01)
+    assert tally.received == 2

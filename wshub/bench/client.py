@@ -31,6 +31,10 @@ from .channel import Channel
 __all__ = ["raise_open_files_limit", "worker_main"]
 
 SENT_AT = b'"sent_at":'
+# A wshub hub greets each client first. Its greeting is not a published message: it must not
+# be counted even when it arrives after the worker is armed, which a transport that sends
+# from a task of its own (ASGI) allows.
+GREETING = b'{"type":"connection"'
 CONNECT_CONCURRENCY = 128  # handshakes in flight per worker
 OPCODE_TEXT = 0x1
 OPCODE_CLOSE = 0x8
@@ -90,6 +94,7 @@ class Reader(asyncio.Protocol):
     __slots__ = (
         "buffer",
         "closed",
+        "greeting",
         "handshake",
         "node",
         "opened",
@@ -107,6 +112,7 @@ class Reader(asyncio.Protocol):
         self.node = node
         self.buffer = bytearray()
         self.handshake = True
+        self.greeting = True  # the first text frame may be a greeting
         self.closed = False
         self.transport: Any = None
 
@@ -162,7 +168,9 @@ class Reader(asyncio.Protocol):
             if end > size:
                 break
             if opcode == OPCODE_TEXT:
-                frames += 1
+                if not self.greeting or not self.is_greeting(position + header):
+                    frames += 1
+                self.greeting = False
             elif opcode == OPCODE_PING:
                 self.pong(bytes(buffer[position + header : end]))
             elif opcode == OPCODE_CLOSE:
@@ -175,6 +183,9 @@ class Reader(asyncio.Protocol):
             tally.last_arrival = time.time()
             if tally.received >= tally.expected:
                 tally.finish()
+
+    def is_greeting(self, start: int) -> bool:
+        return self.buffer.startswith(GREETING, start)
 
     def sample_latency(self) -> None:
         """Publish-to-receive time of the oldest message waiting in this chunk.
