@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, Protocol
 
 from .idempotency import IdempotencyKeys
+from .snapshot import Retention, State
 from .wire import MessageClock, parse_message_id
 
 __all__ = [
@@ -173,6 +174,15 @@ class Backplane(Protocol):
         """
         ...
 
+    async def retained(self) -> list[Entry]:
+        """What the store retains for snapshots (:mod:`wshub.snapshot`): the latest entry
+        of every key still current and the recent entries without a key, oldest first.
+
+        Raises:
+            BackplaneUnavailable: The store cannot be asked.
+        """
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: disconnects, failed publishes and the like."""
         ...
@@ -233,6 +243,7 @@ class MemoryStream:
             resuming. The stream keeps at least :data:`MIN_STREAM_LENGTH`.
         history_ttl: Seconds a message is kept for resuming clients; 0 disables resuming.
         idempotency_window: Seconds an idempotency key is remembered.
+        retention: What is retained for snapshots; the hub's defaults when None.
         clock: Seconds; injectable for tests.
     """
 
@@ -242,6 +253,7 @@ class MemoryStream:
         history_size: int = 1000,
         history_ttl: float = 300.0,
         idempotency_window: float = 300.0,
+        retention: Retention | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.history_size = history_size
@@ -254,6 +266,7 @@ class MemoryStream:
         self._entries: collections.deque[tuple[Entry, float]] = collections.deque()
         self.added = 0  # entries ever added; the next one is number ``added``
         self._readers: set[MemoryBackplane] = set()
+        self.state = State(retention if retention is not None else Retention.of())
 
     @property
     def first_number(self) -> int:
@@ -292,6 +305,7 @@ class MemoryStream:
             key,
         )
         self._entries.append((entry, self._clock()))
+        self.state.record(message_id, entry.topics, key, entry)
         self.added += 1
         if len(self._entries) > self.max_length:
             self._entries.popleft()
@@ -416,6 +430,11 @@ class MemoryBackplane:
     async def entries(self, after: str, until: str) -> StoredEntries:
         """The held entries after ``after`` up to ``until``."""
         return self.stream.since(after, until)
+
+    async def retained(self) -> list[Entry]:
+        """What the stream retains for snapshots, oldest first."""
+        entries: list[Entry] = [retained.item for retained in self.stream.state.retained()]
+        return entries
 
     def _wake(self) -> None:
         # Delivered in a callback of its own, as entries read from Redis would be: a

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +20,7 @@ from .auth import AuthUnavailable, Principal, TokenRefused
 from .backplane import StoredEntries
 from .config import HubConfig
 from .fanout import Framer
+from .history import Replay
 from .limits import (
     CONTROL_FRAME_COST,
     MESSAGE_COST,
@@ -34,6 +35,7 @@ from .logs import RateLimitedLog, count_of
 from .policies import SlowConsumers
 from .resume import PendingReplay, Resumer, answer_recovery
 from .session import Admission, ClientTransport, HandshakeRequest
+from .snapshot import State
 from .wire import (
     MessageType,
     ProtocolError,
@@ -171,6 +173,7 @@ class Clients:
         fanout: The core's ``Fanout``.
         framer: Makes the replies.
         resumer: Answers ``since``.
+        state: What clients that ask for a snapshot are shown.
         last_id: The newest message id this hub has queued for its clients.
         spawn: Runs a coroutine as a task the hub cancels when it stops.
         verify: The principal of a token a client sends in ``refresh``.
@@ -185,6 +188,7 @@ class Clients:
         fanout: Any,
         framer: Framer,
         resumer: Resumer,
+        state: State,
         last_id: Callable[[], str],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         verify: Callable[[str], Coroutine[Any, Any, Principal]],
@@ -195,6 +199,7 @@ class Clients:
         self.fanout = fanout
         self.framer = framer
         self.resumer = resumer
+        self.state = state
         self.last_id = last_id
         self.spawn = spawn
         self.verify = verify
@@ -213,18 +218,22 @@ class Clients:
     # Joining and leaving
 
     def open(self, transport: ClientTransport, admission: Admission) -> ClientSession:
-        """Add a client, greet it, replay what it missed (``?since=``) and report bad input.
+        """Add a client, greet it, replay what it missed (``?since=``) or show it the
+        current state (``?snapshot=1``), and report bad input.
 
-        One synchronous step: the greeting and the replay are queued before any later
-        publish can reach the client, so a resume has neither gap nor duplicate.
+        One synchronous step: the greeting and the replay or snapshot are queued before any
+        later publish can reach the client, so there is neither gap nor duplicate.
         """
         request = admission.request
         client_id = secrets.token_hex(8)
         topics, topics_error = self._initial_topics(request)
         topics, forbidden_error = _allowed(admission.principal, topics)
         since, since_error = _initial_since(request)
+        snapshot, snapshot_error = _initial_snapshot(request)
         errors = [
-            error for error in (topics_error, forbidden_error, since_error) if error is not None
+            error
+            for error in (topics_error, forbidden_error, since_error, snapshot_error)
+            if error is not None
         ]
         client = self.core.Client(client_id, transport.write, int(transport.frame_kind))
         session = ClientSession(self, client, transport, admission, self.last_id())
@@ -250,6 +259,7 @@ class Clients:
                     answer=greeting,
                     greeting=True,
                     errors=errors,
+                    snapshot=snapshot,
                 ),
             )
         else:
@@ -259,6 +269,8 @@ class Clients:
             if replay is not None:
                 answer_recovery(greeting, replay.recovered, replay.reason)
                 messages = replay.frames
+            if snapshot:
+                messages = self._snapshot(greeting, replay, topics)
             self.send(session, MessageType.CONNECTION, greeting)
             # Complaints about the URL come right after the greeting, as without a replay.
             for error in errors:
@@ -404,7 +416,7 @@ class Clients:
         try:
             request = parse_client_message(message)
             if request.type is MessageType.SUBSCRIBE:
-                self._subscribe(session, request.topics, request.since)
+                self._subscribe(session, request.topics, request.since, request.snapshot)
             elif request.type is MessageType.UNSUBSCRIBE:
                 self._unsubscribe(session, request.topics)
             elif request.type is MessageType.PING:
@@ -420,10 +432,15 @@ class Clients:
             self.send_error(session, exc)
 
     def _subscribe(
-        self, session: ClientSession, topics: tuple[str, ...], since: str | None
+        self,
+        session: ClientSession,
+        topics: tuple[str, ...],
+        since: str | None,
+        snapshot: bool = False,
     ) -> None:
-        """Subscribe, answer and, with ``since``, replay what the client missed: in one
-        synchronous step, so later publishes queue behind the replay.
+        """Subscribe, answer and, with ``since``, replay what the client missed, or with
+        ``snapshot`` (or a ``since`` that cannot be recovered, with both) show it the state of
+        ``topics``: in one synchronous step, so later publishes queue behind the replay.
 
         Topics the client may not see are refused with one ``error`` 403 naming them; the
         rest of the request is applied."""
@@ -434,19 +451,29 @@ class Clients:
         new = [topic for topic in topics if topic not in client.topics]
         self._check_subscription_limit(len(client.topics), len(new))
         held = frozenset(client.topics)
-        if since is not None and not self.charge(session, RESUME_COST - MESSAGE_COST):
+        resuming = since is not None or snapshot
+        if resuming and not self.charge(session, RESUME_COST - MESSAGE_COST):
             raise self._rate_limited()
-        if since is None:
+        if not resuming:
             self.fanout.subscribe(client, new)
             self.send(session, MessageType.SUBSCRIBED, {"topics": sorted(client.topics)})
             return
         # What this connection already received live (published after it joined, to all or
-        # to a topic it held) is left out of the replay.
+        # to a topic it held) is left out of the replay and of the snapshot.
         every_topic = held.union(new)
+        answer: dict[str, Any] = {}
+        if since is None:
+            self.fanout.subscribe(client, new)
+            answer["topics"] = sorted(client.topics)
+            messages = self._snapshot(
+                answer, None, topics, delivered_after=session.joined_after, delivered=held
+            )
+            self.send(session, MessageType.SUBSCRIBED, answer)
+            self._replay(session, messages)
+            return
         replay = self.resumer.local(
             since, every_topic, delivered_after=session.joined_after, delivered_topics=held
         )
-        answer: dict[str, Any] = {}
         if self.resumer.needs_store(replay):
             self._read_stored(
                 session,
@@ -460,14 +487,20 @@ class Clients:
                     answer=answer,
                     greeting=False,
                     errors=[],
+                    snapshot=snapshot,
                 ),
             )
             return
         self.fanout.subscribe(client, new)
         answer["topics"] = sorted(client.topics)
         answer_recovery(answer, replay.recovered, replay.reason)
+        messages = replay.frames
+        if snapshot:
+            messages = self._snapshot(
+                answer, replay, every_topic, delivered_after=session.joined_after, delivered=held
+            )
         self.send(session, MessageType.SUBSCRIBED, answer)
-        self._replay(session, replay.frames)
+        self._replay(session, messages)
 
     def _unsubscribe(self, session: ClientSession, topics: tuple[str, ...]) -> None:
         client = session.client
@@ -520,6 +553,34 @@ class Clients:
             answer.pop("details", None)
             self.send(session, MessageType.ERROR, error=answer)
 
+    def _snapshot(
+        self,
+        answer: dict[str, Any],
+        replay: Replay | None,
+        topics: Collection[str],
+        *,
+        delivered_after: str | None = None,
+        delivered: Collection[str] = (),
+        until: str | None = None,
+    ) -> list[Any]:
+        """What a client that asked for a snapshot gets, said in its ``answer``: the replay
+        when its resume recovered everything, else the retained state of ``topics``."""
+        if replay is not None and replay.recovered:
+            answer["snapshot"] = False
+            return replay.frames
+        found = self.state.snapshot(
+            topics,
+            delivered_after=delivered_after,
+            delivered_topics=delivered,
+            until=until,
+            limit=self.config.client_buffer_size,
+        )
+        answer["snapshot"] = True
+        answer["snapshot_messages"] = len(found.items)
+        if found.omitted:
+            answer["snapshot_omitted"] = found.omitted
+        return found.items
+
     def _replay(self, session: ClientSession, messages: list[Any]) -> None:
         """Queue recorded messages for one client, in order, behind what it already has."""
         send = self.fanout.send
@@ -563,6 +624,18 @@ class Clients:
         answer = pending.answer
         answer_recovery(answer, stored.recovered, stored.reason)
         answer["topics"] = sorted(client.topics)
+        messages = self.resumer.stored_messages(pending, stored)
+        if pending.snapshot:
+            replay = Replay(True, None, messages) if stored.recovered else None
+            # The state as of the resume's start; what was held since follows it.
+            messages = self._snapshot(
+                answer,
+                replay,
+                pending.topics,
+                delivered_after=pending.delivered_after,
+                delivered=pending.live_topics or (),
+                until=pending.until,
+            ) + ([] if stored.recovered else messages)
         self.send(
             session,
             MessageType.CONNECTION if pending.greeting else MessageType.SUBSCRIBED,
@@ -570,7 +643,7 @@ class Clients:
         )
         for error in pending.errors:
             self.send_error(session, error)
-        self._replay(session, self.resumer.stored_messages(pending, stored))
+        self._replay(session, messages)
         self._act_on_waiting(session, pending.inbox)
 
     def _act_on_waiting(self, session: ClientSession, inbox: list[str | bytes | None]) -> None:
@@ -719,6 +792,22 @@ def _allowed(
         code=_FORBIDDEN,
     )
     return tuple(topic for topic in topics if grants.allows(topic)), error
+
+
+def _initial_snapshot(request: HandshakeRequest) -> tuple[bool, ProtocolError | None]:
+    """The URL's ``?snapshot=``: ``1`` or ``true`` asks for one; anything but ``0`` or
+    ``false`` gets an error and no snapshot."""
+    values = request.query.get("snapshot")
+    if not values:
+        return False, None
+    value = values[-1].strip().lower()
+    if value in ("1", "true"):
+        return True, None
+    if value in ("0", "false", ""):
+        return False, None
+    return False, ProtocolError(
+        "?snapshot= ignored, no snapshot sent: it must be 1 or 0", {"snapshot": values[-1]}
+    )
 
 
 def _initial_since(request: HandshakeRequest) -> tuple[str | None, ProtocolError | None]:

@@ -73,6 +73,14 @@ class HubConfig:
             0 disables the history.
         history_ttl: Seconds a published message is kept for resuming clients; 0 disables
             the history.
+        snapshot_window: Most messages without a ``key`` (events) retained for clients that
+            join asking for a snapshot (``?snapshot=1``); 0 retains none.
+        snapshot_window_ttl: Seconds such an event stays in snapshots; 0 retains none.
+        snapshot_key_ttl: Seconds the latest message of a ``key`` stays in snapshots after
+            it was published, so a finished run shows its final message that long; 0 retains
+            no keys.
+        snapshot_max_keys: Most keys retained for snapshots; past it, the key published
+            least recently is dropped.
         redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL of the Redis that joins
             several hubs into one (see :mod:`wshub.backplane`); None runs this hub alone.
         redis_stream: The Redis stream key the joined hubs share; hubs on other keys of the
@@ -141,6 +149,10 @@ class HubConfig:
     flush_interval: float = 0.0
     history_size: int = 1000
     history_ttl: float = 300.0
+    snapshot_window: int = 100
+    snapshot_window_ttl: float = 3600.0
+    snapshot_key_ttl: float = 3600.0
+    snapshot_max_keys: int = 10_000
     redis_url: str | None = None
     redis_stream: str = "wshub:messages"
     idempotency_window: float = 300.0
@@ -173,6 +185,7 @@ class HubConfig:
             "max_subscriptions",
             "client_message_burst",
             "max_pending_handshakes",
+            "snapshot_max_keys",
         ):
             _check_positive_int(name, getattr(self, name))
         for name in (
@@ -189,6 +202,9 @@ class HubConfig:
         _check_number("auth_leeway", self.auth_leeway, allow_zero=True)
         _check_number("flush_interval", self.flush_interval, allow_zero=True)
         _check_number("history_ttl", self.history_ttl, allow_zero=True)
+        _check_number("snapshot_window_ttl", self.snapshot_window_ttl, allow_zero=True)
+        _check_number("snapshot_key_ttl", self.snapshot_key_ttl, allow_zero=True)
+        _check_count("snapshot_window", self.snapshot_window, "no events in snapshots")
         _check_count("socket_send_buffer", self.socket_send_buffer, "the kernel's choice")
         _check_number(
             "client_message_rate",

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from .auth import AuthenticateHook, Authenticator, AuthUnavailable, TokenRefused
-from .backplane import Added, Backplane, Entry
+from .backplane import Added, Backplane, BackplaneUnavailable, Entry
 from .clients import Clients, ClientSession
 from .config import HubConfig
 from .fanout import Framer, Implementation, core_module, encode_data
@@ -37,6 +37,7 @@ from .redis_backplane import RedisBackplane
 from .resume import Resumer
 from .runner import RunnerNotifications
 from .session import Admission, ClientTransport, HandshakeRequest, Refusal
+from .snapshot import Retained, Retention, State
 from .wire import (
     MessageClock,
     MessageTooLarge,
@@ -125,6 +126,8 @@ class Hub(RunnerNotifications):
         self._clients: Clients | None = None
         self._clock = MessageClock()
         self._history: History = MemoryHistory(config.history_size, config.history_ttl)
+        retention = Retention.of(config)
+        self._retained = State(retention)
         if backplane is None and config.redis_url is not None:
             backplane = RedisBackplane(
                 config.redis_url,
@@ -132,6 +135,7 @@ class Hub(RunnerNotifications):
                 history_size=config.history_size,
                 history_ttl=config.history_ttl,
                 idempotency_window=config.idempotency_window,
+                retention=retention,
                 logger=self.logger,
             )
         self._backplane = backplane
@@ -221,6 +225,7 @@ class Hub(RunnerNotifications):
             fanout=self._fanout,
             framer=self._framer,
             resumer=self._resumer,
+            state=self._retained,
             last_id=self._last_id,
             spawn=self._spawn,
             verify=self._auth.verify,
@@ -228,6 +233,8 @@ class Hub(RunnerNotifications):
         self._state = "running"
         if self._backplane is not None:
             await self._backplane.start(self._deliver, self._missed)
+            if not await self._restore_state():
+                self._spawn(self._keep_restoring())
         self.logger.debug("hub started with the %s fan-out core", self.implementation)
 
     async def stop(self) -> None:
@@ -608,6 +615,7 @@ class Hub(RunnerNotifications):
         # The very message the core sends (no copy) and the hub's own topic list, which
         # nothing changes after the publish.
         self._history.append(message_id, topics, message)
+        self._retained.record(message_id, topics, message.key, message)
         fanout = self._fanout
         if topics is None:
             return int(fanout.publish_all(message))
@@ -734,6 +742,47 @@ class Hub(RunnerNotifications):
             return
         data = {"missed": count, "after": after}
         self._fanout.publish_all(self._framer.reply(MessageType.GAP, data))
+        # What was missed may be a key's latest: take the state the backplane retained.
+        self._spawn(self._keep_restoring())
+
+    async def _restore_state(self) -> bool:
+        """Take the state the backplane retained (what hubs delivered before this one
+        started, or while it fell behind), so snapshots show it; False when it cannot be
+        read now."""
+        backplane = self._backplane
+        assert backplane is not None
+        try:
+            entries = await backplane.retained()
+        except BackplaneUnavailable:
+            return False
+        stored = self._framer.stored
+        # Later entries are still on their way to this hub: they are recorded as they
+        # arrive, and a snapshot must not show what a client will then get live.
+        delivered = parse_message_id(self._last_id())
+        self._retained.merge(
+            Retained(
+                parse_message_id(entry.message_id),
+                entry.message_id,
+                entry.topics,
+                entry.key,
+                stored(entry.message_type, entry.data, entry.message_id, entry.key),
+            )
+            for entry in entries
+            if parse_message_id(entry.message_id) <= delivered
+        )
+        return True
+
+    async def _keep_restoring(self) -> None:
+        """:meth:`_restore_state` until it works, with a growing delay."""
+        delay = 0.1
+        while self._state == "running" and not await self._restore_state():
+            if delay == 0.1:
+                self.logger.warning(
+                    "the backplane's retained state cannot be read yet: snapshots may lack "
+                    "what other hubs delivered; retrying"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _last_id(self) -> str:
         """The newest message id this hub has queued for its clients."""

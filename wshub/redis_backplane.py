@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import time
@@ -39,6 +40,7 @@ from .backplane import (
     StoredEntries,
     stored_since,
 )
+from .snapshot import Retention
 from .wire import parse_message_id
 
 if TYPE_CHECKING:
@@ -71,24 +73,56 @@ PROBE_INTERVAL: Final = 1.0
 #: answering with its connections open (frozen, paused, partitioned) within seconds.
 COMMAND_TIMEOUT: Final = 2.0
 
-# One round trip checks the key and adds the entry, so two hubs given the same key at once
-# add it once. KEYS: the stream, the key's own key. ARGV: the stream's MAXLEN, the window
-# in milliseconds, then the entry's fields and values.
-_ADD_ONCE: Final = """
-local first = redis.call('GET', KEYS[2])
-if first then
-    return {first, 1}
+# One round trip checks the idempotency key, adds the entry and retains it for snapshots
+# (wshub.snapshot's rule), so two hubs given the same key at once add it once and the state
+# never disagrees with the stream.
+# KEYS: the stream, the idempotency key's own key, the retained keys (a hash: key -> "<id>
+# <entry as JSON>"), when each was published (a sorted set), the retained events (a stream).
+# ARGV: the stream's MAXLEN, the idempotency window in milliseconds ("0": no idempotency
+# key), the message's key ("": none), the key ttl in milliseconds, the most keys ("0": no
+# keys retained), the most events ("0": none), the entry as JSON, then its fields and values.
+_ADD: Final = """
+if ARGV[2] ~= '0' then
+    local first = redis.call('GET', KEYS[2])
+    if first then
+        return {first, 1}
+    end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 8))
+if ARGV[2] ~= '0' then
+    redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+end
+if ARGV[3] ~= '' then
+    if ARGV[5] ~= '0' then
+        local ms = tonumber(string.match(id, '^%d+'))
+        redis.call('HSET', KEYS[3], ARGV[3], id .. ' ' .. ARGV[7])
+        redis.call('ZADD', KEYS[4], ms, ARGV[3])
+        local gone = redis.call(
+            'ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[4]), 'LIMIT', 0, 64)
+        local over = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[5])
+        if over > 0 then
+            for _, key in ipairs(redis.call('ZRANGE', KEYS[4], 0, over - 1)) do
+                table.insert(gone, key)
+            end
+        end
+        for _, key in ipairs(gone) do
+            redis.call('HDEL', KEYS[3], key)
+            redis.call('ZREM', KEYS[4], key)
+        end
+    end
+elseif ARGV[6] ~= '0' then
+    redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[6], id, unpack(ARGV, 8))
+end
 return {id, 0}
 """
+_ADD_SHA: Final = hashlib.sha1(_ADD.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclasses.dataclass(slots=True)
 class _Outgoing:
     fields: dict[bytes, bytes]
     idempotency_key: str | None
+    key: str | None
     future: asyncio.Future[Added]
 
 
@@ -126,6 +160,22 @@ def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
     )
 
 
+def _retained_entry(value: bytes) -> Entry:
+    """A key's entry as the retained hash holds it: ``"<id> <JSON>"``."""
+    entry_id, _, text = value.partition(b" ")
+    fields = orjson.loads(text)
+    data = fields.get("data")
+    topics = fields.get("topics")
+    return Entry(
+        entry_id.decode(),
+        fields["type"],
+        data.encode() if data is not None else None,
+        tuple(topics) if topics is not None else None,
+        None,
+        fields["key"],
+    )
+
+
 def _id_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -140,6 +190,10 @@ class RedisBackplane:
             resuming. The stream itself keeps at least :data:`MIN_STREAM_LENGTH`.
         history_ttl: Seconds a message is kept for resuming clients; 0 disables resuming.
         idempotency_window: Seconds Redis remembers a publish's idempotency key.
+        retention: What Redis retains for snapshots, beside the stream (a hash of each
+            key's latest entry, a sorted set of when each was published, a stream of recent
+            events, under ``<stream>:state``, ``<stream>:state:published`` and
+            ``<stream>:events``); the hub's defaults when None.
         logger: Where connection trouble is logged.
 
     Raises:
@@ -154,6 +208,7 @@ class RedisBackplane:
         history_size: int = 1000,
         history_ttl: float = 300.0,
         idempotency_window: float = 300.0,
+        retention: Retention | None = None,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         try:
@@ -167,9 +222,15 @@ class RedisBackplane:
         self.history_ttl = history_ttl
         self.max_length = max(history_size, MIN_STREAM_LENGTH)
         self.idempotency_window = idempotency_window
+        self.retention = retention if retention is not None else Retention.of()
+        self._state_keys = (f"{stream}:state", f"{stream}:state:published", f"{stream}:events")
         self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
         self._redis: Redis | None = None  # the reader's
         self._commands: Redis | None = None  # publishes, history queries and the probe
+        # Whether Redis holds _ADD in its script cache since the last outage (a restarted
+        # Redis forgets it): loaded when the reader connects, so that a publish is one
+        # EVALSHA, sent as it is even to a Redis that stopped answering.
+        self._script_loaded = False
         self._ready = False
         # Ready is both: the reader's last round trip worked, and so did the last probe.
         self._reading = False
@@ -297,7 +358,7 @@ class RedisBackplane:
         if key is not None:
             fields[b"key"] = key.encode()
         future: asyncio.Future[Added] = asyncio.get_running_loop().create_future()
-        self._outgoing.put_nowait(_Outgoing(fields, idempotency_key, future))
+        self._outgoing.put_nowait(_Outgoing(fields, idempotency_key, key, future))
         return future
 
     async def _write(self) -> None:
@@ -336,19 +397,33 @@ class RedisBackplane:
     async def _add(self, batch: list[_Outgoing]) -> list[Added]:
         redis = self._commands
         assert redis is not None
+        if not self._script_loaded:
+            await redis.script_load(_ADD)
+            self._script_loaded = True
         pipe = redis.pipeline(transaction=False)
         window_ms = max(int(self.idempotency_window * 1000), 1)
+        retention = self.retention
+        max_keys = retention.max_keys if retention.keeps_keys else 0
+        events = retention.window if retention.keeps_events else 0
+        key_ttl_ms = int(retention.key_ttl * 1000)
         for item in batch:
-            if item.idempotency_key is None:
+            retained = max_keys if item.key is not None else events
+            if item.idempotency_key is None and not retained:
                 pipe.xadd(self.stream, item.fields, maxlen=self.max_length, approximate=True)  # type: ignore[arg-type]
                 continue
-            pipe.eval(
-                _ADD_ONCE,
-                2,
+            pipe.evalsha(
+                _ADD_SHA,
+                5,
                 self.stream,
-                f"{self.stream}:idempotency:{item.idempotency_key}",
+                f"{self.stream}:idempotency:{item.idempotency_key or ''}",
+                *self._state_keys,
                 self.max_length,
-                window_ms,
+                window_ms if item.idempotency_key is not None else 0,
+                item.key or "",
+                key_ttl_ms,
+                max_keys,
+                events,
+                _state_value(item) if item.key is not None and max_keys else b"",
                 *(part for pair in item.fields.items() for part in pair),
             )
         results: list[Any] = await pipe.execute()
@@ -413,6 +488,8 @@ class RedisBackplane:
             # A round trip before this hub calls Redis reachable: a retry that only got as
             # far as here must not count (and log) a recovery and then a new outage.
             await redis.ping()
+        await redis.script_load(_ADD)
+        self._script_loaded = True
         self._reader_found()
         loop = asyncio.get_running_loop()
         deliver = self._deliver
@@ -590,6 +667,7 @@ class RedisBackplane:
         """A round trip failed: not ready until both the reader and the probe have one
         again; counted and logged once per outage."""
         self._attempted.set()
+        self._script_loaded = False  # a Redis that restarted has forgotten it
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if probe:
             self._probing = False
@@ -645,3 +723,46 @@ class RedisBackplane:
             following=[_decode_entry(entry_id, fields) for entry_id, fields in entries],
             history_size=self.history_size,
         )
+
+    async def retained(self) -> list[Entry]:
+        """What Redis retains for snapshots: each key's latest entry and the recent events."""
+        redis = self._commands
+        if redis is None or not self.ready:
+            raise BackplaneUnavailable(self._unavailable())
+        state, _, events = self._state_keys
+        try:
+            pipe = redis.pipeline(transaction=True)
+            pipe.hgetall(state)
+            pipe.xrevrange(events, count=max(self.retention.window, 1))
+            keyed, recent = await pipe.execute()
+        except Exception as exc:
+            self._lost(exc)
+            raise BackplaneUnavailable(self._unavailable()) from exc
+        entries: list[Entry] = []
+        for value in keyed.values():
+            try:
+                entries.append(_retained_entry(value))
+            except (KeyError, ValueError, AttributeError):  # not written by a hub
+                continue
+        for entry_id, fields in recent:
+            try:
+                entries.append(_decode_entry(entry_id, fields))
+            except (KeyError, ValueError):
+                continue
+        entries.sort(key=lambda entry: parse_message_id(entry.message_id))
+        return entries
+
+
+def _state_value(item: _Outgoing) -> bytes:
+    """A keyed entry as the retained hash holds it, after its id (Redis adds that)."""
+    fields = item.fields
+    data = fields.get(b"data")
+    topics = fields.get(b"topics")
+    return orjson.dumps(
+        {
+            "type": fields[b"type"].decode(),
+            "data": data.decode() if data is not None else None,
+            "topics": orjson.Fragment(topics) if topics is not None else None,
+            "key": item.key,
+        }
+    )

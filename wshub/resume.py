@@ -43,6 +43,7 @@ class PendingReplay:
     answer: dict[str, Any]
     greeting: bool  # True: answers the connection (?since=); False: a subscribe
     errors: list[ProtocolError]
+    snapshot: bool = False  # the client asked for a snapshot should the resume fail
     held: list[tuple[_Key, Any]] = dataclasses.field(default_factory=list)
     inbox: list[str | bytes | None] = dataclasses.field(default_factory=list)
     # More was delivered meanwhile than the client may have queued: nothing more is held,

@@ -202,12 +202,13 @@ class ProtocolError(ValueError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientRequest:
     """One parsed client message: its type and, for (un)subscribe, the topics it names;
-    for subscribe, the ``since`` id to resume after (None when absent); for refresh, the
-    new token."""
+    for subscribe, the ``since`` id to resume after (None when absent) and whether it asks
+    for a ``snapshot``; for refresh, the new token."""
 
     type: MessageType
     topics: tuple[str, ...] = ()
     since: str | None = None
+    snapshot: bool = False
     token: str | None = dataclasses.field(default=None, repr=False)
 
 
@@ -249,7 +250,12 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
     if request_type is MessageType.SUBSCRIBE and "since" in data:
         since = data["since"]
         parse_message_id(since)
-    return ClientRequest(request_type, topics, since)
+    snapshot = False
+    if request_type is MessageType.SUBSCRIBE and "snapshot" in data:
+        snapshot = data["snapshot"]
+        if not isinstance(snapshot, bool):
+            raise ProtocolError('"snapshot" must be true or false', {"snapshot": shown(snapshot)})
+    return ClientRequest(request_type, topics, since, snapshot)
 
 
 def topic_problem(topic: object) -> str | None:
