@@ -654,3 +654,54 @@ async def test_a_memory_backplane_counts_what_left_its_stream_unread() -> None:
     await backplane.close()
     with pytest.raises(wshub.BackplaneUnavailable):
         backplane.publish("m", None, None)
+
+
+async def test_redis_retains_the_state_within_the_snapshot_bounds(
+    lean_server: Any, redis_server: RedisServer
+) -> None:
+    """The script that adds each entry applies wshub.snapshot's bounds in Redis: a hub that
+    joins later shows the same state a hub that delivered everything shows."""
+    url = redis_server.url
+    bounds = {"snapshot_window": 2, "snapshot_max_keys": 2, "snapshot_key_ttl": 60.0}
+    async with lean_server(redis_url=url, **bounds) as first:
+        for n in range(4):
+            await first.hub.publish("event", n, "a")
+            await first.hub.publish("progress", n, "a", key=f"run:{n}")
+        async with (
+            lean_server(redis_url=url, **bounds) as second,
+            client(first.url + "?topics=a&snapshot=1") as (here, _),
+            client(second.url + "?topics=a&snapshot=1") as (there, hello),
+        ):
+            assert hello["data"]["snapshot_messages"] == 4
+            expected = [("event", 2), ("progress", 2), ("event", 3), ("progress", 3)]
+            for ws in (here, there):
+                shown = await published(ws, 4)
+                assert [(m["type"], m["data"]) for m in shown] == expected
+                await nothing_more(ws)
+    redis = SyncRedis.from_url(url)
+    try:
+        assert sorted(redis.hkeys("wshub:messages:state")) == [b"run:2", b"run:3"]
+        assert redis.zcard("wshub:messages:state:published") == 2
+        assert redis.xlen("wshub:messages:events") == 2
+    finally:
+        redis.close()
+
+
+async def test_redis_forgets_a_key_once_its_ttl_has_passed(
+    lean_server: Any, redis_server: RedisServer
+) -> None:
+    """The next keyed publish after a key's ttl removes it from Redis (a hub's own copy
+    expires by the same rule: test_snapshot.py)."""
+    url = redis_server.url
+    redis = SyncRedis.from_url(url)
+    try:
+        async with lean_server(redis_url=url, snapshot_key_ttl=0.2) as served:
+            await served.hub.publish("progress", 1, "a", key="run:old")
+            assert redis.hkeys("wshub:messages:state") == [b"run:old"]
+            # The ttl is the behaviour under test: wait for it to pass on the clock.
+            await asyncio.sleep(0.3)
+            await served.hub.publish("progress", 2, "a", key="run:new")
+            assert redis.hkeys("wshub:messages:state") == [b"run:new"]
+            assert redis.zrange("wshub:messages:state:published", 0, -1) == [b"run:new"]
+    finally:
+        redis.close()

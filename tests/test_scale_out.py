@@ -216,6 +216,32 @@ async def test_a_key_crosses_redis_to_every_node_and_into_replays(start_hubs: St
     assert [(m["type"], m.get("key")) for m in replayed] == [("state", "run:1"), ("event", None)]
 
 
+async def test_the_state_survives_every_node_restarting(start_hubs: StartHubs) -> None:
+    """Redis retains the latest of every key and the recent events beside the stream: a node
+    started after the one that delivered them stopped shows them to a client that asks."""
+    [first] = await start_hubs(1)
+    await asyncio.to_thread(first.publish, "run_progress", 1, ["test:a"], "run:1")
+    await asyncio.to_thread(first.publish, "regression_detected", "r", ["test:a"])
+    await asyncio.to_thread(first.publish, "run_progress", 2, ["test:a"], "run:1")
+    await asyncio.to_thread(first.publish, "run_progress", 7, ["test:b"], "run:2")
+    await asyncio.to_thread(first.publish, "run_complete", 3, ["test:a"], "run:1")
+    first.stop()
+    [second] = await start_hubs(1)
+    async with client(ws_url(second, "?topics=test:a&snapshot=1")) as (ws, hello):
+        assert hello["data"]["snapshot_messages"] == 2, hello
+        shown = await until_count(ws, 2)
+        assert [(m["type"], m["data"], m.get("key")) for m in shown] == [
+            ("regression_detected", "r", None),
+            ("run_complete", 3, "run:1"),
+        ]
+        await nothing_more(ws)
+        # Then live, from another node too.
+        [third] = await start_hubs(1)
+        await publish(third, "run_progress", 1, ["test:a"])
+        [live] = await until_count(ws, 1)
+        assert live["type"] == "run_progress"
+
+
 async def until_count(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
     messages = [await recv_json(ws) for _ in range(count)]
     assert all("id" in message for message in messages), messages

@@ -465,9 +465,9 @@ class Clients:
         if since is None:
             self.fanout.subscribe(client, new)
             answer["topics"] = sorted(client.topics)
-            messages = self._snapshot(
-                answer, None, topics, delivered_after=session.joined_after, delivered=held
-            )
+            # The state of what the subscribe adds: what matched a topic the client held
+            # reached it live or in its own snapshot, so "0-0" leaves all of that out.
+            messages = self._snapshot(answer, None, topics, delivered_after="0-0", delivered=held)
             self.send(session, MessageType.SUBSCRIBED, answer)
             self._replay(session, messages)
             return
