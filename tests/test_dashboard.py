@@ -295,6 +295,43 @@ def test_the_dashboard_says_when_events_were_lost_between_hubs(
         expect(notice).to_contain_text("15 events were lost on the way to this page")
 
 
+def test_a_page_opened_during_a_run_shows_it_and_the_recent_regressions_at_once(
+    page: Page,
+) -> None:
+    with hub_process() as hub:
+        populate(hub)
+        hub.notify("run_progress", progress("r-218", "debug_traceTransaction", 0.55, rps=501.0))
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        # The run in progress, at its latest progress; the finished ones in their final state.
+        row = page.locator('[data-testid="run"][data-run-id="r-218"]')
+        expect(row.get_by_test_id("run-state")).to_have_text("running")
+        expect(row.get_by_test_id("run-progress")).to_have_attribute("aria-valuenow", "55")
+        expect(row.get_by_test_id("run-rps")).to_have_text("501/s")
+        expect(page.locator('[data-run-id="r-216"][data-state="failed"]')).to_be_visible()
+        expect(page.locator('[data-run-id="r-215"][data-state="complete"]')).to_be_visible()
+        expect(page.get_by_test_id("runs-count")).to_have_text("1 running")
+        # The recent events: three regressions, newest first, and the results feed.
+        expect(page.get_by_test_id("regression")).to_have_count(3)
+        expect(page.get_by_test_id("regression").first).to_have_attribute(
+            "data-severity", "critical"
+        )
+        expect(page.get_by_test_id("analysis")).to_have_count(1)
+        expect(page.get_by_test_id("resume-notice")).to_be_hidden()
+        # Old news raises no alert; the next live critical regression does.
+        expect(page).to_have_title("wshub · live benchmarks")
+        hub.notify("regression_detected", regression("g-7", "r-218", "eth_call", "critical"))
+        expect(page.get_by_test_id("regression")).to_have_count(4)
+        expect(page).to_have_title(re.compile(r"^\(1\) "))
+        # Following a test shows what it adds, each message once.
+        page.get_by_test_id("filter").fill("eth_getLogs")
+        page.get_by_test_id("filter-apply").click()
+        expect(page.get_by_test_id("topics")).to_have_text("test:eth_getLogs")
+        page.get_by_test_id("filter-clear").click()
+        expect(page.get_by_test_id("topics")).to_have_text("*")
+        expect(page.get_by_test_id("regression")).to_have_count(4)
+
+
 def _exercise(page: Page) -> None:
     """What a person watching would see, step by step (the test's body, in one browser)."""
     status = page.get_by_test_id("status")
@@ -377,10 +414,13 @@ def _exercise(page: Page) -> None:
     with hub_process(port) as restarted:
         expect(status).to_have_attribute("data-status", "open")
         expect(page.get_by_test_id("topics")).to_have_text("test:eth_call")
-        # The new hub's history does not know the page's last event: a calm notice.
+        # The new hub's history does not know the page's last event: a calm notice that
+        # what the page shows is the hub's state now.
         notice = page.get_by_test_id("resume-notice")
         expect(notice).to_be_visible()
-        expect(notice).to_contain_text("some events may have been missed while disconnected")
+        expect(notice).to_contain_text(
+            "could not replay the events missed while disconnected (unknown message id)"
+        )
         page.get_by_test_id("resume-notice-dismiss").click()
         expect(notice).to_be_hidden()
         restarted.notify("run_started", run("r-230", "eth_call"))

@@ -278,7 +278,8 @@ test("the hub's refusal rejects subscribe() and restores the hub's set", HUB, as
 });
 
 test("lastId follows the ids of published messages", HUB, async (t) => {
-  const client = makeClient(t, WS_URL, { topics: ["ids"] });
+  // Without a snapshot: the hub's state holds messages earlier tests sent to every client.
+  const client = makeClient(t, WS_URL, { topics: ["ids"], snapshot: false });
   assert.equal(client.lastId, null);
   await connected(client);
   assert.equal(client.lastId, null, "the greeting carries no id");
@@ -325,7 +326,7 @@ test("resumes after its connection drops: the missed messages in order, then liv
 });
 
 test("a resume the hub cannot serve is reported with its reason", HUB, async (t) => {
-  const client = makeClient(t, WS_URL, { topics: ["resume:b"] });
+  const client = makeClient(t, WS_URL, { topics: ["resume:b"], snapshot: false });
   client.lastId = "1-0"; // an id this hub never issued, as after a hub restart
   const { detail } = await (async () => {
     const opened = nextStatus(client, "open");
@@ -334,6 +335,126 @@ test("a resume the hub cannot serve is reported with its reason", HUB, async (t)
   })();
   assert.deepEqual(detail, { recovered: false, reason: "unknown message id" });
   assert.deepEqual(client.lastResume, { since: "1-0", recovered: false, reason: "unknown message id" });
+});
+
+// Snapshots: the hub's state (the latest message of every key, the recent events)
+
+function publishKeyed(type, data, topics, key) {
+  return api("/api/publish", { type, data, topics, key });
+}
+
+/** Every published message the client receives, with `snapshotRemaining` as its handler saw it. */
+function published(client) {
+  const seen = [];
+  client.on("*", (data, message) => {
+    if (message.id) seen.push({ type: message.type, data, remaining: client.snapshotRemaining });
+  });
+  return {
+    seen,
+    async until(type) {
+      await within(
+        (async () => {
+          while (!seen.some((entry) => entry.type === type)) {
+            await new Promise((resolve) => setTimeout(resolve, 5));
+          }
+        })(),
+        `a ${type} message`,
+      );
+    },
+  };
+}
+
+test("the first connect shows the hub's state, then live messages", HUB, async (t) => {
+  for (let n = 1; n <= 3; n += 1) await publishKeyed("run_progress", { n }, ["snap:a"], "run:js-1");
+  await publish("regression_detected", { id: "g-js" }, ["snap:a"]);
+  await publishKeyed("run_progress", { n: 9 }, ["snap:elsewhere"], "run:js-2");
+  const client = makeClient(t, WS_URL, { topics: ["snap:a"] });
+  const received = published(client);
+  await connected(client);
+  const snapshot = client.lastSnapshot;
+  assert.equal(snapshot.since, null);
+  assert.equal(snapshot.omitted, 0);
+  await publish("snap_live", { n: 4 }, ["snap:a"]);
+  await received.until("snap_live");
+  const shown = received.seen.filter((entry) => entry.remaining > 0);
+  // Handlers of a snapshot's messages see how many are left, theirs included.
+  assert.equal(shown.length, snapshot.messages);
+  assert.deepEqual(
+    shown.map((entry) => entry.remaining),
+    Array.from({ length: snapshot.messages }, (_, i) => snapshot.messages - i),
+  );
+  // The state of snap:a (earlier tests' messages to every client are in it too).
+  assert.deepEqual(
+    shown.filter((entry) => entry.type !== "marker" && entry.type !== "event").map((entry) => entry.data),
+    [{ n: 3 }, { id: "g-js" }],
+  );
+  assert.deepEqual(received.seen.at(-1), { type: "snap_live", data: { n: 4 }, remaining: 0 });
+  assert.equal(client.lastResume, null);
+});
+
+test("the open status carries the snapshot, and a reconnect that cannot resume gets one", HUB, async (t) => {
+  await publishKeyed("run_progress", { n: 5 }, ["snap:b"], "run:js-3");
+  const client = makeClient(t, WS_URL, { topics: ["snap:b"] });
+  const received = published(client);
+  client.lastId = "1-0"; // an id this hub never issued, as after a hub restart
+  const opened = nextStatus(client, "open");
+  client.connect();
+  const { detail } = await opened;
+  assert.deepEqual(detail, {
+    recovered: false,
+    reason: "unknown message id",
+    snapshot: client.lastSnapshot,
+  });
+  assert.equal(client.lastSnapshot.since, "1-0");
+  assert.equal(client.lastSnapshot.reason, "unknown message id");
+  await received.until("run_progress");
+  assert.deepEqual(received.seen.find((entry) => entry.type === "run_progress").data, { n: 5 });
+});
+
+test("a reconnect that resumes gets what it missed, not a snapshot", HUB, async (t) => {
+  const client = makeClient(t, WS_URL, { topics: ["snap:c"], minDelay: 300, jitter: 0 });
+  const progress = inbox(client, "run_progress");
+  await connected(client);
+  assert.equal(client.lastSnapshot.since, null);
+  await publishKeyed("run_progress", { n: 1 }, ["snap:c"], "run:js-4");
+  await progress.until(1);
+  const reconnecting = nextStatus(client, "reconnecting");
+  const opened = nextStatus(client, "open");
+  client._ws.terminate();
+  await reconnecting;
+  await publishKeyed("run_progress", { n: 2 }, ["snap:c"], "run:js-4");
+  await publishKeyed("run_progress", { n: 3 }, ["snap:c"], "run:js-4");
+  const { detail } = await opened;
+  assert.deepEqual(detail, { recovered: true, reason: null });
+  await progress.until(3);
+  assert.deepEqual(
+    progress.messages.map((message) => message.data.n),
+    [1, 2, 3],
+  );
+});
+
+test("subscribe() asks for the state of the topics it adds; snapshot: false asks for none", HUB, async (t) => {
+  await publishKeyed("run_progress", { n: 7 }, ["snap:d"], "run:js-5");
+  const client = makeClient(t, WS_URL, { topics: ["snap:none"] });
+  await connected(client);
+  const progress = inbox(client, "run_progress");
+  assert.deepEqual(await client.subscribe("snap:d"), ["snap:d", "snap:none"]);
+  assert.deepEqual(client.lastSnapshot, { messages: 1, omitted: 0, since: null, reason: null });
+  await progress.until(1);
+  assert.deepEqual(progress.messages[0].data, { n: 7 });
+
+  const plain = makeClient(t, WS_URL, { topics: ["snap:d"], snapshot: false });
+  const plainProgress = inbox(plain, "run_progress");
+  await connected(plain);
+  await client.unsubscribe("snap:none");
+  await plain.subscribe("snap:none");
+  await publishKeyed("run_progress", { n: 8 }, ["snap:d"], "run:js-5");
+  await plainProgress.until(1);
+  assert.deepEqual(
+    plainProgress.messages.map((message) => message.data.n),
+    [8],
+  );
+  assert.equal(plain.lastSnapshot, null);
 });
 
 test("JSON pings keep a quiet connection alive", HUB, async (t) => {
@@ -432,7 +553,7 @@ test("a JSON ping from the server is answered; other frames are ignored", async 
   assert.equal(client.invalidFrames, 3);
   await within(got, "the pong");
   assert.deepEqual(fromClient, [{ type: "pong" }]);
-  assert.equal(hub.connections[0], "/api/ws?topics=a%2Cb");
+  assert.equal(hub.connections[0], "/api/ws?topics=a%2Cb&snapshot=1");
 });
 
 test("a connection that goes silent is dropped and reconnected", async (t) => {
@@ -456,7 +577,7 @@ test("a connection that goes silent is dropped and reconnected", async (t) => {
   await nextStatus(client, "open");
   assert.notEqual(client.clientId, firstId);
   assert.equal(hub.connections.length, 2);
-  assert.deepEqual(hub.connections, ["/api/ws?topics=x", "/api/ws?topics=x"]);
+  assert.deepEqual(hub.connections, ["/api/ws?topics=x&snapshot=1", "/api/ws?topics=x&snapshot=1"]);
   // The second silent connection counts as a failure too: no "stayed open" reset (5 s).
   const again = await nextStatus(client, "reconnecting");
   assert.equal(again.detail.attempt, 2);
@@ -565,6 +686,7 @@ test("options are checked", () => {
   assert.throws(() => new WshubClient("ws://x/", { WebSocket, topics: [""] }), TypeError);
   assert.throws(() => new WshubClient("ws://x/", { WebSocket, token: "" }), /non-empty string/);
   assert.throws(() => new WshubClient("ws://x/", { WebSocket, token: 7 }), /token must be/);
+  assert.throws(() => new WshubClient("ws://x/", { WebSocket, snapshot: 1 }), /snapshot must be/);
   const client = new WshubClient("http://x:1/api/ws?token=t", { WebSocket });
   assert.equal(client.url, "ws://x:1/api/ws?token=t");
   assert.equal(client.status, "closed");

@@ -158,6 +158,7 @@ function getRun(data) {
     runs.set(runId, run);
     runsList.prepend(run.row);
     applyFilterTo(run.row);
+    updateRunCount();
   }
   return run;
 }
@@ -438,6 +439,8 @@ alertsButton.addEventListener("click", async () => {
 });
 
 function raiseAlert(title, body, tag) {
+  // The hub's state, shown as the page opens (or after a gap), is not news: no alert.
+  if (client.snapshotRemaining > 0) return;
   unseenAlerts += 1;
   document.title = `(${unseenAlerts}) ${pageTitle}`;
   if (alertsWanted && canNotify()) {
@@ -609,7 +612,15 @@ const resumeNotice = $("resume-notice");
 const resumeText = $("resume-notice-text").textContent;
 
 function showResume(detail) {
-  if (detail && detail.recovered === false) {
+  const snapshot = detail?.snapshot;
+  if (snapshot && snapshot.since !== null) {
+    // The hub could not replay what was missed, and sent its current state instead.
+    $("resume-notice-text").textContent =
+      `Reconnected, but the hub could not replay the events missed while disconnected ` +
+      `(${snapshot.reason}): the runs and recent events shown are its current state, and ` +
+      `events in between may be missing.`;
+    resumeNotice.hidden = false;
+  } else if (detail && detail.recovered === false) {
     $("resume-notice-text").textContent = resumeText;
     resumeNotice.hidden = false;
   }
@@ -785,18 +796,36 @@ client.onStatus((status, detail) => {
     explainFailure();
   }
 });
+// A snapshot (when the page opens, follows another test, or comes back after a gap) may hold
+// messages the page already shows: each published message is handled once, by its id.
+const handledIds = new Set();
+const MAX_HANDLED_IDS = 5000;
+
+function once(handler) {
+  return (data, message) => {
+    if (typeof message.id === "string") {
+      if (handledIds.has(message.id)) return;
+      handledIds.add(message.id);
+      if (handledIds.size > MAX_HANDLED_IDS) handledIds.delete(handledIds.values().next().value);
+    }
+    handler(data, message);
+  };
+}
+
 client.on("error", showForbidden);
 client.on("token_expired", showExpiry);
-client.on("*", () => arrivals.push(performance.now()));
+client.on("*", () => {
+  if (client.snapshotRemaining === 0) arrivals.push(performance.now()); // the rate of live events
+});
 client.on("gap", showGap);
-client.on("run_started", onRunStarted);
-client.on("run_progress", onRunProgress);
-client.on("run_complete", onRunComplete);
-client.on("run_failed", onRunFailed);
-client.on("regression_detected", onRegression);
-client.on("new_run", onNewRun);
-client.on("baseline_updated", onBaselineUpdated);
-client.on("analysis_complete", onAnalysisComplete);
+client.on("run_started", once(onRunStarted));
+client.on("run_progress", once(onRunProgress));
+client.on("run_complete", once(onRunComplete));
+client.on("run_failed", once(onRunFailed));
+client.on("regression_detected", once(onRegression));
+client.on("new_run", once(onNewRun));
+client.on("baseline_updated", once(onBaselineUpdated));
+client.on("analysis_complete", once(onAnalysisComplete));
 
 filterForm.addEventListener("submit", (event) => {
   event.preventDefault();

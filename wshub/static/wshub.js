@@ -3,8 +3,10 @@
  *
  * It connects, keeps the connection alive with JSON pings, notices a dead connection,
  * reconnects with exponential backoff and jitter, resubscribes atomically on every
- * (re)connect (the topics travel in the URL), resumes after the last message it received
- * (`?since=<lastId>`, so the hub replays what was missed), and dispatches each message by type.
+ * (re)connect (the topics travel in the URL), asks for the hub's current state on its first
+ * connect (`?snapshot=1`: the latest of every key and the recent events), resumes after the
+ * last message it received (`?since=<lastId>`, so the hub replays what was missed, or shows
+ * its state again when it cannot), and dispatches each message by type.
  * The wire protocol is docs/protocol.md; this module is documented in docs/client.md.
  *
  *     import { WshubClient } from "./wshub.js";
@@ -60,6 +62,11 @@ const DEAD_CODE = 4000;
  *   0 disables the check. Keep it above `pingInterval` plus a round trip.
  * @property {boolean} [reconnect=true] Reconnect after a connection ends for any reason other
  *   than `close()`. With false, the first end of a connection sets the status to "closed".
+ * @property {boolean} [snapshot=true] Ask the hub for its current state: on every (re)connect
+ *   (`?snapshot=1`: the first connect gets the state; a reconnect resumes with `since`, and
+ *   gets the state only when the hub cannot replay what it missed) and with every subscribe
+ *   (the state of the topics it adds). The messages of a snapshot arrive right after the
+ *   answer, before live ones, like any other message; see {@link WshubSnapshot}.
  * @property {string | (() => string | Promise<string>)} [token] A subscriber token for a hub
  *   that requires one, sent as `?token=` (browsers cannot set headers on a WebSocket). A
  *   function (sync or async) is called for every connect and reconnect, and again when the
@@ -95,8 +102,20 @@ const DEAD_CODE = 4000;
  * @param {object} [detail] "reconnecting": `{attempt, delay, code, reason}` (the attempt
  *   number from 1, the delay in ms before it starts, and why the last connection ended);
  *   "closed": `{code, reason}`; "open": `{recovered, reason}` when the connection resumed
- *   after `lastId` (see {@link WshubResume}), else none; none for "connecting".
+ *   after `lastId` (see {@link WshubResume}), and `{snapshot}` (a {@link WshubSnapshot}) when
+ *   the hub sent its state; none for "connecting".
  * @returns {void}
+ */
+
+/**
+ * @typedef {object} WshubSnapshot The hub's state, sent in place of (or before) live messages.
+ * @property {number} messages How many of the messages after the answer are the state: the
+ *   latest message of every key still current and the recent events, oldest first.
+ * @property {number} omitted Older ones the hub left out to fit the client's buffer.
+ * @property {string | null} since The `lastId` of a resume that could not be recovered: the
+ *   state replaces what was missed after it, so events in between may be lost. null for a
+ *   first connect or a subscribe.
+ * @property {string | null} reason Why the resume was not recovered; null when none failed.
  */
 
 /**
@@ -160,6 +179,10 @@ export class WshubClient {
     this._pingInterval = number(options, "pingInterval", 25000, 0);
     this._deadAfter = number(options, "deadAfter", 60000, 0);
     this._reconnect = options.reconnect ?? true;
+    this._snapshot = options.snapshot ?? true;
+    if (typeof this._snapshot !== "boolean") {
+      throw new TypeError("wshub: snapshot must be true or false");
+    }
     this._token = options.token ?? null;
     if (typeof this._token === "string") checkToken(this._token);
     else if (this._token !== null && typeof this._token !== "function") {
@@ -217,6 +240,16 @@ export class WshubClient {
      * @type {{missed: number | null, after: string} | null}
      */
     this.lastGap = null;
+    /**
+     * The last snapshot of the hub's state this client was sent; null until one arrives.
+     * @type {WshubSnapshot | null}
+     */
+    this.lastSnapshot = null;
+    /**
+     * How many of the messages still to come are the state of the last snapshot: more than
+     * 0 while a handler runs for one of them (it counts the message being handled).
+     */
+    this.snapshotRemaining = 0;
     /** How many frames were ignored because they were not a JSON object with a `type`. */
     this.invalidFrames = 0;
   }
@@ -443,6 +476,8 @@ export class WshubClient {
     this._since = this.lastId;
     if (this._since !== null) url.searchParams.set("since", this._since);
     else url.searchParams.delete("since");
+    if (this._snapshot) url.searchParams.set("snapshot", "1");
+    else url.searchParams.delete("snapshot");
     return url.href;
   }
 
@@ -559,7 +594,15 @@ export class WshubClient {
       this.invalidFrames += 1;
       return;
     }
-    if (typeof message.id === "string") this.lastId = message.id;
+    if (typeof message.id === "string") {
+      this.lastId = message.id;
+      // Counted down after the handlers ran, so they can tell a snapshot's message.
+      if (this.snapshotRemaining > 0) {
+        this._dispatch(message);
+        this.snapshotRemaining -= 1;
+        return;
+      }
+    }
     switch (message.type) {
       case "ping":
         this._send({ type: "pong" });
@@ -597,6 +640,7 @@ export class WshubClient {
     this.clientId = data.client_id ?? message.client_id ?? null;
     this._serverTopics = new Set(Array.isArray(data.topics) ? data.topics : []);
     this._greetedAt = now();
+    this.snapshotRemaining = 0; // what a dropped connection still owed is not coming
     let detail;
     if (this._since !== null && typeof data.recovered === "boolean") {
       this.lastResume = {
@@ -606,6 +650,8 @@ export class WshubClient {
       };
       detail = { recovered: this.lastResume.recovered, reason: this.lastResume.reason };
     }
+    const snapshot = this._snapshotOf(data, this._since, this.lastResume?.reason ?? null);
+    if (snapshot !== null) detail = { ...detail, snapshot };
     // Topics the URL could not carry, or changed since it was built: one message each way.
     const remove = [...this._serverTopics].filter((topic) => !this._topics.has(topic));
     const add = [...this._topics].filter((topic) => !this._serverTopics.has(topic));
@@ -619,14 +665,37 @@ export class WshubClient {
         this._pending.push(add.length > 0 ? [] : waiting);
       }
       if (add.length > 0) {
-        this._send({ type: "subscribe", data: { topics: add } });
+        this._send({ type: "subscribe", data: this._subscription(add) });
         this._pending.push(waiting);
       }
     }
     this._setStatus("open", detail);
   }
 
+  /**
+   * The snapshot an answer announces (its messages follow it), or null when it has none.
+   * @returns {WshubSnapshot | null}
+   */
+  _snapshotOf(data, since, reason) {
+    if (data.snapshot !== true) return null;
+    const count = (value) => (Number.isInteger(value) && value > 0 ? value : 0);
+    this.lastSnapshot = {
+      messages: count(data.snapshot_messages),
+      omitted: count(data.snapshot_omitted),
+      since,
+      reason,
+    };
+    this.snapshotRemaining = this.lastSnapshot.messages;
+    return this.lastSnapshot;
+  }
+
+  /** The `data` of a subscribe for `topics`, asking for their state when configured to. */
+  _subscription(topics) {
+    return this._snapshot ? { topics, snapshot: true } : { topics };
+  }
+
   _answered(message) {
+    if (message.type === "subscribed") this._snapshotOf(message.data ?? {}, null, null);
     const topics = Array.isArray(message.data?.topics) ? message.data.topics : [];
     this._serverTopics = new Set(topics);
     const waiters = this._pending.shift() ?? [];
@@ -708,7 +777,8 @@ export class WshubClient {
     if (!this._active) return Promise.resolve(this.topics);
     return new Promise((resolve, reject) => {
       const waiter = { resolve, reject };
-      if (this._status === "open" && this._send({ type, data: { topics } })) {
+      const data = type === "subscribe" ? this._subscription(topics) : { topics };
+      if (this._status === "open" && this._send({ type, data })) {
         this._pending.push([waiter]);
       } else {
         this._waiting.push(waiter); // the next greeting answers it
