@@ -281,3 +281,34 @@ async def test_a_reader_counts_published_messages_but_never_the_greeting() -> No
             while not reader.closed:
                 await asyncio.sleep(0.01)
     assert tally.received == 2
+
+
+def test_the_dashboard_workload_measures_every_policy_and_proves_the_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "dashboard.json"
+    arguments = ["--workload", "dashboard", "--clients", "40", "--slow", "0.25"]
+    arguments += ["--duration", "1.2", "--tick", "0.1", "--event-every", "2"]
+    arguments += ["--slow-rate", "400", "--workers", "2", "--sources", "2"]
+    assert main([*arguments, "--json", str(report)]) == 0
+    document = json.loads(report.read_text())
+    rounds = {row["policy"]: row for row in document["rounds"]}
+    assert set(rounds) == {"conflate", "disconnect", "drop_oldest"}
+    for row in rounds.values():
+        assert row["connected"] == 40 and row["slow_clients"] == 10, row
+        # 12 ticks of 10 runs, and a regression every other tick.
+        assert (row["messages_published"], row["events_published"]) == (126, 6), row
+        assert row["fast_clients_with_every_event"] == "30/30", row
+        assert row["fast_latency_p99_ms"] >= row["fast_latency_p50_ms"] > 0, row
+        assert row["slow_staleness_p99_s"] >= row["slow_staleness_p50_s"] >= 0, row
+        assert row["hub_rss_peak_mib"] > 0 and not row["timed_out"], row
+    # Slow readers that keep up get every event whatever the policy.
+    assert {row["slow_clients_with_every_event"] for row in rounds.values()} == {"10/10"}
+    output = capsys.readouterr().out
+    assert "dashboard: 40 clients, 25% slow" in output
+    assert re.search(r"^\s*conflate\s", output, re.MULTILINE), output
+
+
+def test_the_dashboard_workload_runs_alone() -> None:
+    with pytest.raises(SystemExit):
+        main(["--workload", "dashboard,burst"])

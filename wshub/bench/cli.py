@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
+import json
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -12,6 +14,14 @@ from pathlib import Path
 
 from wshub.config import REDIS_URL_SCHEMES
 
+from .dashboard import (
+    POLICIES,
+    SAMPLE_EVERY,
+    DashboardPlan,
+    DashboardRound,
+    dashboard_table,
+    run_dashboard,
+)
 from .redis_server import RedisUnavailable, find_redis_server
 from .report import summarize, table, warnings, write_json, write_plot
 from .runner import Plan, Runner
@@ -86,9 +96,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workload",
-        type=_csv(str, ("burst", "stream")),
+        type=_csv(str, ("burst", "stream", "dashboard")),
         default=("burst", "stream"),
-        help="burst: K messages per loop iteration; stream: one per iteration (default: both)",
+        help=(
+            "burst: K messages per loop iteration; stream: one per iteration (default: both); "
+            "dashboard (alone): keyed progress and events to dashboards, some slow, under "
+            "each slow-client policy"
+        ),
+    )
+    dashboard = parser.add_argument_group("the dashboard workload")
+    dashboard.add_argument(
+        "--policies",
+        type=_csv(str, POLICIES),
+        default=POLICIES,
+        help=f"slow-client policies, a round each ({','.join(POLICIES)})",
+    )
+    dashboard.add_argument(
+        "--runs", type=int, default=10, help="runs publishing progress, one per tick each (10)"
+    )
+    dashboard.add_argument(
+        "--tick", type=float, default=0.2, help="seconds between two progress ticks (0.2)"
+    )
+    dashboard.add_argument(
+        "--event-every", type=int, default=5, help="ticks between two regressions (5)"
+    )
+    dashboard.add_argument(
+        "--slow-rate",
+        type=float,
+        default=20.0,
+        help="frames per second a slow dashboard takes and decodes (20)",
     )
     parser.add_argument("--burst", type=int, default=100, help="K, messages per burst (100)")
     parser.add_argument(
@@ -120,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         help="0: every message to every client; T: client i follows topic i %% T",
     )
     parser.add_argument(
-        "--slow", type=float, default=0.0, help="fraction of clients that stop reading (0)"
+        "--slow",
+        type=float,
+        default=None,
+        help="fraction of clients that stop reading (0); with dashboard, that read slowly (0.1)",
     )
     parser.add_argument("--repetitions", type=int, default=None, help="rounds per variant (3)")
     parser.add_argument("--workers", type=int, default=2, help="client processes (2)")
@@ -146,6 +185,10 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     """Read the command line into a :class:`Plan`; exits with a message on bad values."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if "dashboard" in args.workload and len(args.workload) > 1:
+        parser.error("--workload dashboard runs alone")
+    if args.slow is None:
+        args.slow = 0.1 if "dashboard" in args.workload else 0.0
     clients = args.clients or ((200,) if args.quick else (100, 1000))
     repetitions = args.repetitions or (1 if args.quick else 3)
     if args.deliveries is not None and args.deliveries < 1:
@@ -190,6 +233,69 @@ def parse_plan(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         redis_url=args.redis_url,
     )
     return plan, args
+
+
+def dashboard_plans(plan: Plan, args: argparse.Namespace) -> list[DashboardPlan]:
+    """The dashboard workload's plans, one per client count; exits on bad values."""
+    if args.runs < 1 or args.event_every < 1 or args.tick <= 0 or args.slow_rate <= 0:
+        _parser().error("--runs, --event-every, --tick and --slow-rate must be positive")
+    return [
+        DashboardPlan(
+            clients=clients,
+            slow=plan.slow,
+            policies=tuple(args.policies),
+            runs=args.runs,
+            tick=args.tick,
+            event_every=args.event_every,
+            duration=plan.duration,
+            slow_rate=args.slow_rate,
+            workers=plan.workers,
+            sources=plan.sources,
+            host=plan.host,
+            loop=plan.loop,
+            timeout=plan.timeout,
+        )
+        for clients in plan.clients
+    ]
+
+
+async def _run_dashboards(plans: list[DashboardPlan]) -> list[DashboardRound]:
+    rounds = []
+    for plan in plans:
+        rounds.extend(await run_dashboard(plan, _progress))
+    return rounds
+
+
+def _dashboard_main(plan: Plan, args: argparse.Namespace) -> int:
+    plans = dashboard_plans(plan, args)
+    import uvloop
+
+    rounds = uvloop.run(_run_dashboards(plans))
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    for clients in plan.clients:
+        print(f"dashboard: {clients:,} clients, {plan.slow:.0%} slow")
+        print(dashboard_table([r for r in rounds if r.clients == clients]))
+    first = plans[0]
+    print(
+        f"\n{first.runs} runs publish keyed run_progress every {first.tick:g} s and a "
+        f"regression_detected (no key) every {first.event_every} ticks, for "
+        f"{first.duration:g} s, to every client. Slow clients take {first.slow_rate:g} "
+        f"frames/s. fast p50/p99: publish to receipt of the oldest frame in each chunk; "
+        "slow stale: age of the newest progress a slow client holds, sampled every "
+        f"{SAMPLE_EVERY:g} s while the runs publish; every event: clients that received every "
+        "regression_detected, each once; slow cut off: slow clients whose connection the hub "
+        "ended before the last message; 4008s, conflated, dropped: the hub's counts; RSS "
+        "peak: the hub process during the round."
+    )
+    if args.json:
+        document = {
+            "plans": [dataclasses.asdict(p) for p in plans],
+            "rounds": [r.summary() for r in rounds],
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -237,6 +343,8 @@ async def _run(plan: Plan) -> list:  # type: ignore[type-arg]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     plan, args = parse_plan(argv)
+    if "dashboard" in plan.workloads:
+        return _dashboard_main(plan, args)
     try:
         if plan.loop == "uvloop":
             import uvloop
