@@ -190,9 +190,22 @@ class State:
     def _put(self, entry: Retained) -> None:
         key = entry.key
         assert key is not None
-        if key in self._keys:
+        keys = self._keys
+        held = keys.get(key)
+        if held is not None and held.topics == entry.topics:
+            # The common case (a run's next progress, to the same topics): replace in place.
+            keys[key] = entry
+            keys.move_to_end(key)
+            if entry.topics is None:
+                self._to_everyone[key] = entry
+            else:
+                by_topic = self._by_topic
+                for topic in entry.topics:
+                    by_topic[topic][key] = entry
+            return
+        if held is not None:
             self._drop(key)
-        self._keys[key] = entry
+        keys[key] = entry
         if entry.topics is None:
             self._to_everyone[key] = entry
             return
