@@ -54,6 +54,7 @@ __all__ = [
     "RECONNECT_DELAY",
     "RedisBackplane",
     "redact_url",
+    "state_keys",
 ]
 
 #: Most entries one ``XREAD`` or one pipelined batch of ``XADD`` carries.
@@ -124,6 +125,12 @@ class _Outgoing:
     idempotency_key: str | None
     key: str | None
     future: asyncio.Future[Added]
+
+
+def state_keys(stream: str) -> tuple[str, str, str]:
+    """The keys beside ``stream`` that retain the state for snapshots: the hash of each key's
+    latest entry, the sorted set of when each was published, the stream of recent events."""
+    return f"{stream}:state", f"{stream}:state:published", f"{stream}:events"
 
 
 def redact_url(url: str) -> str:
@@ -223,7 +230,7 @@ class RedisBackplane:
         self.max_length = max(history_size, MIN_STREAM_LENGTH)
         self.idempotency_window = idempotency_window
         self.retention = retention if retention is not None else Retention.of()
-        self._state_keys = (f"{stream}:state", f"{stream}:state:published", f"{stream}:events")
+        self._state_keys = state_keys(stream)
         self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
         self._redis: Redis | None = None  # the reader's
         self._commands: Redis | None = None  # publishes, history queries and the probe

@@ -211,10 +211,10 @@ class State:
             return
         by_topic = self._by_topic
         for topic in entry.topics:
-            keys = by_topic.get(topic)
-            if keys is None:
-                keys = by_topic[topic] = {}
-            keys[key] = entry
+            of_topic = by_topic.get(topic)
+            if of_topic is None:
+                of_topic = by_topic[topic] = {}
+            of_topic[key] = entry
 
     def _drop(self, key: str) -> None:
         entry = self._keys.pop(key)

@@ -88,31 +88,18 @@ class Tally:
             on_done()
 
 
-class Reader(asyncio.Protocol):
-    """One lean WebSocket client connection that counts the frames it receives."""
+class HandshakeReader(asyncio.Protocol):
+    """A lean WebSocket client connection: it sends its opening handshake, reads the answer
+    (``opened`` gets whether it was accepted), then hands what follows, whole or partial
+    frames in ``buffer``, to :meth:`frames_arrived`."""
 
-    __slots__ = (
-        "buffer",
-        "closed",
-        "greeting",
-        "handshake",
-        "node",
-        "opened",
-        "request",
-        "tally",
-        "transport",
-    )
+    __slots__ = ("buffer", "closed", "handshake", "opened", "request", "transport")
 
-    def __init__(
-        self, request: bytes, tally: Tally, opened: asyncio.Future[bool], node: int = 0
-    ) -> None:
+    def __init__(self, request: bytes, opened: asyncio.Future[bool]) -> None:
         self.request = request
-        self.tally = tally
         self.opened = opened
-        self.node = node
         self.buffer = bytearray()
         self.handshake = True
-        self.greeting = True  # the first text frame may be a greeting
         self.closed = False
         self.transport: Any = None
 
@@ -140,9 +127,56 @@ class Reader(asyncio.Protocol):
             if not accepted:
                 self.transport.close()
                 return
-        self.read_frames()
+        self.frames_arrived()
 
-    def read_frames(self) -> None:
+    def frames_arrived(self) -> None:
+        """Bytes after the handshake arrived in ``buffer``."""
+        raise NotImplementedError
+
+    def pong(self, payload: bytes) -> None:
+        # Client frames are masked (RFC 6455 5.3); a zero mask leaves the payload as it is.
+        self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+
+
+def frame_at(buffer: bytearray, position: int) -> tuple[int, int, int] | None:
+    """The frame at ``position`` of ``buffer``: its opcode and where its payload starts and
+    ends; None when it has not arrived whole. (:class:`Reader` walks frames inline, as this
+    does, since a call per frame would weigh on what it measures.)"""
+    size = len(buffer)
+    if size - position < 2:
+        return None
+    length = buffer[position + 1] & 0x7F
+    header = 2
+    if length == 126:
+        if size - position < 4:
+            return None
+        length = (buffer[position + 2] << 8) | buffer[position + 3]
+        header = 4
+    elif length == 127:
+        if size - position < 10:
+            return None
+        length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+        header = 10
+    start = position + header
+    if start + length > size:
+        return None
+    return buffer[position] & 0x0F, start, start + length
+
+
+class Reader(HandshakeReader):
+    """One lean WebSocket client connection that counts the frames it receives."""
+
+    __slots__ = ("greeting", "node", "tally")
+
+    def __init__(
+        self, request: bytes, tally: Tally, opened: asyncio.Future[bool], node: int = 0
+    ) -> None:
+        super().__init__(request, opened)
+        self.tally = tally
+        self.node = node
+        self.greeting = True  # the first text frame may be a greeting
+
+    def frames_arrived(self) -> None:
         buffer = self.buffer
         tally = self.tally
         if tally.armed:
@@ -206,10 +240,6 @@ class Reader(asyncio.Protocol):
         except ValueError:
             return
         self.tally.latencies[self.node].append((time.time() - sent_at) * 1000.0)
-
-    def pong(self, payload: bytes) -> None:
-        # Client frames are masked (RFC 6455 5.3); a zero mask leaves the payload as it is.
-        self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
 
 
 def handshake_request(host: str, port: int, path: str) -> bytes:

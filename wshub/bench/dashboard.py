@@ -49,6 +49,8 @@ from .client import (
     OPCODE_CLOSE,
     OPCODE_PING,
     OPCODE_TEXT,
+    HandshakeReader,
+    frame_at,
     handshake_request,
     raise_open_files_limit,
 )
@@ -256,22 +258,17 @@ def host_main(pipe: Connection, policy: str, plan: DashboardPlan) -> None:
 # The clients' side: worker processes of readers.
 
 
-class DashboardReader(asyncio.Protocol):
+class DashboardReader(HandshakeReader):
     """One dashboard: fast (counts, samples latency) or slow (decodes every frame it takes,
-    at most ``slow_rate`` a second)."""
+    at most ``rate`` a second)."""
 
     def __init__(
         self, request: bytes, slow: bool, rate: float, opened: asyncio.Future[bool]
     ) -> None:
-        self.request = request
+        super().__init__(request, opened)
         self.slow = slow
         self.rate = rate
-        self.opened = opened
-        self.buffer = bytearray()
-        self.handshake = True
-        self.transport: Any = None
         self.paused = False
-        self.closed = False
         self.ended = False
         self.events: set[int] = set()
         self.repeated = 0
@@ -279,37 +276,14 @@ class DashboardReader(asyncio.Protocol):
         self.latencies: list[float] = []
         self.allowance = 0.0  # frames a slow reader may still take this step
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.write(self.request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if not self.opened.done():
-            self.opened.set_result(False)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        if self.handshake:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            accepted = buffer.startswith(b"HTTP/1.1 101")
-            del buffer[: end + 4]
-            self.handshake = False
-            if not self.opened.done():
-                self.opened.set_result(accepted)
-            if not accepted:
-                self.transport.close()
-                return
+    def frames_arrived(self) -> None:
         if self.slow:
-            if len(buffer) >= SLOW_READ_AHEAD and not self.paused:
+            if len(self.buffer) >= SLOW_READ_AHEAD and not self.paused:
                 self.paused = True
                 self.transport.pause_reading()
             return
         self._sample_latency()
-        self.take(len(buffer))
+        self.take(len(self.buffer))
 
     def _sample_latency(self) -> None:
         # The first frame of a chunk is the one that waited longest.
@@ -340,34 +314,16 @@ class DashboardReader(asyncio.Protocol):
     def take(self, limit: int, *, decode: bool = False) -> int:
         """Take at most ``limit`` whole frames off the buffer; how many were taken."""
         buffer = self.buffer
-        size = len(buffer)
         position = 0
         taken = 0
-        while taken < limit and size - position >= 2:
-            opcode = buffer[position] & 0x0F
-            length = buffer[position + 1] & 0x7F
-            header = 2
-            if length == 126:
-                if size - position < 4:
-                    break
-                length = (buffer[position + 2] << 8) | buffer[position + 3]
-                header = 4
-            elif length == 127:
-                if size - position < 10:
-                    break
-                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
-                header = 10
-            start = position + header
-            end = start + length
-            if end > size:
-                break
+        while taken < limit and (frame := frame_at(buffer, position)) is not None:
+            opcode, start, end = frame
             if opcode == OPCODE_TEXT:
                 taken += 1
                 if decode or buffer.startswith(EVENT, start) or buffer.startswith(END, start):
                     self._decoded(orjson.loads(buffer[start:end]))
             elif opcode == OPCODE_PING:
-                payload = bytes(buffer[start:end])
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+                self.pong(bytes(buffer[start:end]))
             elif opcode == OPCODE_CLOSE:
                 self.transport.close()
             position = end

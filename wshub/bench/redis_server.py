@@ -400,13 +400,16 @@ async def check_redis(url: str) -> None:
 
 
 async def delete_stream(url: str, stream: str) -> None:
-    """Remove a round's stream, so that a shared Redis keeps nothing of the benchmark."""
+    """Remove a round's stream and the state kept beside it, so that a shared Redis keeps
+    nothing of the benchmark."""
     from redis.asyncio import Redis
+
+    from wshub.redis_backplane import state_keys
 
     client = Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
         with contextlib.suppress(Exception):
-            await client.delete(stream)
+            await client.delete(stream, *state_keys(stream))
     finally:
         await client.aclose()
 
