@@ -292,7 +292,12 @@ async def test_topics_show_subscribers_and_watchers(api: ApiFactory) -> None:
         assert reply.body == {"topic": "run:2", "subscribers": 0, "watchers": 1}
         reply = await running.get("/api/topics?topic=" + "x" * 257)
         assert (reply.status, reply.body["error"]["field"]) == (400, "topic")
+        running.hub.broadcast_to_all("state", 1, key="run:1")
+        running.hub.broadcast_to_all("state", 2, key="run:1")
+        running.hub.broadcast_to_all("event", 3)
         samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_retained_keys", ())] == 1
+        assert samples[("wshub_retained_events", ())] == 1
         assert samples[("wshub_topics", ())] == 3
         assert samples[("wshub_topic_subscribers", (("topic", "run:1"),))] == 3
         assert samples[("wshub_topic_subscribers", (("topic", "test:a"),))] == 1

@@ -33,6 +33,13 @@ def test_defaults_are_the_seed_defaults() -> None:
     assert config.flush_interval == 0.0
     assert (config.history_size, config.history_ttl) == (1000, 300.0)
     assert HubConfig(history_size=0, history_ttl=0).history_size == 0  # 0 disables
+    assert (
+        config.snapshot_window,
+        config.snapshot_window_ttl,
+        config.snapshot_key_ttl,
+        config.snapshot_max_keys,
+    ) == (100, 3600.0, 3600.0, 10_000)
+    assert HubConfig(snapshot_window=0, snapshot_key_ttl=0).snapshot_window == 0  # 0: none
 
 
 BAD_VALUES: list[tuple[str, Any]] = [
@@ -66,6 +73,14 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("history_ttl", -1),
     ("history_ttl", float("nan")),
     ("history_ttl", "300"),
+    ("snapshot_window", -1),
+    ("snapshot_window", 1.5),
+    ("snapshot_window_ttl", -1),
+    ("snapshot_window_ttl", float("inf")),
+    ("snapshot_key_ttl", -0.5),
+    ("snapshot_key_ttl", "3600"),
+    ("snapshot_max_keys", 0),
+    ("snapshot_max_keys", True),
     ("open_timeout", 0),
     ("max_pending_handshakes", 0),
     ("max_publish_size", 0),

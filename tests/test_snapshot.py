@@ -214,6 +214,7 @@ async def test_the_retention_settings_bound_what_a_snapshot_holds(hub_server: An
         for n in range(4):
             hub.broadcast_to_subscribers("event", n, "a")
             hub.broadcast_to_subscribers("progress", n, "a", key=f"run:{n}")
+        assert (hub.stats()["retained_keys"], hub.stats()["retained_events"]) == (2, 2)
         async with client(served.url + "?topics=a&snapshot=1") as (ws, hello):
             # Two events and two keys retained; three fit the client's buffer.
             assert hello["data"]["snapshot_messages"] == 3

@@ -418,7 +418,9 @@ class Hub(RunnerNotifications):
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: clients, messages and bytes, drops and errors, handshakes
-        refused by reason, and the backplane's (None when the hub runs alone)."""
+        refused by reason, what is retained for snapshots now (``retained_keys``,
+        ``retained_events``; expired ones until a snapshot drops them), and the backplane's
+        (None when the hub runs alone)."""
         fanout = self._fanout
         clients = self._clients
         backplane = self._backplane.stats() if self._backplane is not None else None
@@ -436,6 +438,8 @@ class Hub(RunnerNotifications):
             "rate_limited": clients.rate_limited if clients is not None else 0,
             "rejected_connections": self._rejected,
             "refused_handshakes": dict(self._auth.refused),
+            "retained_keys": self._retained.keys,
+            "retained_events": self._retained.events,
             "publish_failures": backplane["publish_failures"] if backplane is not None else 0,
             "backplane": backplane,
         }

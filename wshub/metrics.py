@@ -138,9 +138,20 @@ class HubCollector(Collector):
             info.add_metric([], {"version": __version__, "implementation": hub.implementation})
             clients.add_metric([], stats["clients"])
             running.add_metric([], 1 if hub.running else 0)
+        retained_keys = GaugeMetricFamily(
+            "wshub_retained_keys", "Keys whose latest message is retained for snapshots."
+        )
+        retained_events = GaugeMetricFamily(
+            "wshub_retained_events", "Messages without a key retained for snapshots."
+        )
+        if stats is not None:
+            retained_keys.add_metric([], stats["retained_keys"])
+            retained_events.add_metric([], stats["retained_events"])
         yield info
         yield clients
         yield running
+        yield retained_keys
+        yield retained_events
         for key, name, documentation in _COUNTERS:
             counter = CounterMetricFamily(name, documentation)
             if stats is not None:

@@ -138,6 +138,11 @@ class State:
         """How many keys are retained."""
         return len(self._keys)
 
+    @property
+    def events(self) -> int:
+        """How many messages without a key are retained."""
+        return len(self._events)
+
     def record(
         self, message_id: str, topics: Sequence[str] | None, key: str | None, item: Any
     ) -> None:
