@@ -286,10 +286,11 @@ async def test_topics_show_subscribers_and_watchers(api: ApiFactory) -> None:
                 "*": {"subscribers": 1, "watchers": 1},
                 "run:1": {"subscribers": 3, "watchers": 3},  # the "*" client counted once
                 "test:a": {"subscribers": 1, "watchers": 2},
-            }
+            },
+            "hubs": 1,
         }
         reply = await running.get("/api/topics?topic=run:2")
-        assert reply.body == {"topic": "run:2", "subscribers": 0, "watchers": 1}
+        assert reply.body == {"topic": "run:2", "subscribers": 0, "watchers": 1, "hubs": 1}
         reply = await running.get("/api/topics?topic=" + "x" * 257)
         assert (reply.status, reply.body["error"]["field"]) == (400, "topic")
         running.hub.broadcast_to_all("state", 1, key="run:1")

@@ -242,6 +242,18 @@ async def test_the_state_survives_every_node_restarting(start_hubs: StartHubs) -
         assert live["type"] == "run_progress"
 
 
+async def test_a_runner_asking_one_node_counts_the_watchers_of_every_node(
+    start_hubs: StartHubs,
+) -> None:
+    first, second = await start_hubs(2)
+    publisher = Publisher(first.api)
+    async with clients([ws_url(first, "?topics=run:7"), ws_url(second, "?topics=run:7,*")]):
+        await eventually(lambda: publisher.watchers("run:7") == 2, "two watchers of run:7")
+        await eventually(lambda: publisher.watchers("run:8") == 1, "the * client watches run:8")
+    # Gone from both nodes; the second node's report says so within a second.
+    await eventually(lambda: publisher.watchers("run:7") == 0, "nobody watches run:7")
+
+
 async def until_count(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
     messages = [await recv_json(ws) for _ in range(count)]
     assert all("id" in message for message in messages), messages

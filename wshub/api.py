@@ -662,26 +662,23 @@ class _Api:
 
     async def topics(self, request: web.Request) -> web.Response:
         """``GET /api/topics``: subscribers and watchers of every topic held, or of one
-        (``?topic=``)."""
-        hub = self.hub
+        (``?topic=``), on every hub joined with this one."""
         topic = request.query.get("topic")
         if topic is not None:
             problem = topic_problem(topic)
             if problem is not None:
                 raise _bad("topic", problem)
-            subscribers = hub.topic_subscribers().get(topic, 0)
+        audience = await self.hub.audience()
+        if topic is not None:
             return _json_response(
-                {"topic": topic, "subscribers": subscribers, "watchers": hub.watchers(topic)}
-            )
-        counts = hub.topic_subscribers()
-        return _json_response(
-            {
-                "topics": {
-                    name: {"subscribers": count, "watchers": hub.watchers(name)}
-                    for name, count in sorted(counts.items())
+                {
+                    "topic": topic,
+                    "subscribers": audience.subscribers(topic),
+                    "watchers": audience.watchers(topic),
+                    "hubs": audience.hubs,
                 }
-            }
-        )
+            )
+        return _json_response({"topics": audience.by_topic(), "hubs": audience.hubs})
 
     async def stats(self, request: web.Request) -> web.Response:
         """``GET /api/stats``."""

@@ -183,6 +183,22 @@ class Backplane(Protocol):
         """
         ...
 
+    async def share_audience(self, node: str, report: bytes, ttl: float) -> None:
+        """Keep ``report`` (:mod:`wshub.audience`) as hub ``node``'s for ``ttl`` seconds.
+
+        Raises:
+            BackplaneUnavailable: The store cannot be asked.
+        """
+        ...
+
+    async def audiences(self) -> dict[str, bytes]:
+        """The reports every hub shared that are still current, by hub.
+
+        Raises:
+            BackplaneUnavailable: The store cannot be asked.
+        """
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: disconnects, failed publishes and the like."""
         ...
@@ -267,6 +283,7 @@ class MemoryStream:
         self.added = 0  # entries ever added; the next one is number ``added``
         self._readers: set[MemoryBackplane] = set()
         self.state = State(retention if retention is not None else Retention.of())
+        self._audiences: dict[str, tuple[bytes, float]] = {}  # by hub: report, until when
 
     @property
     def first_number(self) -> int:
@@ -312,6 +329,17 @@ class MemoryStream:
         for reader in self._readers:
             reader._wake()
         return Added(message_id)
+
+    def share_audience(self, node: str, report: bytes, ttl: float) -> None:
+        """Keep hub ``node``'s audience report for ``ttl`` seconds."""
+        self._audiences[node] = (report, self._clock() + ttl)
+
+    def audiences(self) -> dict[str, bytes]:
+        """The audience reports still current, by hub."""
+        now = self._clock()
+        for node in [node for node, (_, until) in self._audiences.items() if until <= now]:
+            del self._audiences[node]
+        return {node: report for node, (report, _) in self._audiences.items()}
 
     def entry(self, number: int) -> Entry:
         """The entry numbered ``number``, which must be held."""
@@ -435,6 +463,14 @@ class MemoryBackplane:
         """What the stream retains for snapshots, oldest first."""
         entries: list[Entry] = [retained.item for retained in self.stream.state.retained()]
         return entries
+
+    async def share_audience(self, node: str, report: bytes, ttl: float) -> None:
+        """Keep a hub's audience report on the stream for ``ttl`` seconds."""
+        self.stream.share_audience(node, report, ttl)
+
+    async def audiences(self) -> dict[str, bytes]:
+        """The hubs' audience reports still current."""
+        return self.stream.audiences()
 
     def _wake(self) -> None:
         # Delivered in a callback of its own, as entries read from Redis would be: a

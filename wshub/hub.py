@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import secrets
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from .audience import SHARE_EVERY, SHARED_FOR, Audience, total
 from .auth import AuthenticateHook, Authenticator, AuthUnavailable, TokenRefused
 from .backplane import Added, Backplane, BackplaneUnavailable, Entry
 from .clients import Clients, ClientSession
@@ -235,6 +237,7 @@ class Hub(RunnerNotifications):
             await self._backplane.start(self._deliver, self._missed)
             if not await self._restore_state():
                 self._spawn(self._keep_restoring())
+            self._spawn(self._share_audience())
         self.logger.debug("hub started with the %s fan-out core", self.implementation)
 
     async def stop(self) -> None:
@@ -400,6 +403,64 @@ class Hub(RunnerNotifications):
             return len(wildcard)
         direct = fanout.index.get(topic, {})
         return len(wildcard) + sum(1 for client in direct if client not in wildcard)
+
+    def local_audience(self) -> Audience:
+        """Who among this hub's clients watches what, by topic (see :mod:`wshub.audience`).
+
+        Costs the number of topics held plus the topics of the ``"*"`` clients, not every
+        subscription: a topic's watchers are its subscribers and the ``"*"`` clients, less
+        those that hold both.
+        """
+        fanout = self._fanout
+        index: dict[str, Any] = fanout.index if fanout is not None else {}
+        wildcard = index.get("*", {})
+        both: dict[str, int] = {}
+        for client in wildcard:
+            for topic in client.topics:
+                both[topic] = both.get(topic, 0) + 1
+        everyone = len(wildcard)
+        return Audience(
+            everyone,
+            {
+                topic: (len(held), everyone + len(held) - both.get(topic, 0))
+                for topic, held in index.items()
+                if topic != "*"
+            },
+        )
+
+    async def audience(self) -> Audience:
+        """Who watches what on every hub joined with this one (this hub alone: its own);
+        ``hubs`` says how many are counted. Each hub shares its own through the backplane
+        every :data:`~wshub.audience.SHARE_EVERY` seconds, so the others' counts may be that
+        old; while the backplane cannot be asked, this hub's alone."""
+        here = self.local_audience()
+        backplane = self._backplane
+        if backplane is None or self._state != "running":
+            return here
+        try:
+            reports = await backplane.audiences()
+        except BackplaneUnavailable:
+            return here
+        others = []
+        for node, report in reports.items():
+            if node == self._origin:
+                continue  # this hub's own, fresher than what it shared
+            try:
+                others.append(Audience.decode(report))
+            except (ValueError, KeyError, TypeError):
+                continue  # not written by a hub
+        return total([here, *others])
+
+    async def _share_audience(self) -> None:
+        """Tell the joined hubs who watches what here, every SHARE_EVERY seconds."""
+        backplane = self._backplane
+        assert backplane is not None
+        while self._state == "running":
+            with contextlib.suppress(BackplaneUnavailable):
+                await backplane.share_audience(
+                    self._origin, self.local_audience().encode(), SHARED_FOR
+                )
+            await asyncio.sleep(SHARE_EVERY)
 
     def topic_subscribers(self) -> dict[str, int]:
         """How many of this hub's clients hold each topic that some client holds (``"*"``

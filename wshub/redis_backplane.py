@@ -231,6 +231,8 @@ class RedisBackplane:
         self.idempotency_window = idempotency_window
         self.retention = retention if retention is not None else Retention.of()
         self._state_keys = state_keys(stream)
+        self._audience_key = f"{stream}:audience"  # the hubs that share theirs (a set)
+        self._node: str | None = None  # this hub, once it shared its audience
         self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
         self._redis: Redis | None = None  # the reader's
         self._commands: Redis | None = None  # publishes, history queries and the probe
@@ -323,6 +325,7 @@ class RedisBackplane:
 
     async def close(self) -> None:
         """Stop reading and writing, fail waiting publishes, close the connections."""
+        await self._withdraw_audience()
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -730,6 +733,55 @@ class RedisBackplane:
             following=[_decode_entry(entry_id, fields) for entry_id, fields in entries],
             history_size=self.history_size,
         )
+
+    async def share_audience(self, node: str, report: bytes, ttl: float) -> None:
+        """Keep this hub's audience in Redis for ``ttl`` seconds (Redis's clock, so hosts'
+        clocks need not agree), under a key of its own listed in a set."""
+        redis = self._commands
+        if redis is None or not self.ready:
+            raise BackplaneUnavailable(self._unavailable())
+        self._node = node
+        try:
+            pipe = redis.pipeline(transaction=False)
+            pipe.set(f"{self._audience_key}:{node}", report, px=max(1, int(ttl * 1000)))
+            pipe.sadd(self._audience_key, node)
+            await pipe.execute()
+        except Exception as exc:
+            self._lost(exc)
+            raise BackplaneUnavailable(self._unavailable()) from exc
+
+    async def audiences(self) -> dict[str, bytes]:
+        """Every hub's audience still in Redis; hubs whose report expired leave the set."""
+        redis = self._commands
+        if redis is None or not self.ready:
+            raise BackplaneUnavailable(self._unavailable())
+        try:
+            nodes = sorted(_id_text(node) for node in await redis.smembers(self._audience_key))
+            if not nodes:
+                return {}
+            reports = await redis.mget([f"{self._audience_key}:{node}" for node in nodes])
+            gone = [node for node, report in zip(nodes, reports, strict=True) if report is None]
+            if gone:
+                await redis.srem(self._audience_key, *gone)
+        except Exception as exc:
+            self._lost(exc)
+            raise BackplaneUnavailable(self._unavailable()) from exc
+        return {
+            node: report if isinstance(report, bytes) else str(report).encode()
+            for node, report in zip(nodes, reports, strict=True)
+            if report is not None
+        }
+
+    async def _withdraw_audience(self) -> None:
+        """A hub that stops takes its audience out at once rather than when it expires."""
+        redis = self._commands
+        if self._node is None or redis is None or not self.ready:
+            return
+        with contextlib.suppress(Exception):
+            pipe = redis.pipeline(transaction=False)
+            pipe.delete(f"{self._audience_key}:{self._node}")
+            pipe.srem(self._audience_key, self._node)
+            await pipe.execute()
 
     async def retained(self) -> list[Entry]:
         """What Redis retains for snapshots: each key's latest entry and the recent events."""
