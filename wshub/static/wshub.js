@@ -650,7 +650,8 @@ export class WshubClient {
       };
       detail = { recovered: this.lastResume.recovered, reason: this.lastResume.reason };
     }
-    const snapshot = this._snapshotOf(data, this._since, this.lastResume?.reason ?? null);
+    const reason = this._since !== null ? (this.lastResume?.reason ?? null) : null;
+    const snapshot = this._snapshotOf(data, this._since, reason);
     if (snapshot !== null) detail = { ...detail, snapshot };
     // Topics the URL could not carry, or changed since it was built: one message each way.
     const remove = [...this._serverTopics].filter((topic) => !this._topics.has(topic));
