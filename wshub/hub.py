@@ -824,16 +824,17 @@ class Hub(RunnerNotifications):
         # Later entries are still on their way to this hub: they are recorded as they
         # arrive, and a snapshot must not show what a client will then get live.
         delivered = parse_message_id(self._last_id())
+        ids = [(parse_message_id(entry.message_id), entry) for entry in entries]
         self._retained.merge(
             Retained(
-                parse_message_id(entry.message_id),
+                key,
                 entry.message_id,
                 entry.topics,
                 entry.key,
                 stored(entry.message_type, entry.data, entry.message_id, entry.key),
             )
-            for entry in entries
-            if parse_message_id(entry.message_id) <= delivered
+            for key, entry in ids
+            if key <= delivered
         )
         return True
 
