@@ -747,7 +747,8 @@ class RedisBackplane:
             pipe.sadd(self._audience_key, node)
             await pipe.execute()
         except Exception as exc:
-            self._lost(exc)
+            # Not an outage of its own: this runs every second, and an answer that a freeze
+            # held up may fail after Redis is back. The probe and the reader decide readiness.
             raise BackplaneUnavailable(self._unavailable()) from exc
 
     async def audiences(self) -> dict[str, bytes]:
