@@ -233,12 +233,14 @@ class RedisBackplane:
         self._state_keys = state_keys(stream)
         self._audience_key = f"{stream}:audience"  # the hubs that share theirs (a set)
         self._node: str | None = None  # this hub, once it shared its audience
+        self._shared: tuple[bytes, int] | None = None  # its latest report and ttl (ms)
         self.logger = logger if logger is not None else logging.getLogger("wshub.backplane")
         self._redis: Redis | None = None  # the reader's
         self._commands: Redis | None = None  # publishes, history queries and the probe
-        # Whether Redis holds _ADD in its script cache since the last outage (a restarted
-        # Redis forgets it): loaded when the reader connects, so that a publish is one
-        # EVALSHA, sent as it is even to a Redis that stopped answering.
+        # Whether Redis holds _ADD in its script cache: loaded whenever the reader connects,
+        # so that a publish is one EVALSHA, sent as it is even to a Redis that stopped
+        # answering (a frozen Redis runs it when it resumes). Only a restarted Redis forgets
+        # it: a NOSCRIPT answer (nothing was run) has the next batch load it first.
         self._script_loaded = False
         self._ready = False
         # Ready is both: the reader's last round trip worked, and so did the last probe.
@@ -405,6 +407,8 @@ class RedisBackplane:
                 )
 
     async def _add(self, batch: list[_Outgoing]) -> list[Added]:
+        from redis.exceptions import NoScriptError
+
         redis = self._commands
         assert redis is not None
         if not self._script_loaded:
@@ -436,7 +440,11 @@ class RedisBackplane:
                 _state_value(item) if item.key is not None and max_keys else b"",
                 *(part for pair in item.fields.items() for part in pair),
             )
-        results: list[Any] = await pipe.execute()
+        try:
+            results: list[Any] = await pipe.execute()
+        except NoScriptError:
+            self._script_loaded = False
+            raise
         return [
             Added(_id_text(result[0]), bool(result[1]))
             if isinstance(result, list)
@@ -644,7 +652,16 @@ class RedisBackplane:
         assert redis is not None
         while not self._closed:
             try:
-                await redis.ping()
+                shared, self._shared = self._shared, None
+                if shared is None or self._node is None:
+                    await redis.ping()
+                else:
+                    report, ttl_ms = shared
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.ping()
+                    pipe.set(f"{self._audience_key}:{self._node}", report, px=ttl_ms)
+                    pipe.sadd(self._audience_key, self._node)
+                    await pipe.execute()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -677,7 +694,6 @@ class RedisBackplane:
         """A round trip failed: not ready until both the reader and the probe have one
         again; counted and logged once per outage."""
         self._attempted.set()
-        self._script_loaded = False  # a Redis that restarted has forgotten it
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if probe:
             self._probing = False
@@ -736,20 +752,13 @@ class RedisBackplane:
 
     async def share_audience(self, node: str, report: bytes, ttl: float) -> None:
         """Keep this hub's audience in Redis for ``ttl`` seconds (Redis's clock, so hosts'
-        clocks need not agree), under a key of its own listed in a set."""
-        redis = self._commands
-        if redis is None or not self.ready:
-            raise BackplaneUnavailable(self._unavailable())
+        clocks need not agree), under a key of its own listed in a set.
+
+        Sent with the probe's next ``PING``, in its round trip: no connection of its own,
+        and a failure is the probe's to judge.
+        """
         self._node = node
-        try:
-            pipe = redis.pipeline(transaction=False)
-            pipe.set(f"{self._audience_key}:{node}", report, px=max(1, int(ttl * 1000)))
-            pipe.sadd(self._audience_key, node)
-            await pipe.execute()
-        except Exception as exc:
-            # Not an outage of its own: this runs every second, and an answer that a freeze
-            # held up may fail after Redis is back. The probe and the reader decide readiness.
-            raise BackplaneUnavailable(self._unavailable()) from exc
+        self._shared = (report, max(1, int(ttl * 1000)))
 
     async def audiences(self) -> dict[str, bytes]:
         """Every hub's audience still in Redis; hubs whose report expired leave the set."""
