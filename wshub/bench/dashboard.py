@@ -427,6 +427,9 @@ class _Dashboards:
                 if time.monotonic() > give_up_at:
                     break
                 await asyncio.sleep(SLOW_STEP)
+            # Every reader may have its end marker before the benchmark passes "published"
+            # on; taken here, it cannot be read later as the worker's next command.
+            await published
         finally:
             published.cancel()
         fast = [reader for reader in readers if not reader.slow]
