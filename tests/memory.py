@@ -47,11 +47,20 @@ class CountingTransport:
 
 
 def split_frames(data: bytes) -> list[bytes]:
-    """The payloads of the unmasked text frames the core writes, in order."""
-    payloads = []
+    """The payloads of the unmasked, uncompressed text frames the core writes, in order."""
+    frames = read_frames(data)
+    assert not any(compressed for compressed, _ in frames), "a compressed frame"
+    return [payload for _, payload in frames]
+
+
+def read_frames(data: bytes) -> list[tuple[bool, bytes]]:
+    """Each unmasked text frame the core writes, in order: whether it is compressed (RSV1)
+    and its payload as sent."""
+    frames = []
     position = 0
     while position < len(data):
-        assert data[position] == 0x81, data[position : position + 2]
+        first = data[position]
+        assert first in (0x81, 0xC1), data[position : position + 2]
         length = data[position + 1]
         position += 2
         if length == 126:
@@ -60,9 +69,9 @@ def split_frames(data: bytes) -> list[bytes]:
         elif length == 127:
             length = int.from_bytes(data[position : position + 8], "big")
             position += 8
-        payloads.append(data[position : position + length])
+        frames.append((first == 0xC1, data[position : position + length]))
         position += length
-    return payloads
+    return frames
 
 
 class MemoryClient:

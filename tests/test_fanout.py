@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import zlib
 from types import ModuleType
 from typing import Any
 
@@ -21,8 +22,9 @@ from websockets.frames import Frame, Opcode
 
 import wshub
 from wshub import _fanout_py
+from wshub.compression import WINDOW_BITS, SharedDeflate
 
-from .memory import MemoryTransport, split_frames
+from .memory import MemoryTransport, read_frames, split_frames
 
 compiled_only = pytest.mark.parametrize("implementation", ["cython"], indirect=True)
 
@@ -91,7 +93,7 @@ json_values = st.recursive(
 )
 topic_names = st.sampled_from(["*", "a", "b", "c", "run:1", "test:x"])
 topic_sets = st.lists(topic_names, max_size=4)
-client_indexes = st.integers(0, 5)
+client_indexes = st.integers(0, 6)
 keys = st.sampled_from(["k1", "k2", "k3"])
 
 operations = st.lists(
@@ -132,10 +134,13 @@ conflating_operations = st.lists(
     max_size=80,
 )
 
-# Clients 0-3 take WebSocket frames, 4-5 text messages; client 3's write re-enters the core
-# (it queues a reply for client 0 and pauses itself, as an asyncio transport's write may), and
-# the on_blocked callback resumes client 5 at once, as a transport that drains fast does.
-CLIENT_KINDS = (0, 0, 0, 0, 1, 1)
+# Clients 0, 2 and 3 take WebSocket frames, 1 and 6 compressed ones, 4-5 text messages; client
+# 3's write re-enters the core (it queues a reply for client 0 and pauses itself, as an asyncio
+# transport's write may), and the on_blocked callback resumes client 5 at once, as a transport
+# that drains fast does.
+CLIENT_KINDS = (0, 2, 0, 0, 1, 1, 2)
+# Messages this long and longer are compressed: the operations publish both kinds.
+DEFLATE_FROM = 60
 
 
 def run_core(
@@ -181,6 +186,7 @@ def run_core(
         flush_interval=flush_interval,
         on_overflow=lambda client: events.append(("overflow", index_of[id(client)])),
         on_blocked=blocked,
+        deflate=SharedDeflate(DEFLATE_FROM),
     )
     for client in clients:
         fanout.add_client(client)
@@ -382,6 +388,59 @@ def test_each_frame_kind_is_built_once_only_when_a_recipient_needs_it(core: Modu
         assert second.encoded(core.WEBSOCKET_FRAMES) is built
         with pytest.raises(ValueError, match="frame kind"):
             core.Client("x", texts[0].write, 7)
+    finally:
+        loop.close()
+
+
+def inflate(body: bytes) -> bytes:
+    """A compressed frame's payload, decoded as a client without context takeover does:
+    with a decompressor of its own, knowing nothing of the frames before it."""
+    decoder = zlib.decompressobj(-WINDOW_BITS)
+    return decoder.decompress(body + b"\x00\x00\xff\xff") + decoder.flush()
+
+
+def test_a_message_is_compressed_once_for_every_client_that_negotiated_it(
+    core: ModuleType,
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        compressed: list[bytes] = []
+        shared = SharedDeflate(min_size=100)
+
+        def deflate(payload: bytes) -> bytes | None:
+            compressed.append(payload)
+            return shared(payload)
+
+        fanout = make_fanout(core, loop, deflate=deflate)
+        received: dict[str, list[Any]] = {}
+        for name, kind in (("d0", 2), ("d1", 2), ("d2", 2), ("plain", 0), ("text", 1)):
+            written = received[name] = []
+            fanout.add_client(core.Client(name, written.append, kind))
+        large = [envelope_message(core, {"run": "r" * 200, "n": n}, n) for n in range(3)]
+        small = envelope_message(core, {"n": 9}, 9)
+        for message in [*large, small]:
+            fanout.publish_all(message)
+            fanout.flush()
+        # One compression per message that is large enough, whatever the recipients.
+        assert compressed == [message.payload for message in large] + [small.payload]
+        assert (shared.compressed, shared.plain) == (3, 1)
+        # The very same bytes object to every compressed recipient.
+        assert received["d0"][0] is received["d1"][0] is received["d2"][0]
+        assert received["d0"][0] is not received["plain"][0]
+        for name in ("d0", "d1", "d2"):
+            frames = [frame for data in received[name] for frame in read_frames(data)]
+            assert [flag for flag, _ in frames] == [True, True, True, False]
+            assert [inflate(body) for _, body in frames[:3]] == [m.payload for m in large]
+            assert frames[3][1] == small.payload
+        plain = [payload for data in received["plain"] for payload in split_frames(data)]
+        assert plain == [m.payload for m in [*large, small]]
+        # A small message goes plain: its compressed encoding is its plain frame itself.
+        assert small.encodings[core.DEFLATE_FRAMES] is small.encodings[core.WEBSOCKET_FRAMES]
+        assert large[0].encoded(core.DEFLATE_FRAMES) == core.build_frame(
+            shared(large[0].payload) or b"", compressed=True
+        )
+        with pytest.raises(ValueError, match="deflate"):
+            envelope_message(core, {}, 10).encoded(core.DEFLATE_FRAMES)
     finally:
         loop.close()
 

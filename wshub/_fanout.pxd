@@ -12,9 +12,9 @@ cdef class Message:
     cdef readonly list encodings
 
     @cython.final
-    cdef inline bytes _encoded(self, Py_ssize_t kind)
+    cdef inline bytes _encoded(self, Py_ssize_t kind, object deflate)
     @cython.final
-    cdef bytes _build(self, Py_ssize_t kind)
+    cdef bytes _build(self, Py_ssize_t kind, object deflate)
 
 
 cdef class Client:
@@ -44,6 +44,7 @@ cdef class Fanout:
     cdef public double flush_interval
     cdef public object on_overflow
     cdef public object on_blocked
+    cdef public object deflate
     cdef readonly dict clients
     cdef readonly dict index
     cdef readonly list dirty

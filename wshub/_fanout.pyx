@@ -36,6 +36,7 @@ cdef extern from "Python.h":
 
 __all__ = [
     "CONFLATE",
+    "DEFLATE_FRAMES",
     "DISCONNECT",
     "DROP_OLDEST",
     "FRAME_KINDS",
@@ -54,9 +55,11 @@ cdef object _dumps = orjson.dumps
 
 cdef enum:
     _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
+    _RSV1 = 0x40  # "per-message compressed" (RFC 7692 6)
     _WEBSOCKET_FRAMES = 0
     _TEXT_MESSAGES = 1
-    _KIND_COUNT = 2
+    _DEFLATE_FRAMES = 2
+    _KIND_COUNT = 3
     _DISCONNECT = 0
     _DROP_OLDEST = 1
     _CONFLATE = 2
@@ -65,7 +68,8 @@ cdef enum:
 # Message._build and, if its queue is not joined, in Fanout._write.
 WEBSOCKET_FRAMES = _WEBSOCKET_FRAMES
 TEXT_MESSAGES = _TEXT_MESSAGES
-FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
+DEFLATE_FRAMES = _DEFLATE_FRAMES
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES)
 
 # The slow-client policies, as in the twin, which documents them.
 DISCONNECT = _DISCONNECT
@@ -106,8 +110,9 @@ def encode_envelope(
     return _dumps(envelope, option=_JSON_OPTIONS)
 
 
-def build_frame(payload):
-    """Wrap ``payload`` in one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2)."""
+def build_frame(payload, bint compressed=False):
+    """Wrap ``payload`` in one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2);
+    with ``compressed``, RSV1 is set (see the twin)."""
     cdef unsigned char header[10]
     cdef Py_ssize_t header_size
     cdef Py_ssize_t length
@@ -120,7 +125,7 @@ def build_frame(payload):
         length = PyBytes_GET_SIZE(payload)
     else:
         length = len(payload)  # other buffers: same result as the spec's header + payload
-    header[0] = _TEXT_FIN
+    header[0] = _TEXT_FIN | _RSV1 if compressed else _TEXT_FIN
     if length < 126:
         header[1] = <unsigned char>length
         header_size = 2
@@ -170,7 +175,7 @@ cdef class Message:
     """One serialized message and the wire encodings built of it so far (see the twin)."""
 
     def __cinit__(self, *args, **kwargs):
-        self.encodings = [None, None]
+        self.encodings = [None, None, None]
 
     def __init__(self, payload, key=None):
         if not PyBytes_CheckExact(payload):
@@ -179,28 +184,39 @@ cdef class Message:
             raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         self.payload = payload
         self.key = key
-        self.encodings = [None, payload]
+        self.encodings = [None, payload, None]
 
-    def encoded(self, Py_ssize_t kind):
-        """The message in frame kind ``kind``, built on first use (ValueError if unknown)."""
+    def encoded(self, Py_ssize_t kind, deflate=None):
+        """The message in frame kind ``kind``, built on first use; DEFLATE_FRAMES compresses
+        with ``deflate``. ValueError for an unknown kind, or a compressed frame not built yet
+        without a ``deflate``."""
         if kind < 0 or kind >= PyList_GET_SIZE(self.encodings):
             raise ValueError(f"unknown frame kind {kind!r}")
-        return self._encoded(kind)
+        return self._encoded(kind, deflate)
 
     @cython.final
-    cdef inline bytes _encoded(self, Py_ssize_t kind):
+    cdef inline bytes _encoded(self, Py_ssize_t kind, object deflate):
         cdef PyObject* found = PyList_GET_ITEM(self.encodings, kind)
         cdef bytes built
         if found is not <PyObject*>None:
             return <bytes>found
-        built = self._build(kind)
+        built = self._build(kind, deflate)
         self.encodings[kind] = built
         return built
 
     @cython.final
-    cdef bytes _build(self, Py_ssize_t kind):
-        # Only WEBSOCKET_FRAMES is built lazily today; TEXT_MESSAGES is the payload itself.
-        return build_frame(self.payload)
+    cdef bytes _build(self, Py_ssize_t kind, object deflate):
+        # TEXT_MESSAGES is the payload itself, built with the message.
+        if kind == _WEBSOCKET_FRAMES:
+            return build_frame(self.payload)
+        if deflate is None:
+            raise ValueError("a compressed frame needs the fan-out's deflate")
+        body = deflate(self.payload)
+        if body is None:
+            return self._encoded(_WEBSOCKET_FRAMES, None)
+        if not PyBytes_CheckExact(body):
+            raise TypeError(f"deflate must return bytes or None, got {type(body).__name__}")
+        return build_frame(body, True)
 
 
 cdef class Client:
@@ -244,7 +260,8 @@ cdef class Fanout:
     """Topic index, per-client bounded buffers and the coalescing flush.
 
     Keyword-only arguments as in ``_fanout_py.Fanout``: ``client_buffer_size``,
-    ``max_buffered_bytes``, ``policy``, ``flush_interval``, ``on_overflow``, ``on_blocked``.
+    ``max_buffered_bytes``, ``policy``, ``flush_interval``, ``on_overflow``, ``on_blocked``,
+    ``deflate``.
     The callback contract is the twin's (see its module docstring).
     """
 
@@ -266,6 +283,7 @@ cdef class Fanout:
         double flush_interval,
         on_overflow,
         on_blocked,
+        deflate=None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown slow-client policy {policy!r}")
@@ -276,6 +294,7 @@ cdef class Fanout:
         self.flush_interval = flush_interval
         self.on_overflow = on_overflow
         self.on_blocked = on_blocked
+        self.deflate = deflate
         self.clients = {}
         self.index = {}
         self.dirty = []
@@ -409,7 +428,7 @@ cdef class Fanout:
         if found is not <PyObject*>None:
             frame = <bytes>found
         else:
-            frame = message._encoded(client.kind)
+            frame = message._encoded(client.kind, self.deflate)
         size = PyBytes_GET_SIZE(frame)
         # Only a client that is not writable conflates, and only it indexes its keys; the
         # writable flag comes first, so a healthy client pays one flag read for all of it.
@@ -591,7 +610,7 @@ cdef class Fanout:
                 client.blocked = True
                 PyList_Append(self.newly_blocked, client)
             return 0
-        if client.kind == _WEBSOCKET_FRAMES:
+        if client.kind != _TEXT_MESSAGES:
             if count == 1:
                 data = <bytes>PyList_GET_ITEM(frames, 0)
             else:

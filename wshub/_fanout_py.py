@@ -54,6 +54,7 @@ from .wire import JSON_OPTIONS
 
 __all__ = [
     "CONFLATE",
+    "DEFLATE_FRAMES",
     "DISCONNECT",
     "DROP_OLDEST",
     "FRAME_KINDS",
@@ -74,9 +75,19 @@ handed to ``write`` in one call (the lean server, websockets' connections, aioht
 TEXT_MESSAGES = 1
 """The serialized envelopes alone, for transports that frame messages themselves (ASGI); a
 client's queue is handed to ``write`` as a ``list`` of ``bytes``, one per message."""
-# The next kind (a compressed frame, a Server-Sent Events record) gets the next number here,
-# a branch in Message._build and, if its queue is not joined, one in Fanout._write.
-FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES)
+DEFLATE_FRAMES = 2
+"""WebSocket text frames compressed with permessage-deflate (RSV1 set), each message on its
+own, for clients that negotiated the hub's parameters (:mod:`wshub.compression`): one
+compression per message serves all of them. A message the fan-out's ``deflate`` leaves plain
+(too small, or it would not shrink) is its :data:`WEBSOCKET_FRAMES` frame, the same object.
+Joined and written like :data:`WEBSOCKET_FRAMES`."""
+# The next kind (a Server-Sent Events record) gets the next number here, a branch in
+# Message._build and, if its queue is not joined, one in Fanout._write.
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES)
+
+Deflate = Callable[[bytes], bytes | None]
+"""What a fan-out compresses with: a message's payload to the body of its compressed frame
+(raw deflate, sync-flushed, the trailing ``00 00 ff ff`` stripped), or None to send it plain."""
 
 # The slow-client policies: what a full buffer does (see the module docstring).
 DISCONNECT = 0
@@ -92,6 +103,7 @@ POLICIES = (DISCONNECT, DROP_OLDEST, CONFLATE)
 _HOLE = b""
 
 _TEXT_FIN = 0x81  # FIN bit set, opcode 1 (text)
+_RSV1 = 0x40  # "per-message compressed" (RFC 7692 6), on a message's first frame
 _MEDIUM = struct.Struct("!BBH")
 _LARGE = struct.Struct("!BBQ")
 
@@ -140,19 +152,21 @@ def encode_envelope(
     return orjson.dumps(envelope, option=JSON_OPTIONS)
 
 
-def build_frame(payload: bytes) -> bytes:
+def build_frame(payload: bytes, compressed: bool = False) -> bytes:
     """Wrap ``payload`` in one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2).
 
-    A server never masks, and compression is off on hub connections, so the same frame bytes
-    are valid on every one of them.
+    A server never masks, so the same frame bytes are valid on every connection; with
+    ``compressed``, RSV1 is set and ``payload`` is the message compressed on its own, valid on
+    every connection that negotiated the parameters it was compressed with.
     """
+    first = _TEXT_FIN | _RSV1 if compressed else _TEXT_FIN
     length = len(payload)
     if length < 126:
-        header = bytes((_TEXT_FIN, length))
+        header = bytes((first, length))
     elif length < 65536:
-        header = _MEDIUM.pack(_TEXT_FIN, 126, length)
+        header = _MEDIUM.pack(first, 126, length)
     else:
-        header = _LARGE.pack(_TEXT_FIN, 127, length)
+        header = _LARGE.pack(first, 127, length)
     return header + payload
 
 
@@ -174,24 +188,35 @@ class Message:
             raise TypeError(f"key must be a str or None, got {type(key).__name__}")
         self.payload: bytes = payload
         self.key: str | None = key
-        self.encodings: list[bytes | None] = [None, payload]
+        self.encodings: list[bytes | None] = [None, payload, None]
 
-    def encoded(self, kind: int) -> bytes:
-        """The message in frame kind ``kind``, built on first use.
+    def encoded(self, kind: int, deflate: Deflate | None = None) -> bytes:
+        """The message in frame kind ``kind``, built on first use; :data:`DEFLATE_FRAMES`
+        compresses with ``deflate`` (a fan-out's).
 
         Raises:
-            ValueError: ``kind`` is not one of :data:`FRAME_KINDS`.
+            ValueError: ``kind`` is not one of :data:`FRAME_KINDS`, or it is
+                :data:`DEFLATE_FRAMES`, not built yet, and ``deflate`` is None.
         """
         if not 0 <= kind < len(self.encodings):
             raise ValueError(f"unknown frame kind {kind!r}")
         encoded = self.encodings[kind]
         if encoded is None:
-            encoded = self.encodings[kind] = self._build(kind)
+            encoded = self.encodings[kind] = self._build(kind, deflate)
         return encoded
 
-    def _build(self, kind: int) -> bytes:
-        # Only WEBSOCKET_FRAMES is built lazily today; TEXT_MESSAGES is the payload itself.
-        return build_frame(self.payload)
+    def _build(self, kind: int, deflate: Deflate | None) -> bytes:
+        # TEXT_MESSAGES is the payload itself, built with the message.
+        if kind == WEBSOCKET_FRAMES:
+            return build_frame(self.payload)
+        if deflate is None:
+            raise ValueError("a compressed frame needs the fan-out's deflate")
+        body = deflate(self.payload)
+        if body is None:
+            return self.encoded(WEBSOCKET_FRAMES)
+        if type(body) is not bytes:
+            raise TypeError(f"deflate must return bytes or None, got {type(body).__name__}")
+        return build_frame(body, compressed=True)
 
 
 class Client:
@@ -200,7 +225,8 @@ class Client:
     Args:
         client_id: The client's id.
         write: Takes what :meth:`Fanout.flush` hands over: one ``bytes`` for
-            :data:`WEBSOCKET_FRAMES`, a ``list`` of ``bytes`` for :data:`TEXT_MESSAGES`.
+            :data:`WEBSOCKET_FRAMES` and :data:`DEFLATE_FRAMES`, a ``list`` of ``bytes`` for
+            :data:`TEXT_MESSAGES`.
         kind: The frame kind the client's transport takes.
 
     ``writable`` is the transport's flag: while it is False the core keeps the client's frames
@@ -272,6 +298,8 @@ class Fanout:
             :data:`CONFLATE`), after the publish that overflowed it has finished.
         on_blocked: Called once with a client that had frames to write while it was not
             writable, after the publish or flush that found it so; :meth:`unblock` resumes it.
+        deflate: Compresses a message for :data:`DEFLATE_FRAMES` clients, once per message
+            (:data:`Deflate`); None when no client may negotiate compression.
     """
 
     def __init__(
@@ -284,6 +312,7 @@ class Fanout:
         flush_interval: float,
         on_overflow: Callable[[Client], object],
         on_blocked: Callable[[Client], object],
+        deflate: Deflate | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown slow-client policy {policy!r}")
@@ -294,6 +323,7 @@ class Fanout:
         self.flush_interval = flush_interval
         self.on_overflow = on_overflow
         self.on_blocked = on_blocked
+        self.deflate = deflate
         self.clients: dict[str, Client] = {}
         self.index: dict[str, dict[Client, None]] = {}
         self.dirty: list[Client] = []
@@ -403,7 +433,7 @@ class Fanout:
         # Inline lookup of an encoding already built: the common case costs no call.
         frame = message.encodings[client.kind]
         if frame is None:
-            frame = message.encoded(client.kind)
+            frame = message.encoded(client.kind, self.deflate)
         size = len(frame)
         key = message.key
         # Only a client that is not writable conflates, and only it indexes its keys.
@@ -557,7 +587,7 @@ class Fanout:
                 self.newly_blocked.append(client)
             return
         count = len(frames) - client.holes
-        if client.kind == WEBSOCKET_FRAMES:
+        if client.kind != TEXT_MESSAGES:
             # Holes join to nothing.
             data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
             size = len(data)

@@ -213,6 +213,7 @@ class Clients:
         self.proxies = proxy_networks(config.trusted_proxies)
         # Connected clients by the address they connect from.
         self.per_address: dict[str, int] = {}
+        self.compressed = 0  # connected clients sent the shared compressed frames
         self._all_closed: asyncio.Event | None = None
 
     # Joining and leaving
@@ -239,6 +240,8 @@ class Clients:
         session = ClientSession(self, client, transport, admission, self.last_id())
         self.sessions[client_id] = session
         self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
+        if client.kind == self.core.DEFLATE_FRAMES:
+            self.compressed += 1
         greeting: dict[str, Any] = {
             "client_id": client_id,
             "status": "connected",
@@ -307,6 +310,8 @@ class Clients:
         left = self.per_address.pop(session.address, 1) - 1
         if left:
             self.per_address[session.address] = left
+        if client.kind == self.core.DEFLATE_FRAMES:
+            self.compressed -= 1
         self.resumer.pending.pop(client.client_id, None)
         self.fanout.remove_client(client)
         self.slow.unblocked(client.client_id)
@@ -767,6 +772,7 @@ class Clients:
             "messages_sent": client.messages_sent,
             "messages_dropped": client.messages_dropped,
             "conflated": client.conflated,
+            "compression": "deflate" if client.kind == self.core.DEFLATE_FRAMES else None,
             "buffered_bytes": client.buffered_bytes + session.transport.buffered_bytes(),
         }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import algorithm_of, check_secret
+from .compression import COMPRESSION_MODES
 from .limits import proxy_networks
 from .wire import MAX_TOPIC_LENGTH, topic_problem
 
@@ -91,6 +92,13 @@ class HubConfig:
             ``baseline_updated`` events: ``"wshub"`` (the README's table) or
             ``"json-bench"``, what NethermindEth/json-bench's own dashboard reads (a whole
             ``HistoricRun``; ``runId``, ``metricName``, ``percentChange``, ...).
+        compression: ``"deflate"`` answers a client's permessage-deflate offer (RFC 7692)
+            with ``server_no_context_takeover``, so that each message is compressed once for
+            every client that negotiated it (:mod:`wshub.compression`); ``"off"`` (the
+            default) sends every client plain frames. The lean server and the websockets
+            transport negotiate it; aiohttp's and ASGI's connections stay plain.
+        compression_min_size: Messages shorter than this many bytes (the JSON envelope) go
+            plain even to clients that negotiated compression: they would hardly shrink.
         socket_send_buffer: The kernel send buffer of each client's socket (``SO_SNDBUF``),
             in bytes; 0 leaves it to the kernel, which grows it up to ``net.ipv4.tcp_wmem``'s
             maximum (4 MiB by default on Linux) for a client that reads slowly.
@@ -157,6 +165,8 @@ class HubConfig:
     redis_stream: str = "wshub:messages"
     idempotency_window: float = 300.0
     event_format: str = "wshub"
+    compression: str = "off"
+    compression_min_size: int = 128
     socket_send_buffer: int = 0
     max_connections_per_ip: int = 0
     file_descriptor_reserve: int = 100
@@ -206,6 +216,12 @@ class HubConfig:
         _check_number("snapshot_key_ttl", self.snapshot_key_ttl, allow_zero=True)
         _check_count("snapshot_window", self.snapshot_window, "no events in snapshots")
         _check_count("socket_send_buffer", self.socket_send_buffer, "the kernel's choice")
+        _check_count("compression_min_size", self.compression_min_size, "compress every message")
+        if self.compression not in COMPRESSION_MODES:
+            raise ValueError(
+                f"compression must be one of {', '.join(COMPRESSION_MODES)}, "
+                f"got {self.compression!r}"
+            )
         _check_number(
             "client_message_rate",
             self.client_message_rate,

@@ -29,6 +29,7 @@ from .audience import SHARE_EVERY, SHARED_FOR, Audience, total
 from .auth import AuthenticateHook, Authenticator, AuthUnavailable, TokenRefused
 from .backplane import Added, Backplane, BackplaneUnavailable, Entry
 from .clients import Clients, ClientSession
+from .compression import SharedDeflate
 from .config import HubConfig
 from .fanout import Framer, Implementation, core_module, encode_data
 from .history import History, MemoryHistory
@@ -122,6 +123,10 @@ class Hub(RunnerNotifications):
             "python" if self._core.__name__.endswith("_py") else "cython"
         )
         self._framer = Framer(self._core)
+        # One compression per message for every client that negotiated it (None: plain only).
+        self._deflate = (
+            SharedDeflate(config.compression_min_size) if config.compression == "deflate" else None
+        )
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fanout: Any = None
@@ -219,6 +224,7 @@ class Hub(RunnerNotifications):
             flush_interval=config.flush_interval,
             on_overflow=overflowed,
             on_blocked=blocked,
+            deflate=self._deflate,
         )
         clients = self._clients = Clients(
             config,
@@ -494,6 +500,8 @@ class Hub(RunnerNotifications):
             "conflated": fanout.conflations if fanout is not None else 0,
             "bytes_sent": fanout.bytes_sent if fanout is not None else 0,
             "writes": fanout.writes if fanout is not None else 0,
+            "compressed_clients": clients.compressed if clients is not None else 0,
+            "messages_compressed": self._deflate.compressed if self._deflate is not None else 0,
             "slow_consumer_disconnects": clients.slow.disconnects if clients is not None else 0,
             "protocol_errors": clients.protocol_errors if clients is not None else 0,
             "rate_limited": clients.rate_limited if clients is not None else 0,

@@ -66,6 +66,10 @@ class FrameKind(enum.IntEnum):
     """A ``list`` of ``bytes``, each one message's JSON text, oldest first, for transports
     whose library frames messages itself (ASGI, a websockets connection without the hub's
     connection class)."""
+    DEFLATE_FRAMES = 2
+    """Like :data:`WEBSOCKET_FRAMES`, for a connection that negotiated the hub's
+    permessage-deflate parameters (:func:`wshub.compression.frame_kind_of` says which do):
+    a message large enough is one compressed frame (RSV1 set), built once for all of them."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

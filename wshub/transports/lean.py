@@ -35,6 +35,7 @@ from websockets.http11 import SERVER, Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from ..compression import frame_kind_of, server_extensions
 from ..config import HubConfig
 from ..limits import (
     MAX_FRAGMENTS,
@@ -235,6 +236,8 @@ class HubEndpoint:
             else soft_limit - self.config.file_descriptor_reserve
         )
         self.log = RateLimitedLog(logger)
+        # permessage-deflate as compression says, one factory for every connection.
+        self.extensions = server_extensions(self.config.compression)
         self._heartbeat: asyncio.TimerHandle | None = None
         # Pong deadlines of the ping rounds in flight, by the round's loop time (more than
         # one when pong_timeout is longer than ping_interval).
@@ -365,6 +368,7 @@ class HubConnection(asyncio.Protocol):
         "_lost",
         "_lost_waiters",
         "_timer",
+        "frame_kind",
         "last_received",
         "ping_sent",
         "protocol",
@@ -373,15 +377,15 @@ class HubConnection(asyncio.Protocol):
         "write",
     )
 
-    frame_kind = _WEBSOCKET_FRAMES
-
     def __init__(self, endpoint: HubEndpoint) -> None:
         config = endpoint.config
         self._endpoint = endpoint
         self.protocol = ServerProtocol(
-            extensions=None,  # no compression: one frame must be valid on every connection
-            max_size=config.max_message_size,
+            extensions=endpoint.extensions, max_size=config.max_message_size
         )
+        # What the core writes: compressed frames once the handshake negotiated the hub's
+        # permessage-deflate parameters, else plain ones.
+        self.frame_kind = _WEBSOCKET_FRAMES
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.write: Any = None  # the transport's write, set with it
         self.session: ClientSession | None = None
@@ -691,6 +695,7 @@ class HubConnection(asyncio.Protocol):
     def _open(self, admission: Admission) -> None:
         endpoint = self._endpoint
         self.last_received = endpoint.loop.time()
+        self.frame_kind = frame_kind_of(self.protocol.extensions)
         # Capacity is checked again: the hub may have filled up while this client waited.
         opened = endpoint.hub.open_session(self, admission)
         if isinstance(opened, Refusal):

@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from ..compression import frame_kind_of, server_extensions
 from ..limits import set_send_buffer
 from ..session import (
     Admission,
@@ -97,7 +98,7 @@ class _Client:
         self._sender: MessageSender | None = None
         self.write: Callable[[Any], object]
         if isinstance(connection, HubServerConnection) and connection.socket_transport:
-            self.frame_kind = FrameKind.WEBSOCKET_FRAMES
+            self.frame_kind = frame_kind_of(connection.protocol.extensions)
             self._socket = connection.socket_transport
             self.write = self._write_frames
         else:
@@ -211,7 +212,8 @@ ProcessRequest = Callable[[ServerConnection, Request], Awaitable[Response | None
 def server_options(hub: SessionHost, *, path: str = "/api/ws") -> dict[str, Any]:
     """Keyword arguments for ``websockets.asyncio.server.serve`` that match ``hub.config``.
 
-    Compression is off (a frame built once must be valid on every connection), frame size,
+    permessage-deflate is negotiated as ``compression`` says, with the parameters that let
+    one compressed frame serve every connection (:mod:`wshub.compression`); frame size,
     keepalive, handshake and closing deadlines come from the config, connections are
     :class:`HubServerConnection`, and ``process_request`` answers 404 off ``path`` and applies
     the hub's admission (401 without the credentials it requires, 403 for another browser
@@ -220,7 +222,8 @@ def server_options(hub: SessionHost, *, path: str = "/api/ws") -> dict[str, Any]
     config = hub.config
     heartbeat = config.enable_ping_pong
     return {
-        "compression": None,
+        "compression": None,  # websockets' own, per connection; the hub's come next
+        "extensions": server_extensions(config.compression),
         "max_size": config.max_message_size,
         "ping_interval": config.ping_interval if heartbeat else None,
         "ping_timeout": config.pong_timeout if heartbeat else None,
