@@ -12,7 +12,7 @@ import pytest
 
 import wshub
 from wshub.bench.redis_server import RedisServer, find_redis_server
-from wshub.bench.transports import PATH, TRANSPORTS, serve_over
+from wshub.bench.transports import COMPRESSING_TRANSPORTS, PATH, TRANSPORTS, serve_over
 
 from .helpers import HubServer
 from .tools import require_tool
@@ -39,6 +39,18 @@ def _make_hub(implementation: str, config: dict[str, Any]) -> wshub.Hub:
     return hub
 
 
+def _served(
+    implementation: str, transport: str
+) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
+    @contextlib.asynccontextmanager
+    async def start(**config: Any) -> AsyncIterator[HubServer]:
+        hub = _make_hub(implementation, config)
+        async with serve_over(transport, hub) as (server, port):
+            yield HubServer(hub, server, f"ws://127.0.0.1:{port}{PATH}")
+
+    return start
+
+
 @pytest.fixture
 def hub_server(
     implementation: str, transport: str
@@ -48,14 +60,16 @@ def hub_server(
 
     ``hub_class`` and ``backplane`` go to the hub.
     """
+    return _served(implementation, transport)
 
-    @contextlib.asynccontextmanager
-    async def start(**config: Any) -> AsyncIterator[HubServer]:
-        hub = _make_hub(implementation, config)
-        async with serve_over(transport, hub) as (server, port):
-            yield HubServer(hub, server, f"ws://127.0.0.1:{port}{PATH}")
 
-    return start
+@pytest.fixture(params=COMPRESSING_TRANSPORTS)
+def compressing_server(
+    implementation: str, request: pytest.FixtureRequest
+) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
+    """:func:`hub_server` over each transport that negotiates the hub's permessage-deflate,
+    for what only they do."""
+    return _served(implementation, request.param)
 
 
 @pytest.fixture

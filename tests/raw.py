@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
+from websockets.extensions import ClientExtensionFactory
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
@@ -43,16 +44,24 @@ class RawClient:
         self.writer = writer
         self.response: Response | None = None
         self.frames: list[Frame] = []  # received, not taken yet
+        self.wire = bytearray()  # every byte received, as it came
         self.eof = False
         self.ended = False  # this side ended its stream: nothing more can be sent
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, url: str, *, after_request: bytes = b"") -> AsyncIterator[RawClient]:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        after_request: bytes = b"",
+        extensions: Sequence[ClientExtensionFactory] | None = None,
+    ) -> AsyncIterator[RawClient]:
         """Open ``url``, send the request (and ``after_request`` in the same write), read the
-        response; the connection is dropped when the block ends."""
+        response; the connection is dropped when the block ends. ``extensions`` are offered,
+        and decode what the hub sends (``wire`` keeps it as sent)."""
         uri = parse_uri(url)
-        protocol = ClientProtocol(uri, max_size=None)
+        protocol = ClientProtocol(uri, extensions=extensions, max_size=None)
         protocol.send_request(protocol.connect())
         reader, writer = await asyncio.open_connection(uri.host, uri.port)
         try:
@@ -130,6 +139,7 @@ class RawClient:
             self.eof = True
             self.protocol.receive_eof()
         else:
+            self.wire += data
             self.protocol.receive_data(data)
         self.protocol.data_to_send()  # what it would answer: never sent
         for event in self.protocol.events_received():

@@ -11,6 +11,7 @@ import datetime
 import os
 import pathlib
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from redis import Redis
 
 from wshub import mint_token
 from wshub.bench.redis_server import RedisServer
+from wshub.compression import WINDOW_BITS
 
 from .helpers import SECRET
 from .processes import HubProcess
@@ -293,6 +295,38 @@ def test_the_dashboard_says_when_events_were_lost_between_hubs(
         notice = page.get_by_test_id("resume-notice")
         expect(notice).to_be_visible()
         expect(notice).to_contain_text("15 events were lost on the way to this page")
+
+
+def test_chromium_takes_the_hubs_compressed_frames(page: Page) -> None:
+    with hub_process(extra=["--compression", "deflate"]) as hub:
+        page.goto(f"http://127.0.0.1:{hub.port}/")
+        expect(page.get_by_test_id("status")).to_have_attribute("data-status", "open")
+        # What the browser itself says it negotiated.
+        extensions = page.evaluate(
+            """url => new Promise((resolve, reject) => {
+                const ws = new WebSocket(url);
+                ws.onopen = () => { resolve(ws.extensions); ws.close(); };
+                ws.onerror = () => reject(new Error("no connection"));
+            })""",
+            f"ws://127.0.0.1:{hub.port}/api/ws",
+        )
+        assert extensions == (
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+            f"server_max_window_bits={WINDOW_BITS}"
+        )
+        # Once that connection is gone, the dashboard's own is the one compressed client.
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while (before := hub.stats())["clients"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (before["clients"], before["compressed_clients"]) == (1, 1)
+        hub.notify("run_started", run("r-300", "eth_call", planned_requests=60_000))
+        hub.notify("run_progress", progress("r-300", "eth_call", 0.4))
+        hub.notify("regression_detected", regression("g-3", "r-300", "eth_call", "high"))
+        row = page.locator('[data-testid="run"][data-run-id="r-300"]')
+        expect(row.get_by_test_id("run-progress")).to_have_attribute("aria-valuenow", "40")
+        item = page.locator('[data-testid="regression"][data-run-id="r-300"]')
+        expect(item.get_by_test_id("regression-change")).to_contain_text("+18.4%")
+        assert hub.stats()["messages_compressed"] - before["messages_compressed"] == 3
 
 
 def test_a_page_opened_during_a_run_shows_it_and_the_recent_regressions_at_once(

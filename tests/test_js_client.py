@@ -36,13 +36,18 @@ START_TIMEOUT = 20.0
 NODE_TIMEOUT = 180.0
 
 
+# The main hub compresses: ws negotiates permessage-deflate by default, so every test against
+# it decodes the hub's shared compressed frames; the hub that requires tokens sends plain ones.
+COMPRESSED = ("--compression", "deflate")
+
+
 def restart(hub: HubProcess) -> HubProcess:
     """Stop ``hub`` and start a new one on the same ports (retrying while they are busy)."""
     hub.stop()
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         try:
-            return HubProcess(hub.port, hub.api_port)
+            return HubProcess(hub.port, hub.api_port, extra=COMPRESSED)
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
@@ -67,7 +72,7 @@ def test_wshub_js_against_a_real_hub(
 ) -> None:
     node = require_node_packages(pytestconfig)
 
-    hubs = [HubProcess()]
+    hubs = [HubProcess(extra=COMPRESSED)]
     restart_file = tmp_path / "restart"
     output: list[str] = []
 

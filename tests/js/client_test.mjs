@@ -191,6 +191,42 @@ test("connects, is greeted, reports its status", HUB, async (t) => {
   assert.deepEqual(mine.subscriptions, ["*"]);
 });
 
+test("ws negotiates the hub's permessage-deflate and decodes its shared compressed frames", HUB, async (t) => {
+  const offering = makeClient(t, WS_URL, { topics: ["runs"] });
+  const plain = makeClient(t, WS_URL, {
+    topics: ["runs"],
+    WebSocket: class extends WebSocket {
+      constructor(url, protocols) {
+        super(url, protocols, { perMessageDeflate: false });
+      }
+    },
+  });
+  await connected(offering);
+  await connected(plain);
+  const clients = await api("/api/clients");
+  const shown = (client) => clients.find((info) => info.id === client.clientId).compression;
+  assert.equal(shown(offering), "deflate");
+  assert.equal(shown(plain), null);
+  const before = (await api("/api/stats")).messages_compressed;
+  const inboxes = [inbox(offering), inbox(plain)];
+  const events = [1, 2, 3].map((n) => ({
+    run_id: `run-${n}`,
+    test_name: "eth_getLogs",
+    progress: n / 10,
+    note: "the same long words, again and again ".repeat(20),
+  }));
+  for (const data of events) await publish("run_progress", data, ["runs"]);
+  for (const received of inboxes) {
+    await received.until(3);
+    assert.deepEqual(
+      received.messages.map((message) => message.data),
+      events,
+    );
+  }
+  // One compression per message, whatever the number of clients that take it.
+  assert.equal((await api("/api/stats")).messages_compressed - before, 3);
+});
+
 test("on(type) handlers receive published messages; on() returns an unsubscribe", HUB, async (t) => {
   const client = makeClient(t, WS_URL, { topics: ["deploys"] });
   await connected(client);

@@ -16,10 +16,13 @@ from websockets.asyncio.server import serve as websockets_serve
 
 import wshub
 
-__all__ = ["PATH", "TRANSPORTS", "serve_over"]
+__all__ = ["COMPRESSING_TRANSPORTS", "PATH", "TRANSPORTS", "serve_over"]
 
 PATH = "/api/ws"
 TRANSPORTS = ("lean", "websockets", "aiohttp", "asgi")
+# Those that negotiate the hub's permessage-deflate (compression="deflate"): aiohttp's and
+# uvicorn's connections answer the handshake themselves.
+COMPRESSING_TRANSPORTS = ("lean", "websockets")
 
 
 @contextlib.asynccontextmanager
