@@ -26,21 +26,10 @@ from wshub.compression import WINDOW_BITS
 
 from .helpers import SECRET
 from .processes import HubProcess
-from .tools import require_chromium
+from .tools import CHROMIUM_ARGS, require_chromium
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
-# Quiet, offline, container-safe: no sandbox (root in CI), no GPU, no calls home.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 EXPECTED_FAILURES = (
     "the server responded with a status of 401 (Unauthorized)",
     "net::ERR_CONNECTION_REFUSED",

@@ -10,6 +10,8 @@ enough, else the one the ``test`` extra or ``tests/js/package.json`` brings.
 - Chromium: ``chromium`` on the PATH or ``/usr/bin/chromium``, else the build that
   ``@sparticuz/chromium`` carries (it unpacks it into the temporary directory).
 - ``redis-server`` 7+: see :func:`wshub.bench.redis_server.find_redis_server`.
+- Firefox: ``firefox-esr`` or ``firefox`` on the PATH. No package carries one, so it comes
+  from the system (``apt-get install firefox-esr``; ``.ci/run`` installs it).
 
 A program that cannot be had fails the test that needs it, naming it; ``pytest
 --skip-missing-tools`` skips such tests instead, for a machine that cannot run them.
@@ -36,6 +38,17 @@ INSTALL_TIMEOUT = 600.0
 UNPACK_TIMEOUT = 300.0
 VERSION_TIMEOUT = 30.0
 SYSTEM_CHROMIUM = "/usr/bin/chromium"
+# Quiet, offline, container-safe: no sandbox (root in CI), no GPU, no calls home.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UNPACK_CHROMIUM = (
     'import chromium from "@sparticuz/chromium";'
     "process.stdout.write(await chromium.executablePath());"
@@ -177,5 +190,13 @@ def require_chromium(config: pytest.Config) -> str:
         return system
     path, problem = unpack_chromium()
     require_tool(config, "Chromium", path is not None, problem)
+    assert path is not None
+    return path
+
+
+def require_firefox(config: pytest.Config) -> str:
+    """The path of the system's Firefox."""
+    path = shutil.which("firefox-esr") or shutil.which("firefox")
+    require_tool(config, "Firefox", path is not None, "apt-get install firefox-esr")
     assert path is not None
     return path
