@@ -47,7 +47,7 @@ def test_every_variant_delivers_every_message(
     assert "warning: one repetition per variant" in output.err
     header = next(line for line in output.out.splitlines() if line.startswith("variant"))
     titles = re.split(r"\s{2,}", header.strip())
-    assert len(titles) == len(set(titles)) == 12, titles
+    assert len(titles) == len(set(titles)) == 13, titles
     assert {(row["workload"], row["variant"]) for row in summary} == {
         (workload, variant) for workload in ("burst", "stream") for variant in VARIANTS
     }
@@ -72,6 +72,23 @@ def test_the_extra_variants_deliver_every_message(tmp_path: Path) -> None:
     for row in summary:
         assert row["delivered"] == row["expected"] > 0, row
         assert row["timed_out_rounds"] == 0
+
+
+def test_compression_is_measured_in_bytes_on_the_wire(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    arguments = [*SMALL, "--workload", "stream", "--messages", "40", "--size", "400"]
+    variants = "wshub-cython,wshub-deflate,websockets.broadcast,websockets-deflate"
+    assert main([*arguments, "--variants", variants, "--json", str(report)]) == 0
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["summary"]}
+    for row in rows.values():
+        assert row["delivered"] == row["expected"] > 0, row
+    wire = {name: row["wire_bytes_per_message"] for name, row in rows.items()}
+    # The same frames, plain, from both servers that do not compress (ids and timestamps
+    # may differ by a few bytes).
+    assert wire["wshub-cython"] == pytest.approx(wire["websockets.broadcast"], rel=0.02)
+    assert wire["wshub-cython"] > 400
+    assert wire["wshub-deflate"] < 0.8 * wire["wshub-cython"]
+    assert wire["websockets-deflate"] < 0.8 * wire["websockets.broadcast"]
 
 
 def test_topics_and_clients_that_stop_reading(tmp_path: Path) -> None:

@@ -11,7 +11,12 @@ The parent drives each worker over a pipe with tuples: ``("connect", host, ports
 topics_by_client, source_addresses, slow, node_by_client)``, ``("arm", expected)``,
 ``("disarm",)``, ``("close",)``, ``("exit",)``; the worker answers ``("connected", opened,
 failed, opened_by_node)``, ``("armed",)``, ``("done", last_arrival, received,
-latencies_ms_by_node)`` and ``("closed",)``. ``ports`` has one port per server node (one,
+latencies_ms_by_node, wire_bytes)`` and ``("closed",)``.
+
+Every client offers permessage-deflate, as browsers do; the frames of a server that accepts
+are counted as they come (compressed frames are never inflated), so ``wire_bytes`` (the bytes
+of the frames read while armed) shows what compression saves. Their latency cannot be read
+without inflating them, and is not sampled. ``ports`` has one port per server node (one,
 except with ``--nodes``); latencies are kept per node so that the benchmark can tell those
 measured on the publishing node from those that crossed to another.
 """
@@ -37,6 +42,7 @@ SENT_AT = b'"sent_at":'
 GREETING = b'{"type":"connection"'
 CONNECT_CONCURRENCY = 128  # handshakes in flight per worker
 OPCODE_TEXT = 0x1
+RSV1 = 0x40  # a compressed message's first frame
 OPCODE_CLOSE = 0x8
 OPCODE_PING = 0x9
 
@@ -60,12 +66,14 @@ class Tally:
         "nodes",
         "on_done",
         "received",
+        "wire_bytes",
     )
 
     def __init__(self) -> None:
         self.armed = False
         self.expected = 0
         self.received = 0
+        self.wire_bytes = 0
         self.last_arrival = 0.0
         self.nodes = 1
         self.latencies: list[list[float]] = [[]]
@@ -75,6 +83,7 @@ class Tally:
         self.armed = True
         self.expected = expected
         self.received = 0
+        self.wire_bytes = 0
         self.last_arrival = 0.0
         self.latencies = [[] for _ in range(self.nodes)]
         self.on_done = on_done
@@ -212,6 +221,8 @@ class Reader(HandshakeReader):
             position = end
         if position:
             del buffer[:position]
+            if tally.armed:
+                tally.wire_bytes += position
         if frames and tally.armed:
             tally.received += frames
             tally.last_arrival = time.time()
@@ -228,6 +239,8 @@ class Reader(HandshakeReader):
         ``sent_at`` in it belongs to the message that waited longest.
         """
         buffer = self.buffer
+        if buffer and buffer[0] & RSV1:  # compressed: its text is not there to read
+            return
         start = buffer.find(SENT_AT)
         if start < 0:
             return
@@ -251,6 +264,7 @@ def handshake_request(host: str, port: int, path: str) -> bytes:
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\n"
         "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
         "User-Agent: wshub-bench\r\n\r\n"
     ).encode()
 
@@ -328,13 +342,17 @@ async def _serve_commands(pipe: Connection) -> None:
             channel.send("armed")  # before any counted frame can be reported
             tally.arm(
                 command[1],
-                lambda: channel.send("done", tally.last_arrival, tally.received, tally.latencies),
+                lambda: channel.send(
+                    "done", tally.last_arrival, tally.received, tally.latencies, tally.wire_bytes
+                ),
             )
         elif kind == "disarm":
             # The benchmark gave up waiting: report what arrived.
             tally.on_done = None
             tally.armed = False
-            channel.send("done", tally.last_arrival, tally.received, tally.latencies)
+            channel.send(
+                "done", tally.last_arrival, tally.received, tally.latencies, tally.wire_bytes
+            )
         elif kind == "close":
             worker.close()
             channel.send("closed")

@@ -71,6 +71,7 @@ def summarize(results: Iterable[RoundResult]) -> list[dict[str, Any]]:
                 "rate_vs_broadcast": median(rate_ratios),
                 "cpu_us_per_message": median([r.cpu_us_per_message for r in rounds]),
                 "cpu_vs_broadcast": median(cpu_ratios),
+                "wire_bytes_per_message": median([r.wire_bytes_per_message for r in rounds]),
                 "latency_p50_ms": percentile(latencies, 0.50),
                 "latency_p99_ms": percentile(latencies, 0.99),
                 "latency_max_ms": max(latencies, default=float("nan")),
@@ -134,8 +135,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The final table, one block per workload and client count."""
     header = (
         f"{'variant':<22}{'msg/s':>12}{'rate x bc':>11}{'CPU us/msg':>12}{'CPU x bc':>10}"
-        f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'KiB/conn':>10}{'lost':>8}{'drops':>8}"
-        f"{'4008s':>7}"
+        f"{'B/msg':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'KiB/conn':>10}{'lost':>8}"
+        f"{'drops':>8}{'4008s':>7}"
     )
     lines: list[str] = []
     for key in dict.fromkeys((row["workload"], row["clients"]) for row in rows):
@@ -149,6 +150,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{_number(row['rate_vs_broadcast'], 2):>11}"
                 f"{_number(row['cpu_us_per_message'], 2):>12}"
                 f"{_number(row['cpu_vs_broadcast'], 3):>10}"
+                f"{_number(row['wire_bytes_per_message'], 0):>8}"
                 f"{_number(row['latency_p50_ms']):>9}{_number(row['latency_p99_ms']):>9}"
                 f"{_number(row['latency_max_ms']):>9}"
                 f"{_number(row['rss_kib_per_connection']):>10}{lost:>8,}{row['drops']:>8,}"

@@ -78,6 +78,7 @@ class RoundResult:
     drops: int
     slow_consumer_disconnects: int
     timed_out: bool
+    wire_bytes: int = 0  # of the frames the clients read while armed
     nodes: int = 1
     # Latencies of clients on other nodes than the publishing one (node 0).
     cross_node_latencies_ms: list[float] = dataclasses.field(default_factory=list)
@@ -92,6 +93,10 @@ class RoundResult:
     @property
     def cpu_us_per_message(self) -> float:
         return self.cpu_seconds * 1e6 / self.delivered if self.delivered else float("nan")
+
+    @property
+    def wire_bytes_per_message(self) -> float:
+        return self.wire_bytes / self.delivered if self.delivered else float("nan")
 
 
 class Share(NamedTuple):
@@ -341,6 +346,7 @@ class Runner:
             drops=sum(count["drops"] for count in counters),
             slow_consumer_disconnects=sum(c["slow_consumer_disconnects"] for c in counters),
             timed_out=timed_out,
+            wire_bytes=sum(reply[4] for reply in done),
             nodes=nodes,
             cross_node_latencies_ms=[
                 s for by_node in by_worker for samples in by_node[1:] for s in samples

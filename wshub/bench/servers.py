@@ -27,6 +27,11 @@ apart; what differs is how the server gets those bytes to N sockets:
     socketify, uWebSockets' server behind CFFI, with uWebSockets' own pub/sub: every client
     holds a topic for "everyone" plus its own, and each message is one ``app.publish``; the
     C++ side queues it per subscriber and writes each socket once per loop iteration.
+``wshub-deflate`` / ``websockets-deflate`` (only when asked for)
+    Compression, for clients that offer permessage-deflate as every browser does (the
+    benchmark's clients all offer it): the Cython hub with ``compression="deflate"``, one
+    compression per message shared by every client, beside ``websockets.broadcast`` with
+    websockets' default compression, a context and a compression per connection.
 ``wshub-cython-unbatched`` (only when asked for)
     The Cython hub flushing after every publish: one write per client per message, all else
     equal. Against ``wshub-cython`` it shows what coalescing writes buys.
@@ -43,6 +48,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import random
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -75,7 +81,9 @@ UNBATCHED = "wshub-cython-unbatched"
 OTHER_TRANSPORTS = {"wshub-aiohttp": "aiohttp", "wshub-asgi": "asgi"}
 PICOWS = "picows"
 SOCKETIFY = "socketify"
-EXTRA_VARIANTS = (UNBATCHED, *OTHER_TRANSPORTS, PICOWS, SOCKETIFY)
+DEFLATE = "wshub-deflate"
+WEBSOCKETS_DEFLATE = "websockets-deflate"
+EXTRA_VARIANTS = (UNBATCHED, DEFLATE, WEBSOCKETS_DEFLATE, *OTHER_TRANSPORTS, PICOWS, SOCKETIFY)
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 BASELINE = "websockets.broadcast"
 #: What joined nodes are compared with: the same hub, alone in one process.
@@ -159,12 +167,15 @@ class HubVariant(Variant):
         flush_interval: float = 0.0,
         role: NodeRole | None = None,
         transport: str = "lean",
+        compression: str = "off",
     ) -> None:
         super().__init__(clients, batch_capacity)
         self.name = UNBATCHED if unbatched else f"wshub-{implementation}"
         self.transport = transport
         if transport != "lean":
             self.name = f"wshub-{transport}"
+        if compression != "off":
+            self.name = DEFLATE
         self.unbatched = unbatched
         self.joined = role is not None
         joined: dict[str, Any] = {}
@@ -187,6 +198,7 @@ class HubVariant(Variant):
             log_connection_events=False,
             default_topics=(),
             flush_interval=flush_interval,
+            compression=compression,
             **joined,
         )
         self.hub = wshub.Hub(config, implementation=implementation)  # type: ignore[arg-type]
@@ -257,7 +269,7 @@ class WebsocketsVariant(Variant):
             self.handler,
             host,
             0,
-            compression=None,
+            compression="deflate" if self.name == WEBSOCKETS_DEFLATE else None,
             ping_interval=None,
             max_queue=None,
             write_limit=2**30,  # like the hub's buffers: room for a whole round
@@ -279,7 +291,7 @@ class WebsocketsVariant(Variant):
         for data, topic in events:
             envelope = self.envelope(data)
             recipients = self.recipients(topic)
-            if self.name == "websockets.broadcast":
+            if self.name in ("websockets.broadcast", WEBSOCKETS_DEFLATE):
                 broadcast(recipients, orjson.dumps(envelope), text=True)
             elif self.name == "raw-write":
                 frame = _fanout_py.build_frame(orjson.dumps(envelope))
@@ -455,6 +467,12 @@ def make_variant(
         )
     if name == UNBATCHED:
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
+    if name == DEFLATE:
+        return HubVariant(
+            clients, batch_capacity, "cython", flush_interval=flush_interval, compression="deflate"
+        )
+    if name == WEBSOCKETS_DEFLATE:
+        return WebsocketsVariant(clients, batch_capacity, name)
     if name == PICOWS:
         return PicowsVariant(clients, batch_capacity)
     if name == SOCKETIFY:
@@ -477,18 +495,44 @@ def make_variant(
 
 
 def event_data(index: int, size: int) -> dict[str, Any]:
-    """A ``run_progress`` event of about ``size`` bytes of JSON, stamped with its send time."""
+    """A ``run_progress`` event of about ``size`` bytes of JSON (at least its fields'),
+    stamped with its send time.
+
+    Past its fields, it carries the run's latest per-method figures, numbers that change from
+    event to event as a runner's do, so that compression meets what it would in production
+    (padding of one repeated letter would shrink a hundredfold)."""
+    numbers = random.Random(index)
     data: dict[str, Any] = {
         "sent_at": time.time(),
         "run_id": "run-20261125-0042",
         "test_name": "eth_getLogs",
         "progress": round(index % 1000 / 1000, 3),
-        "elapsed_s": 12.5,
-        "requests_done": 15000 + index,
-        "current_rps": 1234.5,
-        "error_rate": 0.0012,
+        "elapsed_s": round(12.5 + index * 0.2, 1),
+        "requests_done": 15000 + 37 * index,
+        "current_rps": round(numbers.uniform(900, 1500), 1),
+        "error_rate": round(numbers.uniform(0, 0.01), 5),
     }
-    padding = size - len(orjson.dumps(data)) - len(',"note":""')
-    if padding > 0:
-        data["note"] = "x" * padding
+    budget = size - len(orjson.dumps(data)) - len(',"methods":[]')
+    methods: list[dict[str, Any]] = []
+    while budget > 0:
+        method = {
+            "method": _METHODS[len(methods) % len(_METHODS)],
+            "p50_ms": round(numbers.uniform(1, 20), 2),
+            "p99_ms": round(numbers.uniform(20, 400), 2),
+            "rps": round(numbers.uniform(50, 900), 1),
+        }
+        budget -= len(orjson.dumps(method)) + 1
+        methods.append(method)
+    if methods:
+        data["methods"] = methods
     return data
+
+
+_METHODS = (
+    "eth_call",
+    "eth_getLogs",
+    "eth_getBalance",
+    "eth_blockNumber",
+    "eth_getBlockByNumber",
+    "eth_getTransactionReceipt",
+)
