@@ -93,7 +93,7 @@ json_values = st.recursive(
 )
 topic_names = st.sampled_from(["*", "a", "b", "c", "run:1", "test:x"])
 topic_sets = st.lists(topic_names, max_size=4)
-client_indexes = st.integers(0, 6)
+client_indexes = st.integers(0, 7)
 keys = st.sampled_from(["k1", "k2", "k3"])
 
 operations = st.lists(
@@ -134,11 +134,11 @@ conflating_operations = st.lists(
     max_size=80,
 )
 
-# Clients 0, 2 and 3 take WebSocket frames, 1 and 6 compressed ones, 4-5 text messages; client
-# 3's write re-enters the core (it queues a reply for client 0 and pauses itself, as an asyncio
-# transport's write may), and the on_blocked callback resumes client 5 at once, as a transport
-# that drains fast does.
-CLIENT_KINDS = (0, 2, 0, 0, 1, 1, 2)
+# Clients 0, 2 and 3 take WebSocket frames, 1 and 6 compressed ones, 4-5 text messages, 7
+# Server-Sent Events; client 3's write re-enters the core (it queues a reply for client 0 and
+# pauses itself, as an asyncio transport's write may), and the on_blocked callback resumes
+# client 5 at once, as a transport that drains fast does.
+CLIENT_KINDS = (0, 2, 0, 0, 1, 1, 2, 3)
 # Messages this long and longer are compressed: the operations publish both kinds.
 DEFLATE_FROM = 60
 
@@ -264,7 +264,7 @@ def envelope_message(core: ModuleType, data: Any, number: int, key: str | None =
     payload = core.encode_envelope(
         "event", data, "2026-11-25T00:00:00.000Z", f"1-{number}", None, None, key
     )
-    return core.Message(payload, key)
+    return core.Message(payload, key, "event", f"1-{number}")
 
 
 @compiled_only
@@ -443,6 +443,46 @@ def test_a_message_is_compressed_once_for_every_client_that_negotiated_it(
             envelope_message(core, {}, 10).encoded(core.DEFLATE_FRAMES)
     finally:
         loop.close()
+
+
+@compiled_only
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.binary(max_size=60) | st.sampled_from([b"{\r\n}", b"a\rb\nc", b"\n"]),
+    message_type=st.none() | st.text(max_size=12),
+    message_id=st.none() | st.text(max_size=12),
+)
+def test_both_cores_build_the_same_event_records(
+    core: ModuleType, payload: bytes, message_type: str | None, message_id: str | None
+) -> None:
+    built = core.build_event(payload, message_type, message_id)
+    assert built == _fanout_py.build_event(payload, message_type, message_id)
+    assert built.endswith(b"\n\n")
+    message = core.Message(payload, None, message_type, message_id)
+    assert message.encoded(core.SSE_EVENTS) == built
+
+
+def parse_events(stream: bytes) -> list[dict[str, str]]:
+    """Records as an EventSource reads them: its fields, ``data`` lines joined by ``\\n``."""
+    records = []
+    for block in stream.decode().split("\n\n")[:-1]:
+        record: dict[str, str] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            record[name] = record[name] + "\n" + value if name in record else value
+        records.append(record)
+    return records
+
+
+def test_an_event_record_carries_the_id_type_and_envelope(core: ModuleType) -> None:
+    message = envelope_message(core, {"n": 1}, 7)
+    assert parse_events(message.encoded(core.SSE_EVENTS)) == [
+        {"id": "1-7", "event": "event", "data": message.payload.decode()}
+    ]
+    # A reply has no id; a pretty-printed payload keeps its lines; a type that would break
+    # the record's line is left out.
+    reply = core.Message(b'{\n  "type": "x"\r\n}', None, "bad\ntype")
+    assert parse_events(reply.encoded(core.SSE_EVENTS)) == [{"data": '{\n  "type": "x"\n}'}]
 
 
 def test_a_write_that_raises_counts_its_frames_as_dropped(core: ModuleType) -> None:

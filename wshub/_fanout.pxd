@@ -9,6 +9,8 @@ cimport cython
 cdef class Message:
     cdef readonly bytes payload
     cdef readonly object key
+    cdef readonly object message_type
+    cdef readonly object message_id
     cdef readonly list encodings
 
     @cython.final

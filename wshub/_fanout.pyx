@@ -41,11 +41,13 @@ __all__ = [
     "DROP_OLDEST",
     "FRAME_KINDS",
     "POLICIES",
+    "SSE_EVENTS",
     "TEXT_MESSAGES",
     "WEBSOCKET_FRAMES",
     "Client",
     "Fanout",
     "Message",
+    "build_event",
     "build_frame",
     "encode_envelope",
 ]
@@ -59,7 +61,8 @@ cdef enum:
     _WEBSOCKET_FRAMES = 0
     _TEXT_MESSAGES = 1
     _DEFLATE_FRAMES = 2
-    _KIND_COUNT = 3
+    _SSE_EVENTS = 3
+    _KIND_COUNT = 4
     _DISCONNECT = 0
     _DROP_OLDEST = 1
     _CONFLATE = 2
@@ -69,7 +72,8 @@ cdef enum:
 WEBSOCKET_FRAMES = _WEBSOCKET_FRAMES
 TEXT_MESSAGES = _TEXT_MESSAGES
 DEFLATE_FRAMES = _DEFLATE_FRAMES
-FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES)
+SSE_EVENTS = _SSE_EVENTS
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES, SSE_EVENTS)
 
 # The slow-client policies, as in the twin, which documents them.
 DISCONNECT = _DISCONNECT
@@ -149,6 +153,23 @@ def build_frame(payload, bint compressed=False):
     return frame
 
 
+def build_event(payload, message_type=None, message_id=None):
+    """One Server-Sent Events record of ``payload`` (see the twin)."""
+    cdef bytes head = b""
+    if message_id is not None and not _breaks_line(message_id):
+        head = b"id: " + (<str>message_id).encode() + b"\n"
+    if message_type is not None and not _breaks_line(message_type):
+        head += b"event: " + (<str>message_type).encode() + b"\n"
+    if b"\n" in payload or b"\r" in payload:
+        lines = payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return head + b"".join([b"data: " + line + b"\n" for line in lines]) + b"\n"
+    return head + b"data: " + payload + b"\n\n"
+
+
+cdef inline bint _breaks_line(str text):
+    return "\n" in text or "\r" in text
+
+
 cdef bytes _join_frames(list frames):
     """``b"".join(frames)`` into one preallocated object; every frame is bytes."""
     cdef Py_ssize_t count = PyList_GET_SIZE(frames)
@@ -175,16 +196,19 @@ cdef class Message:
     """One serialized message and the wire encodings built of it so far (see the twin)."""
 
     def __cinit__(self, *args, **kwargs):
-        self.encodings = [None, None, None]
+        self.encodings = [None, None, None, None]
 
-    def __init__(self, payload, key=None):
+    def __init__(self, payload, key=None, message_type=None, message_id=None):
         if not PyBytes_CheckExact(payload):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+        for name, value in (("key", key), ("message_type", message_type), ("message_id", message_id)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         self.payload = payload
         self.key = key
-        self.encodings = [None, payload, None]
+        self.message_type = message_type
+        self.message_id = message_id
+        self.encodings = [None, payload, None, None]
 
     def encoded(self, Py_ssize_t kind, deflate=None):
         """The message in frame kind ``kind``, built on first use; DEFLATE_FRAMES compresses
@@ -209,6 +233,8 @@ cdef class Message:
         # TEXT_MESSAGES is the payload itself, built with the message.
         if kind == _WEBSOCKET_FRAMES:
             return build_frame(self.payload)
+        if kind == _SSE_EVENTS:
+            return build_event(self.payload, self.message_type, self.message_id)
         if deflate is None:
             raise ValueError("a compressed frame needs the fan-out's deflate")
         body = deflate(self.payload)

@@ -59,11 +59,13 @@ __all__ = [
     "DROP_OLDEST",
     "FRAME_KINDS",
     "POLICIES",
+    "SSE_EVENTS",
     "TEXT_MESSAGES",
     "WEBSOCKET_FRAMES",
     "Client",
     "Fanout",
     "Message",
+    "build_event",
     "build_frame",
     "encode_envelope",
 ]
@@ -81,9 +83,13 @@ own, for clients that negotiated the hub's parameters (:mod:`wshub.compression`)
 compression per message serves all of them. A message the fan-out's ``deflate`` leaves plain
 (too small, or it would not shrink) is its :data:`WEBSOCKET_FRAMES` frame, the same object.
 Joined and written like :data:`WEBSOCKET_FRAMES`."""
-# The next kind (a Server-Sent Events record) gets the next number here, a branch in
-# Message._build and, if its queue is not joined, one in Fanout._write.
-FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES)
+SSE_EVENTS = 3
+"""Server-Sent Events records (``id:``, ``event:``, ``data:`` and a blank line,
+:func:`build_event`), for clients of an event stream; a client's queue is joined into one
+``bytes``, as frames are."""
+# The next kind gets the next number here, a branch in Message._build and, if its queue is
+# not joined, one in Fanout._write.
+FRAME_KINDS = (WEBSOCKET_FRAMES, TEXT_MESSAGES, DEFLATE_FRAMES, SSE_EVENTS)
 
 Deflate = Callable[[bytes], bytes | None]
 """What a fan-out compresses with: a message's payload to the body of its compressed frame
@@ -170,25 +176,65 @@ def build_frame(payload: bytes, compressed: bool = False) -> bytes:
     return header + payload
 
 
+def build_event(
+    payload: bytes, message_type: str | None = None, message_id: str | None = None
+) -> bytes:
+    """One Server-Sent Events record: ``id: <message_id>``, ``event: <message_type>``, then
+    ``payload`` in ``data:`` lines, and the blank line that ends the record (the WHATWG HTML
+    standard, "Server-sent events").
+
+    An id or type that is None, or holds a line break (it could not be one line), gets no
+    line; a payload with line breaks (JSON from elsewhere may be pretty-printed) takes one
+    ``data:`` line per line, which a client joins back with ``\n``.
+    """
+    head = b""
+    if message_id is not None and not _breaks_line(message_id):
+        head = b"id: " + message_id.encode() + b"\n"
+    if message_type is not None and not _breaks_line(message_type):
+        head += b"event: " + message_type.encode() + b"\n"
+    if b"\n" in payload or b"\r" in payload:
+        lines = payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return head + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    return head + b"data: " + payload + b"\n\n"
+
+
+def _breaks_line(text: str) -> bool:
+    return "\n" in text or "\r" in text
+
+
 class Message:
     """One serialized message and the wire encodings built of it so far.
 
     ``encodings[kind]`` is None until a recipient of that frame kind needs it; then it is
     built once and shared by every recipient of the kind, and by replays of the message.
     ``key``, when not None, lets this message supersede an older one with the same key in a
-    slow client's queue under :data:`CONFLATE`.
+    slow client's queue under :data:`CONFLATE`. ``message_type`` and ``message_id`` (None for
+    a direct reply) head its :data:`SSE_EVENTS` record.
     """
 
-    __slots__ = ("encodings", "key", "payload")
+    __slots__ = ("encodings", "key", "message_id", "message_type", "payload")
 
-    def __init__(self, payload: bytes, key: str | None = None) -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        key: str | None = None,
+        message_type: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
         if not isinstance(payload, bytes):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+        for name, value in (
+            ("key", key),
+            ("message_type", message_type),
+            ("message_id", message_id),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         self.payload: bytes = payload
         self.key: str | None = key
-        self.encodings: list[bytes | None] = [None, payload, None]
+        self.message_type: str | None = message_type
+        self.message_id: str | None = message_id
+        self.encodings: list[bytes | None] = [None, payload, None, None]
 
     def encoded(self, kind: int, deflate: Deflate | None = None) -> bytes:
         """The message in frame kind ``kind``, built on first use; :data:`DEFLATE_FRAMES`
@@ -209,6 +255,8 @@ class Message:
         # TEXT_MESSAGES is the payload itself, built with the message.
         if kind == WEBSOCKET_FRAMES:
             return build_frame(self.payload)
+        if kind == SSE_EVENTS:
+            return build_event(self.payload, self.message_type, self.message_id)
         if deflate is None:
             raise ValueError("a compressed frame needs the fan-out's deflate")
         body = deflate(self.payload)
@@ -225,8 +273,8 @@ class Client:
     Args:
         client_id: The client's id.
         write: Takes what :meth:`Fanout.flush` hands over: one ``bytes`` for
-            :data:`WEBSOCKET_FRAMES` and :data:`DEFLATE_FRAMES`, a ``list`` of ``bytes`` for
-            :data:`TEXT_MESSAGES`.
+            :data:`WEBSOCKET_FRAMES`, :data:`DEFLATE_FRAMES` and :data:`SSE_EVENTS`, a
+            ``list`` of ``bytes`` for :data:`TEXT_MESSAGES`.
         kind: The frame kind the client's transport takes.
 
     ``writable`` is the transport's flag: while it is False the core keeps the client's frames

@@ -80,7 +80,7 @@ class Framer:
         payload = core.encode_envelope(
             message_type, data, MessageClock.now(), None, client_id, error
         )
-        return core.Message(payload)
+        return core.Message(payload, None, message_type)
 
     def published(
         self,
@@ -94,7 +94,7 @@ class Framer:
         ``key``, its conflation key, is in the envelope and on the core's message."""
         core = self._core
         payload = core.encode_envelope(message_type, data, timestamp, message_id, key=key)
-        return core.Message(payload, key)
+        return core.Message(payload, key, message_type, message_id)
 
     def stored(
         self, message_type: str, data: bytes | None, message_id: str, key: str | None = None
@@ -110,7 +110,7 @@ class Framer:
         payload = core.encode_envelope(
             message_type, fragment, self._timestamp, message_id, key=key
         )
-        return core.Message(payload, key)
+        return core.Message(payload, key, message_type, message_id)
 
 
 def encode_data(data: Any) -> bytes | None:

@@ -70,6 +70,10 @@ class FrameKind(enum.IntEnum):
     """Like :data:`WEBSOCKET_FRAMES`, for a connection that negotiated the hub's
     permessage-deflate parameters (:func:`wshub.compression.frame_kind_of` says which do):
     a message large enough is one compressed frame (RSV1 set), built once for all of them."""
+    SSE_EVENTS = 3
+    """One ``bytes`` holding one or more whole Server-Sent Events records (``id:``,
+    ``event:``, ``data:``), for a transport that streams ``text/event-stream``, written as
+    they are."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
