@@ -166,7 +166,7 @@ def build_event(payload, message_type=None, message_id=None):
     return head + b"data: " + payload + b"\n\n"
 
 
-cdef inline bint _breaks_line(str text):
+cdef inline bint _breaks_line(object text):
     return "\n" in text or "\r" in text
 
 

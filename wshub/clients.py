@@ -817,13 +817,19 @@ def _initial_snapshot(request: HandshakeRequest) -> tuple[bool, ProtocolError | 
 
 
 def _initial_since(request: HandshakeRequest) -> tuple[str | None, ProtocolError | None]:
-    """The URL's ``?since=`` id; a malformed one resumes nothing and gets an error."""
+    """The URL's ``?since=`` id, else the ``Last-Event-ID`` header (what a browser's
+    ``EventSource`` sends when it reconnects); a malformed one resumes nothing and gets an
+    error."""
     values = request.query.get("since")
+    where = "?since="
     if not values:
-        return None, None
+        header = request.headers.get("last-event-id")
+        if not header:
+            return None, None
+        values, where = [header.strip()], "Last-Event-ID"
     try:
         parse_message_id(values[-1])
     except ProtocolError as exc:
-        exc.message = f"?since= ignored, nothing replayed: {exc.message}"
+        exc.message = f"{where} ignored, nothing replayed: {exc.message}"
         return None, exc
     return values[-1], None

@@ -54,6 +54,7 @@ from ..session import (
     SessionHost,
     format_address,
 )
+from .events import EVENTS_PATH, EventStream, stream_head
 
 __all__ = [
     "DASHBOARD_FILES",
@@ -177,6 +178,12 @@ def _is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
+def _wants_events(request: Request, endpoint: HubEndpoint) -> bool:
+    """Whether ``request`` asks for the event stream (a plain request to its path)."""
+    path = urllib.parse.urlsplit(request.path).path
+    return path == endpoint.events_path and not _is_upgrade(request)
+
+
 def _wrong_version(request: Request) -> bool:
     """Whether ``request`` asks for a WebSocket version other than 13 (RFC 6455)."""
     return request.headers.get_all("Sec-WebSocket-Version") != ["13"]
@@ -201,13 +208,15 @@ class HubEndpoint:
     Pass it to ``loop.create_server`` as the protocol factory (:func:`start_server` does).
     It keeps every connection from ``connection_made`` to ``connection_lost``, and one timer
     for all of them: protocol pings and the pong deadline with ``enable_ping_pong``, the
-    silence deadline (``read_timeout``) without.
+    silence deadline (``read_timeout``) without; and one for the event streams' heartbeat.
 
     Args:
         hub: The hub whose clients connect here; it must be running to accept them.
         path: The WebSocket endpoint; other paths get HTTP 404.
         static: Files answered to plain HTTP ``GET`` requests, by URL path (see
             :func:`load_dashboard`); None or empty serves none.
+        events_path: Where ``GET`` opens a Server-Sent Events stream
+            (:mod:`wshub.transports.events`); None serves none.
     """
 
     def __init__(
@@ -216,14 +225,19 @@ class HubEndpoint:
         *,
         path: str = "/api/ws",
         static: Mapping[str, StaticFile] | None = None,
+        events_path: str | None = EVENTS_PATH,
     ) -> None:
         self.hub = hub
         self.path = path
+        self.events_path = events_path
         self.static: Mapping[str, StaticFile] = static or {}
         self.config: HubConfig = hub.config
         self.loop = asyncio.get_running_loop()
         # Pending handshakes and open connections alike, so that aclose() reaches both.
         self.connections: dict[HubConnection, None] = {}
+        # Connections that became event streams (they left ``connections`` then).
+        self.streams: dict[EventStream, None] = {}
+        self._stream_heartbeat: asyncio.TimerHandle | None = None
         self.handshakes = 0  # connections whose opening handshake is not answered yet
         # Admissions being decided (an authenticate hook, a key set): cancelled by aclose().
         self.admissions: set[asyncio.Future[Admission | Refusal]] = set()
@@ -311,6 +325,28 @@ class HubEndpoint:
             slack = min(limit / 10, 1.0)
             self._heartbeat = self.loop.call_at(max(earliest, now + slack), self._check_silence)
 
+    # Event streams
+
+    def stream_opened(self, stream: EventStream) -> None:
+        """A connection became an event stream: make sure the heartbeat runs."""
+        self.streams[stream] = None
+        if self._stream_heartbeat is None and not self._closed:
+            self._stream_heartbeat = self.loop.call_later(
+                self.config.ping_interval, self._heartbeat_streams
+            )
+
+    def stream_ended(self, stream: EventStream) -> None:
+        self.streams.pop(stream, None)
+
+    def _heartbeat_streams(self) -> None:
+        self._stream_heartbeat = None
+        for stream in self.streams:
+            stream.heartbeat()
+        if self.streams and not self._closed:
+            self._stream_heartbeat = self.loop.call_later(
+                self.config.ping_interval, self._heartbeat_streams
+            )
+
     # Shutdown
 
     async def aclose(self) -> None:
@@ -324,6 +360,9 @@ class HubEndpoint:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        if self._stream_heartbeat is not None:
+            self._stream_heartbeat.cancel()
+            self._stream_heartbeat = None
         for check in self._pong_checks.values():
             check.cancel()
         self._pong_checks.clear()
@@ -335,13 +374,19 @@ class HubEndpoint:
                 connection.transport.abort()
             elif connection.protocol.state is _OPEN:  # not a hub client (the hub stopped)
                 connection._start_close(_GOING_AWAY, "server shutdown")
-        if not connections:
+        streams = list(self.streams)
+        for stream in streams:
+            stream.close(_GOING_AWAY, "server shutdown")  # no-op for those the hub closed
+        if not connections and not streams:
             return
         waiters = [self.loop.create_task(c._wait_lost()) for c in connections]
+        waiters += [self.loop.create_task(stream.wait_lost()) for stream in streams]
         _, pending = await asyncio.wait(waiters, timeout=self.config.write_timeout)
         if pending:
             for connection in list(self.connections):
                 connection.transport.abort()
+            for stream in list(self.streams):
+                stream.abort()
             await asyncio.wait(pending)
 
 
@@ -516,7 +561,7 @@ class HubConnection(asyncio.Protocol):
         end += len(_HEAD_END)
         self._head = None  # what follows is frames, read once the request is answered
         self._handle_data(bytes(head[:end]))  # the request
-        if len(head) > end:
+        if len(head) > end and self.transport.get_protocol() is self:  # not a stream now
             self.data_received(bytes(head[end:]))
 
     def _handshake_done(self) -> None:
@@ -605,7 +650,21 @@ class HubConnection(asyncio.Protocol):
         endpoint = self._endpoint
         protocol = self.protocol
         target = urllib.parse.urlsplit(request.path).path
-        if target != endpoint.path:
+        if _wants_events(request, endpoint):
+            if request.method != "GET":
+                response = protocol.reject(
+                    http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n"
+                )
+                response.headers["Allow"] = "GET"
+            elif sum(1 for _ in request.headers.raw_items()) > MAX_REQUEST_HEADERS:
+                response = protocol.reject(
+                    http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    f"More than {MAX_REQUEST_HEADERS} header lines\n",
+                )
+            else:
+                self._admit(request)
+                return
+        elif target != endpoint.path:
             # A WebSocket upgrade off the endpoint is a 404 whatever the path: a file is
             # answered only to a plain request.
             static = endpoint.static.get(target)
@@ -673,6 +732,10 @@ class HubConnection(asyncio.Protocol):
             response = protocol.reject(answer.status, f"{answer.reason}\n")
             for name, value in answer.headers:
                 response.headers[name] = value
+        elif _wants_events(request, self._endpoint):
+            request.headers = Headers()
+            self._stream(answer)
+            return
         else:
             admission = answer
             # Validates the handshake; a bad request gets a 4xx here.
@@ -691,6 +754,27 @@ class HubConnection(asyncio.Protocol):
             self._arm_close_deadline()  # refused: the protocol half-closed the connection
         else:
             self._open(admission)
+
+    def _stream(self, admission: Admission) -> None:
+        """Answer with an event stream, and hand the connection to an :class:`EventStream`,
+        the client's transport from now on; this object is done."""
+        endpoint = self._endpoint
+        self._handshake_done()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._backlog = None  # anything sent after the request is dropped, not read
+        endpoint.connections.pop(self, None)
+        transport = self.transport
+        stream = EventStream(endpoint, transport)
+        transport.set_protocol(stream)
+        transport.write(stream_head(admission))
+        endpoint.stream_opened(stream)
+        opened = endpoint.hub.open_session(stream, admission)
+        if isinstance(opened, Refusal):  # the hub filled up or stopped meanwhile
+            stream.close(opened.close_code, opened.reason)
+            return
+        stream.opened(opened)
 
     def _open(self, admission: Admission) -> None:
         endpoint = self._endpoint

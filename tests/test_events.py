@@ -1,0 +1,206 @@
+"""Server-Sent Events over real sockets: ``GET /api/events`` on the lean server, read by
+aiohttp's HTTP client and by ``curl -N``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from typing import Any, cast
+
+import pytest
+
+from wshub import mint_token
+
+from .events import events_url, open_stream
+from .helpers import SECRET, TIMEOUT, client, recv_json, wait_until
+from .raw import RawClient
+
+
+async def test_a_stream_carries_each_message_as_id_event_and_envelope(lean_server: Any) -> None:
+    async with (
+        lean_server() as served,
+        open_stream(events_url(served.url, "?topics=runs")) as stream,
+    ):
+        headers = stream.response.headers
+        assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert headers["Cache-Control"] == "no-store"
+        hub = served.hub
+        hub.broadcast_to_subscribers("deploy", {"v": 1}, ["deploys"])  # not its topic
+        hub.broadcast_to_subscribers("run_progress", {"progress": 0.5}, ["runs"], key="run:1")
+        record, envelope = await stream.message()
+        assert record["event"] == "run_progress"
+        assert record["id"] == envelope["id"]
+        assert envelope["data"] == {"progress": 0.5} and envelope["key"] == "run:1"
+        (info,) = hub.client_info()
+        assert info["subscriptions"] == ["runs"] and info["messages_sent"] == 2
+        assert hub.stats()["clients"] == 1
+
+
+@pytest.mark.parametrize("resume", ["Last-Event-ID", "since"])
+async def test_last_event_id_or_since_resumes_exactly(lean_server: Any, resume: str) -> None:
+    async with lean_server() as served:
+        hub = served.hub
+        async with open_stream(events_url(served.url)) as stream:
+            hub.broadcast_to_all("n", {"n": 0})
+            last = (await stream.message())[0]["id"]
+        await wait_until(lambda: hub.client_count == 0)
+        hub.broadcast_to_all("n", {"n": 1})  # missed while away
+        hub.broadcast_to_all("n", {"n": 2})
+        headers, query = (
+            ({"Last-Event-ID": last}, "") if resume != "since" else ({}, f"?since={last}")
+        )
+        async with open_stream(events_url(served.url, query), headers) as stream:
+            assert [(await stream.message())[1]["data"]["n"] for _ in range(2)] == [1, 2]
+            hub.broadcast_to_all("n", {"n": 3})
+            assert (await stream.message())[1]["data"]["n"] == 3
+
+
+async def test_a_bad_last_event_id_is_an_error_record_and_the_stream_lives(
+    lean_server: Any,
+) -> None:
+    async with (
+        lean_server() as served,
+        open_stream(events_url(served.url), {"Last-Event-ID": "yesterday"}) as stream,
+    ):
+        record, envelope = await stream.message()
+        assert record["event"] == "error" and "id" not in record
+        assert envelope["error"]["code"] == 400
+        assert "Last-Event-ID ignored" in envelope["error"]["message"]
+        served.hub.broadcast_to_all("after", None)
+        assert (await stream.message())[0]["event"] == "after"
+
+
+async def test_a_snapshot_comes_first_on_a_stream(lean_server: Any) -> None:
+    async with lean_server() as served:
+        hub = served.hub
+        hub.broadcast_to_all("run_progress", {"progress": 0.2}, key="run:1")
+        hub.broadcast_to_all("run_progress", {"progress": 0.4}, key="run:1")
+        hub.broadcast_to_all("regression_detected", {"n": 1})
+        async with open_stream(events_url(served.url, "?snapshot=1"), greeted=False) as stream:
+            _, greeting = await stream.message()
+            assert greeting["type"] == "connection" and greeting["data"]["snapshot"] is True
+            shown = [(await stream.message())[1]["data"] for _ in range(2)]
+            assert shown == [{"progress": 0.4}, {"n": 1}]
+
+
+async def test_streams_are_admitted_as_websocket_clients_are(lean_server: Any) -> None:
+    async with lean_server(auth_required=True, auth_secret=SECRET, max_clients=1) as served:
+        url = events_url(served.url)
+        async with open_stream(url, greeted=False) as refused:
+            assert refused.response.status == 401
+            assert "Bearer" in refused.response.headers["WWW-Authenticate"]
+        token = mint_token(SECRET, sub="alice", topics=["runs"], ttl=600)
+        async with open_stream(f"{url}?token={token}&topics=runs,secret") as stream:
+            _, error = await stream.message()
+            assert error["error"]["code"] == 403  # the topic its token does not grant
+            # The one client the hub takes: a second stream (or a WebSocket) is refused.
+            async with open_stream(
+                url, {"Authorization": f"Bearer {token}"}, greeted=False
+            ) as full:
+                assert full.response.status == 503
+            served.hub.broadcast_to_subscribers("run", {"n": 1}, ["runs"])
+            assert (await stream.message())[1]["data"] == {"n": 1}
+            assert served.hub.client_info()[0]["identity"] == "alice"
+
+
+async def test_a_stream_that_stops_reading_is_closed_as_a_slow_consumer(
+    lean_server: Any,
+) -> None:
+    config = {
+        "slow_client_policy": "disconnect",
+        "socket_send_buffer": 4096,
+        "max_buffered_bytes": 65536,
+        "write_timeout": 1.0,
+    }
+    async with lean_server(**config) as served, client(served.url) as (healthy, _):
+        _, writer = await asyncio.open_connection(*served.server.sockets[0].getsockname())
+        writer.write(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await wait_until(lambda: served.hub.client_count == 2)
+        cast(asyncio.Transport, writer.transport).pause_reading()  # never reads again
+        hub = served.hub
+
+        async def read_to_the_end() -> int:
+            count = 0
+            while (await recv_json(healthy, 20))["type"] != "after":
+                count += 1
+            return count
+
+        reading = asyncio.create_task(read_to_the_end())
+        for n in range(400):
+            hub.broadcast_to_all("bulk", {"n": n, "pad": "x" * 1000})
+            await asyncio.sleep(0)  # a loop iteration per message, as a runner's pace
+        await wait_until(lambda: hub.stats()["slow_consumer_disconnects"] == 1, 10)
+        hub.broadcast_to_all("after", None)
+        assert await reading == 400  # the WebSocket client that reads got every one
+        writer.transport.abort()
+
+
+async def test_a_quiet_stream_gets_heartbeats(lean_server: Any) -> None:
+    async with (
+        lean_server(ping_interval=0.05, pong_timeout=5) as served,
+        open_stream(events_url(served.url)) as stream,
+    ):
+        assert await stream.record() == {"comment": "heartbeat"}
+        assert await stream.record() == {"comment": "heartbeat"}
+
+
+async def test_the_hub_stopping_ends_a_stream_with_a_close_record(lean_server: Any) -> None:
+    async with lean_server() as served, open_stream(events_url(served.url)) as stream:
+        await served.hub.stop()
+        record, envelope = await stream.message()
+        assert envelope["type"] == "disconnection"
+        record, close = await stream.message()
+        assert record["event"] == "close" and close == {"code": 1001, "reason": "server shutdown"}
+        assert await stream.ended() == b""
+
+
+async def test_other_requests_to_the_stream(lean_server: Any) -> None:
+    async with lean_server() as served:
+        url = events_url(served.url)
+        async with RawClient.connect(url.replace("http://", "ws://")) as upgrade:
+            assert upgrade.response is not None and upgrade.response.status_code == 404
+        reader, writer = await asyncio.open_connection(*served.server.sockets[0].getsockname())
+        writer.write(b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 405") and b"Allow: GET" in head
+        writer.close()
+
+
+async def test_curl_follows_the_stream_and_resumes_with_last_event_id(lean_server: Any) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.fail("curl is not on the PATH", pytrace=False)
+
+    async def follow(*extra: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            curl, "-sN", *extra, events_url(served.url), stdout=asyncio.subprocess.PIPE
+        )
+
+    async def lines_until(process: asyncio.subprocess.Process, text: str) -> list[str]:
+        assert process.stdout is not None
+        seen = []
+        async with asyncio.timeout(TIMEOUT):
+            while text not in (line := (await process.stdout.readline()).decode()):
+                seen.append(line)
+        return [*seen, line]
+
+    async with lean_server() as served:
+        hub = served.hub
+        first = await follow()
+        await wait_until(lambda: hub.client_count == 1)
+        hub.broadcast_to_all("run_progress", {"n": 1})
+        shown = await lines_until(first, '"n":1')
+        # What a person reads: each field on its own line.
+        assert shown[-3].startswith("id: ") and shown[-2] == "event: run_progress\n"
+        last = shown[-3].removeprefix("id: ").strip()
+        first.kill()
+        await first.wait()
+        await wait_until(lambda: hub.client_count == 0)
+        hub.broadcast_to_all("run_progress", {"n": 2})
+        again = await follow("-H", f"Last-Event-ID: {last}")
+        assert json.loads((await lines_until(again, '"n":2'))[-1].removeprefix("data: "))[
+            "data"
+        ] == {"n": 2}
+        again.kill()
+        await again.wait()
