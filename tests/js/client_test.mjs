@@ -227,6 +227,52 @@ test("ws negotiates the hub's permessage-deflate and decodes its shared compress
   assert.equal((await api("/api/stats")).messages_compressed - before, 3);
 });
 
+test("falls back to the hub's event stream when WebSocket fails, and subscribes by reconnecting it", HUB, async (t) => {
+  // A network that lets no WebSocket through: every attempt ends before it opens.
+  class Blocked {
+    constructor() {
+      setTimeout(() => this.onclose?.({ code: 1006, reason: "blocked" }), 0);
+    }
+    close() {}
+  }
+  const client = makeClient(t, WS_URL, {
+    topics: ["deploys"],
+    sseFallback: true,
+    WebSocket: Blocked,
+    minDelay: 10,
+    maxDelay: 20,
+  });
+  assert.equal(client.eventsUrl, WS_URL.replace("ws://", "http://").replace(/ws$/, "events"));
+  await connected(client);
+  assert.equal(client.transport, "sse");
+  const mine = (await api("/api/clients")).find((info) => info.id === client.clientId);
+  assert.deepEqual(mine.subscriptions, ["deploys"]);
+  const received = inbox(client);
+  await publish("deploy", { version: "2.0.0" }, ["deploys"]);
+  await received.until(1);
+  assert.deepEqual(received.messages[0].data, { version: "2.0.0" });
+  const lastId = client.lastId;
+  assert.equal(lastId, received.messages[0].id);
+  // Published while it reconnects with the new topic: the resume brings it.
+  const subscribing = client.subscribe("runs");
+  await publish("deploy", { version: "2.0.1" }, ["deploys"]);
+  assert.deepEqual(await subscribing, ["deploys", "runs"]);
+  await publish("run", { n: 1 }, ["runs"]);
+  await received.until(4); // and the greeting of the stream's reconnection
+  assert.deepEqual(
+    received.messages.map((message) => message.type),
+    ["deploy", "connection", "deploy", "run"],
+  );
+  assert.equal(received.messages[1].data.recovered, true);
+  assert.deepEqual(
+    received.messages.filter((message) => message.id !== undefined).map((m) => m.data),
+    [{ version: "2.0.0" }, { version: "2.0.1" }, { n: 1 }],
+  );
+  assert.equal(client.transport, "sse");
+  const again = (await api("/api/clients")).find((info) => info.id === client.clientId);
+  assert.deepEqual(again.subscriptions, ["deploys", "runs"]);
+});
+
 test("on(type) handlers receive published messages; on() returns an unsubscribe", HUB, async (t) => {
   const client = makeClient(t, WS_URL, { topics: ["deploys"] });
   await connected(client);

@@ -17,6 +17,10 @@
  *
  * In Node, pass the `ws` package's class: `new WshubClient(url, { WebSocket })`.
  *
+ * With `sseFallback: true`, a client whose WebSocket cannot connect (a proxy that blocks it)
+ * reads the hub's Server-Sent Events stream instead (`GET /api/events`, with fetch), and
+ * subscribes by reconnecting it with the new topics (and `?since=`, so nothing is missed).
+ *
  * @module wshub
  */
 
@@ -74,6 +78,17 @@ const DEAD_CODE = 4000;
  *   long-lived page stays connected. If it throws, rejects, returns something other than a
  *   non-empty string, or takes longer than `deadAfter`, the attempt fails like a connection
  *   that could not be made (code 1006) and is retried with backoff.
+ * @property {boolean} [sseFallback=false] When a connection fails before the hub greets it,
+ *   make the next attempt over the other transport: the hub's event stream after a failed
+ *   WebSocket, the WebSocket again after a failed stream; a client stays on the one that
+ *   last worked. On the stream, subscribe() and unsubscribe() reconnect it with the new
+ *   topics (their promises settle with the next greeting), no pings are sent (the hub's
+ *   heartbeat comments count as received for `deadAfter`), and a `token_expired` reconnects
+ *   with a fresh token at once.
+ * @property {string | URL} [eventsUrl] The hub's event stream; by default the endpoint's
+ *   address over http(s), its last path segment `events` (`/api/ws` becomes `/api/events`).
+ * @property {typeof fetch} [fetch] What reads the event stream; defaults to
+ *   `globalThis.fetch` (browsers, Node 18+).
  */
 
 /**
@@ -183,6 +198,24 @@ export class WshubClient {
     if (typeof this._snapshot !== "boolean") {
       throw new TypeError("wshub: snapshot must be true or false");
     }
+    this._sseFallback = options.sseFallback ?? false;
+    if (typeof this._sseFallback !== "boolean") {
+      throw new TypeError("wshub: sseFallback must be true or false");
+    }
+    this._fetch = options.fetch ?? globalThis.fetch;
+    if (this._sseFallback && typeof this._fetch !== "function") {
+      throw new TypeError("wshub: sseFallback needs fetch: pass options.fetch");
+    }
+    const events = new URL(options.eventsUrl ?? "events", this.url);
+    if (events.protocol === "ws:") events.protocol = "http:";
+    else if (events.protocol === "wss:") events.protocol = "https:";
+    if (events.protocol !== "http:" && events.protocol !== "https:") {
+      throw new TypeError(`wshub: not an http(s) URL for the event stream: ${events.href}`);
+    }
+    /** The hub's event stream, as an http: or https: URL (used with `sseFallback`). */
+    this.eventsUrl = events.href;
+    this._useEvents = false; // the next attempt reads the event stream
+    this._stream = null; // the event stream being read: {controller, code, reason}
     this._token = options.token ?? null;
     if (typeof this._token === "string") checkToken(this._token);
     else if (this._token !== null && typeof this._token !== "function") {
@@ -257,6 +290,11 @@ export class WshubClient {
   /** The current status: "connecting", "open", "reconnecting" or "closed". */
   get status() {
     return this._status;
+  }
+
+  /** What the current (or next) connection uses: "websocket" or "sse". */
+  get transport() {
+    return this._useEvents ? "sse" : "websocket";
   }
 
   /** The current subscriptions, sorted. */
@@ -429,8 +467,12 @@ export class WshubClient {
     });
   }
 
-  /** Make the WebSocket of one attempt. */
+  /** Make the WebSocket (or open the event stream) of one attempt. */
   _dial(token) {
+    if (this._useEvents) {
+      this._dialEvents(token);
+      return;
+    }
     let ws;
     try {
       ws = new this._WebSocket(this._connectUrl(token));
@@ -463,13 +505,105 @@ export class WshubClient {
   }
 
   /**
+   * Read the hub's event stream for one attempt: each record's `data` is a message, handled
+   * as a WebSocket message is; the `close` record carries the code and reason the
+   * connection ends with.
+   */
+  _dialEvents(token) {
+    const controller = new AbortController();
+    const stream = { controller, code: null, reason: "" };
+    this._stream = stream;
+    this._lastReceived = now();
+    this._armDeadTimer();
+    const ended = (code, reason) => {
+      if (this._stream !== stream) return;
+      this._detach();
+      this._ended(code, reason);
+    };
+    const read = async (response) => {
+      if (!response.ok || response.body === null) {
+        controller.abort();
+        ended(1006, `HTTP ${response.status}`);
+        return;
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (this._stream !== stream) return;
+        if (done) break;
+        this._lastReceived = now();
+        buffer = this._records(stream, buffer + decoder.decode(value, { stream: true }));
+      }
+      ended(stream.code ?? 1006, stream.reason);
+    };
+    let request;
+    try {
+      request = this._fetch(this._connectUrl(token, this.eventsUrl), {
+        signal: controller.signal,
+        headers: { Accept: "text/event-stream" },
+        cache: "no-store",
+      });
+    } catch (error) {
+      ended(1006, String(error?.message ?? error));
+      return;
+    }
+    Promise.resolve(request)
+      .then(read)
+      .catch((error) => ended(1006, String(error?.message ?? error)));
+  }
+
+  /**
+   * Handle the whole records at the start of `text` (the hub ends lines with `\n`); returns
+   * what is left, the start of the next record.
+   */
+  _records(stream, text) {
+    const records = text.split("\n\n");
+    const rest = records.pop();
+    for (const record of records) {
+      let event = "message";
+      const data = [];
+      for (const line of record.split("\n")) {
+        if (line === "" || line.startsWith(":")) continue; // a comment: the heartbeat
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(line[colon + 1] === " " ? colon + 2 : colon + 1);
+        if (field === "event") event = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length === 0) continue;
+      if (event === "close") {
+        try {
+          const close = JSON.parse(data.join("\n"));
+          stream.code = Number.isInteger(close.code) ? close.code : null;
+          stream.reason = String(close.reason ?? "");
+        } catch {
+          this.invalidFrames += 1;
+        }
+        continue;
+      }
+      this._received(data.join("\n"));
+      if (this._stream !== stream) return ""; // a handler closed or restarted it
+    }
+    return rest;
+  }
+
+  /** Reconnect the event stream at once (new topics, a fresh token): not a failure. */
+  _restartStream() {
+    this._detach();
+    this._greetedAt = null;
+    this._open();
+  }
+
+  /**
    * The URL of the next attempt: the endpoint with `?topics=` set to the local set and, once
    * a published message has arrived, `?since=` set to its id. Both travel in the handshake,
    * so the hub subscribes and replays in one step: no gap, no duplicate. The token, if any,
    * travels as `?token=`.
    */
-  _connectUrl(token) {
-    const url = new URL(this.url);
+  _connectUrl(token, endpoint = this.url) {
+    const url = new URL(endpoint);
     if (token !== null) url.searchParams.set("token", token);
     const topics = this.topics.filter((topic) => !NOT_IN_URL.test(topic));
     url.searchParams.set("topics", topics.join(","));
@@ -491,6 +625,10 @@ export class WshubClient {
   _detach() {
     const ws = this._ws;
     this._ws = null;
+    if (this._stream !== null) {
+      this._stream.controller.abort();
+      this._stream = null;
+    }
     clearInterval(this._pingTimer);
     clearTimeout(this._deadTimer);
     this._pingTimer = null;
@@ -518,6 +656,8 @@ export class WshubClient {
       this._setStatus("closed", { code, reason });
       return;
     }
+    // Failed before the greeting: the other transport may get through.
+    if (greetedAt === null && this._sseFallback) this._useEvents = !this._useEvents;
     if (greetedAt !== null && now() - greetedAt >= this._stableAfter) this._attempt = 0;
     this._attempt += 1;
     const base = Math.min(this._maxDelay, this._minDelay * this._factor ** (this._attempt - 1));
@@ -547,12 +687,16 @@ export class WshubClient {
   _checkDead() {
     this._deadTimer = null;
     const ws = this._ws;
-    if (ws === null) return;
+    if (ws === null && this._stream === null) return;
     if (now() - this._lastReceived < this._deadAfter) {
       this._armDeadTimer();
       return;
     }
     this._detach();
+    if (ws === null) {
+      this._ended(DEAD_CODE, `no message from the server in ${this._deadAfter} ms`);
+      return;
+    }
     try {
       // No close handshake on a dead link: the ws package can drop the socket at once.
       if (typeof ws.terminate === "function") ws.terminate();
@@ -658,7 +802,8 @@ export class WshubClient {
     const add = [...this._topics].filter((topic) => !this._serverTopics.has(topic));
     const waiting = this._waiting;
     this._waiting = [];
-    if (remove.length === 0 && add.length === 0) {
+    // A stream sends nothing: what its URL could not carry stays unsubscribed.
+    if ((remove.length === 0 && add.length === 0) || this._stream !== null) {
       this._settleAll([...this._serverTopics].sort(), waiting);
     } else {
       if (remove.length > 0) {
@@ -739,6 +884,10 @@ export class WshubClient {
   /** The token expired: send a fresh one, if there is a function to get it from. */
   _refresh() {
     if (typeof this._token !== "function") return; // the hub closes with 4001; reconnecting fails
+    if (this._stream !== null) {
+      this._restartStream(); // it cannot send a refresh: it reconnects with a fresh token
+      return;
+    }
     const ws = this._ws;
     this._freshToken().then(
       (token) => {
@@ -779,7 +928,10 @@ export class WshubClient {
     return new Promise((resolve, reject) => {
       const waiter = { resolve, reject };
       const data = type === "subscribe" ? this._subscription(topics) : { topics };
-      if (this._status === "open" && this._send({ type, data })) {
+      if (this._status === "open" && this._stream !== null) {
+        this._waiting.push(waiter);
+        this._restartStream();
+      } else if (this._status === "open" && this._send({ type, data })) {
         this._pending.push([waiter]);
       } else {
         this._waiting.push(waiter); // the next greeting answers it
