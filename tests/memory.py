@@ -9,8 +9,10 @@ messages the hub wrote, with no socket in the way.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
+from wshub.compression import WINDOW_BITS
 from wshub.session import (
     ClientSession,
     FrameKind,
@@ -51,6 +53,23 @@ def split_frames(data: bytes) -> list[bytes]:
     frames = read_frames(data)
     assert not any(compressed for compressed, _ in frames), "a compressed frame"
     return [payload for _, payload in frames]
+
+
+def inflate(body: bytes) -> bytes:
+    """A compressed message decoded as a client without context takeover does: with a
+    decompressor of its own, knowing nothing of the frames before it."""
+    decoder = zlib.decompressobj(-WINDOW_BITS)
+    return decoder.decompress(body + b"\x00\x00\xff\xff") + decoder.flush()
+
+
+def event_data(stream: bytes) -> list[bytes]:
+    """The ``data`` of each Server-Sent Events record in ``stream`` (whole records), its
+    lines joined by ``\n``, as an EventSource reads them."""
+    payloads = []
+    for record in stream.split(b"\n\n")[:-1]:
+        lines = [line[6:] for line in record.split(b"\n") if line.startswith(b"data: ")]
+        payloads.append(b"\n".join(lines))
+    return payloads
 
 
 def read_frames(data: bytes) -> list[tuple[bool, bytes]]:
@@ -110,10 +129,13 @@ class MemoryClient:
     def write(self, data: Any) -> None:
         assert self.close_frame is None, "written to after the close began"
         self.writes += 1
-        if self.frame_kind is FrameKind.WEBSOCKET_FRAMES:
-            self.payloads.extend(split_frames(data))
-        else:
+        if self.frame_kind is FrameKind.TEXT_MESSAGES:
             self.payloads.extend(data)
+        elif self.frame_kind is FrameKind.SSE_EVENTS:
+            self.payloads.extend(event_data(data))
+        else:  # frames, compressed or not
+            for compressed, payload in read_frames(data):
+                self.payloads.append(inflate(payload) if compressed else payload)
 
     def close(self, code: int, reason: str) -> None:
         if self.close_frame is not None:

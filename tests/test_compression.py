@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import zlib
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from wshub.bench.transports import COMPRESSING_TRANSPORTS
 from wshub.compression import WINDOW_BITS
 
 from .helpers import client, recv_json, send_json, subscribe, wait_until
-from .memory import read_frames
+from .memory import inflate, read_frames
 from .raw import RawClient
 
 # What the hub answers a client's offer, word for word.
@@ -52,13 +51,6 @@ def answer(ws: ClientConnection) -> str | None:
     """The hub's ``Sec-WebSocket-Extensions``, None when it sent none."""
     assert ws.response is not None
     return ws.response.headers.get("Sec-WebSocket-Extensions")
-
-
-def inflate(body: bytes) -> bytes:
-    """A compressed message decoded with a decompressor of its own: no context from the
-    frames before it is needed."""
-    decoder = zlib.decompressobj(-WINDOW_BITS)
-    return decoder.decompress(body + b"\x00\x00\xff\xff") + decoder.flush()
 
 
 @pytest.mark.parametrize("compression", ["off", "deflate"])

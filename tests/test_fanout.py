@@ -10,7 +10,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import zlib
 from types import ModuleType
 from typing import Any
 
@@ -22,9 +21,9 @@ from websockets.frames import Frame, Opcode
 
 import wshub
 from wshub import _fanout_py
-from wshub.compression import WINDOW_BITS, SharedDeflate
+from wshub.compression import SharedDeflate
 
-from .memory import MemoryTransport, read_frames, split_frames
+from .memory import MemoryTransport, inflate, read_frames, split_frames
 
 compiled_only = pytest.mark.parametrize("implementation", ["cython"], indirect=True)
 
@@ -390,13 +389,6 @@ def test_each_frame_kind_is_built_once_only_when_a_recipient_needs_it(core: Modu
             core.Client("x", texts[0].write, 7)
     finally:
         loop.close()
-
-
-def inflate(body: bytes) -> bytes:
-    """A compressed frame's payload, decoded as a client without context takeover does:
-    with a decompressor of its own, knowing nothing of the frames before it."""
-    decoder = zlib.decompressobj(-WINDOW_BITS)
-    return decoder.decompress(body + b"\x00\x00\xff\xff") + decoder.flush()
 
 
 def test_a_message_is_compressed_once_for_every_client_that_negotiated_it(

@@ -236,7 +236,10 @@ class Clients:
             for error in (topics_error, forbidden_error, since_error, snapshot_error)
             if error is not None
         ]
-        client = self.core.Client(client_id, transport.write, int(transport.frame_kind))
+        kind = int(transport.frame_kind)
+        if kind == self.core.DEFLATE_FRAMES and self.fanout.deflate is None:
+            kind = self.core.WEBSOCKET_FRAMES  # plain frames are valid on every connection
+        client = self.core.Client(client_id, transport.write, kind)
         session = ClientSession(self, client, transport, admission, self.last_id())
         self.sessions[client_id] = session
         self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
