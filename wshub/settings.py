@@ -43,6 +43,8 @@ class ServerSettings:
         host: Interface of the public WebSocket port.
         port: The public WebSocket port (0 picks a free one).
         path: The WebSocket endpoint.
+        events_path: The Server-Sent Events stream of the same messages
+            (docs/protocol.md); empty serves none.
         api_host: Interface of the internal HTTP API; keep it private.
         api_port: The internal HTTP API port (0 picks a free one).
         certfile: TLS certificate (PEM) for ``wss://``; with ``keyfile``.
@@ -67,6 +69,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 8080
     path: str = "/api/ws"
+    events_path: str = "/api/events"
     api_host: str = "127.0.0.1"
     api_port: int = 8081
     certfile: str | None = None
@@ -87,6 +90,13 @@ class ServerSettings:
                 raise SettingsError(f"{name} must be a TCP port from 0 to 65535, got {value!r}")
         if not self.path.startswith("/"):
             raise SettingsError(f"path must start with '/', got {self.path!r}")
+        if self.events_path and not self.events_path.startswith("/"):
+            raise SettingsError(
+                f"events_path must start with '/' (or be empty: no stream), "
+                f"got {self.events_path!r}"
+            )
+        if self.events_path == self.path:
+            raise SettingsError(f"events_path and path are both {self.path!r}")
         if (self.certfile is None) != (self.keyfile is None):
             raise SettingsError("certfile and keyfile must be given together")
         if self.log_format not in ("text", "json"):

@@ -41,6 +41,7 @@ SENT_AT = b'"sent_at":'
 # from a task of its own (ASGI) allows.
 GREETING = b'{"type":"connection"'
 CONNECT_CONCURRENCY = 128  # handshakes in flight per worker
+EVENTS_SUFFIX = "/events"  # a path that names an event stream, not a WebSocket endpoint
 OPCODE_TEXT = 0x1
 RSV1 = 0x40  # a compressed message's first frame
 OPCODE_CLOSE = 0x8
@@ -104,6 +105,8 @@ class HandshakeReader(asyncio.Protocol):
 
     __slots__ = ("buffer", "closed", "handshake", "opened", "request", "transport")
 
+    ACCEPTED = b"HTTP/1.1 101"  # the status line of an answer that lets it in
+
     def __init__(self, request: bytes, opened: asyncio.Future[bool]) -> None:
         self.request = request
         self.opened = opened
@@ -128,7 +131,7 @@ class HandshakeReader(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            accepted = buffer.startswith(b"HTTP/1.1 101")
+            accepted = buffer.startswith(self.ACCEPTED)
             del buffer[: end + 4]
             self.handshake = False
             if not self.opened.done():
@@ -188,7 +191,8 @@ class Reader(HandshakeReader):
     def frames_arrived(self) -> None:
         buffer = self.buffer
         tally = self.tally
-        if tally.armed:
+        # A compressed frame's text is not there to read: no sample.
+        if tally.armed and not (buffer and buffer[0] & RSV1):
             self.sample_latency()
         size = len(buffer)
         position = 0
@@ -239,8 +243,6 @@ class Reader(HandshakeReader):
         ``sent_at`` in it belongs to the message that waited longest.
         """
         buffer = self.buffer
-        if buffer and buffer[0] & RSV1:  # compressed: its text is not there to read
-            return
         start = buffer.find(SENT_AT)
         if start < 0:
             return
@@ -253,6 +255,47 @@ class Reader(HandshakeReader):
         except ValueError:
             return
         self.tally.latencies[self.node].append((time.time() - sent_at) * 1000.0)
+
+
+class EventStreamReader(Reader):
+    """One lean Server-Sent Events client: it counts whole records (the hub's greeting, the
+    first one, aside), as :class:`Reader` counts frames."""
+
+    __slots__ = ()
+
+    ACCEPTED = b"HTTP/1.1 200"
+
+    def frames_arrived(self) -> None:
+        buffer = self.buffer
+        tally = self.tally
+        if tally.armed:
+            self.sample_latency()
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            return
+        end += 2
+        records = buffer.count(b"\n\n", 0, end)  # JSON holds no line break: one per record
+        if self.greeting:
+            records -= 1
+            self.greeting = False
+        del buffer[:end]
+        if tally.armed:
+            tally.wire_bytes += end
+            if records:
+                tally.received += records
+                tally.last_arrival = time.time()
+                if tally.received >= tally.expected:
+                    tally.finish()
+
+
+def stream_request(host: str, port: int, path: str) -> bytes:
+    """The request that opens an event stream."""
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Accept: text/event-stream\r\n"
+        "User-Agent: wshub-bench\r\n\r\n"
+    ).encode()
 
 
 def handshake_request(host: str, port: int, path: str) -> bytes:
@@ -294,13 +337,16 @@ class Worker:
             query = f"?topics={topics[index]}" if topics[index] is not None else ""
             node = nodes[index]
             port = ports[node]
-            request = handshake_request(host, port, path + query)
+            events = path.endswith(EVENTS_SUFFIX)
+            make = stream_request if events else handshake_request
+            request = make(host, port, path + query)
+            reader_class = EventStreamReader if events else Reader
             opened: asyncio.Future[bool] = loop.create_future()
             source = sources[index % len(sources)]
             async with limit:
                 try:
                     _, reader = await loop.create_connection(
-                        lambda: Reader(request, self.tally, opened, node),
+                        lambda: reader_class(request, self.tally, opened, node),
                         host,
                         port,
                         local_addr=(source, 0),

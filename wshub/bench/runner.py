@@ -27,7 +27,7 @@ from .channel import Channel, ChannelClosed
 from .client import raise_open_files_limit, worker_main
 from .host import host_main
 from .redis_server import RedisServer, check_redis, delete_stream, process_cpu_seconds, start_redis
-from .servers import NodeRole, nodes_of
+from .servers import NodeRole, client_path, nodes_of
 from .workload import expected_messages, topic_of_client
 
 __all__ = ["Plan", "RoundResult", "Runner", "Share"]
@@ -239,7 +239,7 @@ class Runner:
         return process_cpu_seconds(pid) if pid is not None else None
 
     async def _connect(
-        self, channels: list[Channel], shares: list[Share], clients: int
+        self, channels: list[Channel], shares: list[Share], clients: int, name: str
     ) -> list[tuple[Any, ...]]:
         """Connect every worker's clients to their nodes; returns the hosts' "ready"."""
         plan = self.plan
@@ -250,7 +250,7 @@ class Runner:
                 "connect",
                 plan.host,
                 ports,
-                "/api/ws",
+                client_path(name),
                 share.topics,
                 sources,
                 share.slow,
@@ -296,7 +296,7 @@ class Runner:
             stream = self._spawn_hosts(name, workload, clients, hosts)
             channels = [channel for channel, _ in hosts]
             shares = self.assignment(clients, nodes)
-            ready = await self._connect(channels, shares, clients)
+            ready = await self._connect(channels, shares, clients, name)
             expected = [
                 expected_messages(plan, workload, clients, share.topics, share.slow)
                 for share in shares

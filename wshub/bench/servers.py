@@ -32,6 +32,9 @@ apart; what differs is how the server gets those bytes to N sockets:
     benchmark's clients all offer it): the Cython hub with ``compression="deflate"``, one
     compression per message shared by every client, beside ``websockets.broadcast`` with
     websockets' default compression, a context and a compression per connection.
+``wshub-sse`` (only when asked for)
+    ``wshub-cython`` read as Server-Sent Events: the same hub, its clients on
+    ``/api/events`` instead of WebSocket, each message one record built once and shared.
 ``wshub-cython-unbatched`` (only when asked for)
     The Cython hub flushing after every publish: one write per client per message, all else
     equal. Against ``wshub-cython`` it shows what coalescing writes buys.
@@ -62,6 +65,8 @@ import wshub
 from wshub import _fanout_py
 from wshub.wire import MessageClock
 
+from ..transports.events import EVENTS_PATH
+from .transports import PATH as WS_PATH
 from .transports import serve_over
 
 __all__ = [
@@ -70,6 +75,7 @@ __all__ = [
     "VARIANTS",
     "NodeRole",
     "Variant",
+    "client_path",
     "make_variant",
     "nodes_of",
     "nodes_variant",
@@ -83,7 +89,16 @@ PICOWS = "picows"
 SOCKETIFY = "socketify"
 DEFLATE = "wshub-deflate"
 WEBSOCKETS_DEFLATE = "websockets-deflate"
-EXTRA_VARIANTS = (UNBATCHED, DEFLATE, WEBSOCKETS_DEFLATE, *OTHER_TRANSPORTS, PICOWS, SOCKETIFY)
+SSE = "wshub-sse"
+EXTRA_VARIANTS = (
+    UNBATCHED,
+    DEFLATE,
+    WEBSOCKETS_DEFLATE,
+    SSE,
+    *OTHER_TRANSPORTS,
+    PICOWS,
+    SOCKETIFY,
+)
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 BASELINE = "websockets.broadcast"
 #: What joined nodes are compared with: the same hub, alone in one process.
@@ -97,6 +112,12 @@ def envelope(clock: MessageClock, data: dict[str, Any]) -> dict[str, Any]:
     """The hub's envelope of an event, as the peers that are not wshub build it."""
     message_id, timestamp = clock.next()
     return {"type": MESSAGE_TYPE, "data": data, "timestamp": timestamp, "id": message_id}
+
+
+def client_path(name: str) -> str:
+    """Where the clients of variant ``name`` connect: the event stream for ``wshub-sse``,
+    else the WebSocket endpoint."""
+    return EVENTS_PATH if name == SSE else WS_PATH
 
 
 def nodes_variant(nodes: int) -> str:
@@ -467,6 +488,10 @@ def make_variant(
         )
     if name == UNBATCHED:
         return HubVariant(clients, batch_capacity, "cython", unbatched=True)
+    if name == SSE:
+        variant = HubVariant(clients, batch_capacity, "cython", flush_interval=flush_interval)
+        variant.name = SSE
+        return variant
     if name == DEFLATE:
         return HubVariant(
             clients, batch_capacity, "cython", flush_interval=flush_interval, compression="deflate"

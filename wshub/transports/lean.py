@@ -925,6 +925,7 @@ async def start_server(
     port: int | None,
     *,
     path: str = "/api/ws",
+    events_path: str | None = EVENTS_PATH,
     ssl: ssl_module.SSLContext | None = None,
     backlog: int = 4096,
     dashboard: bool = False,
@@ -942,6 +943,8 @@ async def start_server(
         host: Interface(s) to listen on.
         port: TCP port; 0 picks a free one (read it from ``server.sockets``).
         path: The WebSocket endpoint; other paths get HTTP 404.
+        events_path: Where a plain ``GET`` opens a Server-Sent Events stream of the same
+            messages (:mod:`wshub.transports.events`); None serves none.
         ssl: An ``ssl.SSLContext`` for ``wss://``; its handshake deadline is ``open_timeout``,
             its shutdown deadline ``write_timeout``.
         backlog: The listen queue, large so that a crowd of dashboards reconnecting at once
@@ -955,7 +958,7 @@ async def start_server(
     # Read here, once: a request then costs no file system access, and an install that
     # lacks a file says so at start-up rather than at the first browser.
     static = load_dashboard(path) if dashboard else None
-    endpoint = HubEndpoint(hub, path=path, static=static)
+    endpoint = HubEndpoint(hub, path=path, static=static, events_path=events_path)
     if ssl is not None:
         create_server_options.setdefault("ssl_handshake_timeout", hub.config.open_timeout)
         create_server_options.setdefault("ssl_shutdown_timeout", hub.config.write_timeout)
@@ -980,6 +983,7 @@ async def serve(
     port: int | None,
     *,
     path: str = "/api/ws",
+    events_path: str | None = EVENTS_PATH,
     ssl: Any = None,
     dashboard: bool = False,
     **kwargs: Any,
@@ -998,6 +1002,8 @@ async def serve(
         host: Interface to listen on.
         port: TCP port; 0 picks a free one (read it from ``server.sockets``).
         path: The WebSocket endpoint; other paths get HTTP 404.
+        events_path: Where a plain ``GET`` opens a Server-Sent Events stream of the same
+            messages, with the same admission (docs/protocol.md); None serves none.
         ssl: An ``ssl.SSLContext`` for ``wss://``.
         dashboard: Also serve the browser dashboard over plain HTTP on the same port:
             ``GET /`` and the files it loads, read once from ``wshub/static/``; other
@@ -1025,7 +1031,14 @@ async def serve(
     kwargs.setdefault("backlog", 4096)
     await hub.start()
     server, endpoint = await start_server(
-        hub, host, port, path=path, ssl=ssl, dashboard=dashboard, **kwargs
+        hub,
+        host,
+        port,
+        path=path,
+        events_path=events_path,
+        ssl=ssl,
+        dashboard=dashboard,
+        **kwargs,
     )
     try:
         yield server
