@@ -1,5 +1,6 @@
-"""Browsers' own WebSocket against the hub: Chromium and Firefox negotiate its
-permessage-deflate and decode every shared compressed frame.
+"""Browsers' own WebSocket and EventSource against the hub: Chromium and Firefox negotiate
+its permessage-deflate and decode every shared compressed frame, and follow its event stream,
+resuming it with Last-Event-ID by themselves.
 
 Each browser runs headless on a page of the test's own (an aiohttp server on 127.0.0.1) that
 connects to the hub and posts back what it saw: the extensions the browser negotiated, then
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from .helpers import wait_until
 from .test_compression import ANSWER, progress
 from .tools import CHROMIUM_ARGS, require_chromium, require_firefox
 
@@ -47,14 +49,38 @@ ws.onclose = (event) => report({ stage: "closed", code: event.code });
 </script>
 """
 
+# The same with the browser's EventSource on the hub's event stream: it reconnects by
+# itself when the stream ends, sending the id of the last record it saw as Last-Event-ID.
+EVENT_SOURCE_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>wshub events</title>
+<script>
+const hub = new URLSearchParams(location.search).get("hub");
+const received = [];
+const report = (body) => fetch("/report", { method: "POST", body: JSON.stringify(body) });
+const source = new EventSource(hub);
+source.addEventListener("connection", (event) => {
+  const greeting = JSON.parse(event.data).data;
+  report({ stage: "open", client_id: greeting.client_id, recovered: greeting.recovered });
+});
+source.addEventListener("n", (event) => received.push(JSON.parse(event.data).data.n));
+source.addEventListener("end", (event) => {
+  report({ stage: "done", received, last: event.lastEventId });
+  source.close();
+});
+</script>
+"""
+
 
 @contextlib.asynccontextmanager
-async def report_page() -> AsyncIterator[tuple[str, asyncio.Queue[dict[str, Any]]]]:
-    """Serve :data:`PAGE`; yields its URL and the queue of what it posts back."""
+async def report_page(
+    html: str = PAGE,
+) -> AsyncIterator[tuple[str, asyncio.Queue[dict[str, Any]]]]:
+    """Serve ``html``; yields its URL and the queue of what it posts back."""
     reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text=PAGE, content_type="text/html")
+        return web.Response(text=html, content_type="text/html")
 
     async def report(request: web.Request) -> web.Response:
         reports.put_nowait(json.loads(await request.read()))
@@ -136,3 +162,35 @@ async def test_browsers_negotiate_the_hubs_compression_and_decode_every_message(
             assert done["stage"] == "done", done
             assert done["received"] == events
             assert hub.stats()["messages_compressed"] - before == len(events)
+
+
+@pytest.mark.parametrize("name", ["chromium", "firefox"])
+async def test_browsers_follow_the_event_stream_and_resume_it_by_themselves(
+    lean_server: Any, pytestconfig: pytest.Config, tmp_path: Path, name: str
+) -> None:
+    async with lean_server() as served, report_page(EVENT_SOURCE_PAGE) as (page, reports):
+        stream = served.url.replace("ws://", "http://").replace("/api/ws", "/api/events")
+        profile = tmp_path / "profile"
+        profile.mkdir()
+        async with browser(launch(name, pytestconfig, profile, f"{page}?hub={stream}")):
+            hub = served.hub
+            opened = await next_report(reports)
+            assert opened["stage"] == "open", opened
+            for n in range(3):
+                hub.broadcast_to_all("n", {"n": n})
+            # The hub ends the stream; what is published before the browser is back is
+            # replayed from the Last-Event-ID it brings.
+            session = hub.session(opened["client_id"])
+            assert session is not None
+            hub.flush()  # written before the close, which drops what is still queued
+            session.transport.close(1012, "service restart")
+            await wait_until(lambda: hub.client_count == 0)
+            for n in range(3, 5):
+                hub.broadcast_to_all("n", {"n": n})
+            again = await next_report(reports)
+            assert again["stage"] == "open" and again["recovered"] is True, again
+            hub.broadcast_to_all("n", {"n": 5})
+            last = hub.broadcast_to_all("end")
+            done = await next_report(reports)
+            assert done["received"] == [0, 1, 2, 3, 4, 5]
+            assert last == 1
