@@ -1017,6 +1017,21 @@ async def test_metrics_report_the_hub_counters_and_the_latency_histogram(
         assert samples[("wshub_clients_connected", ())] == 0
 
 
+async def test_compression_shows_in_clients_stats_and_metrics(api: ApiFactory) -> None:
+    async with api(compression="deflate") as running, client(running.ws_url()) as (ws, _):
+        running.hub.broadcast_to_all("run_progress", {"note": "compressible " * 40})
+        assert (await recv_json(ws))["type"] == "run_progress"
+        stats = (await running.get("/api/stats")).body
+        assert stats["compressed_clients"] == 1
+        assert stats["messages_compressed"] >= 1
+        (info,) = (await running.get("/api/clients")).body
+        assert info["compression"] == "deflate"
+        samples = metric_samples((await running.get("/metrics")).text)
+        assert samples[("wshub_compressed_clients", ())] == 1
+        compressed = samples[("wshub_messages_compressed_total", ())]
+        assert compressed == stats["messages_compressed"]
+
+
 async def test_notifications_are_timed_too_and_flush_interval_delays_the_observation(
     api: ApiFactory,
 ) -> None:

@@ -71,6 +71,12 @@ _COUNTERS: Final = (
     ("bytes_sent", "wshub_bytes_sent", "Bytes written to client transports by the hub."),
     ("writes", "wshub_writes", "Transport writes made by the fan-out core."),
     (
+        "messages_compressed",
+        "wshub_messages_compressed",
+        "Messages compressed for clients that negotiated permessage-deflate, once each "
+        "whatever the number of recipients.",
+    ),
+    (
         "slow_consumer_disconnects",
         "wshub_slow_consumer_disconnects",
         "Clients closed with 4008 as slow consumers.",
@@ -130,7 +136,9 @@ class HubCollector(Collector):
     def _families(self, stats: Mapping[str, Any] | None) -> Iterator[Metric]:
         hub = self._hub
         info = InfoMetricFamily("wshub", "The hub's version and fan-out core.")
-        clients = GaugeMetricFamily("wshub_clients_connected", "WebSocket clients connected.")
+        clients = GaugeMetricFamily(
+            "wshub_clients_connected", "Clients connected (WebSocket and event streams)."
+        )
         running = GaugeMetricFamily(
             "wshub_hub_running", "1 while the hub accepts clients and messages, else 0."
         )
@@ -144,14 +152,19 @@ class HubCollector(Collector):
         retained_events = GaugeMetricFamily(
             "wshub_retained_events", "Messages without a key retained for snapshots."
         )
+        compressed = GaugeMetricFamily(
+            "wshub_compressed_clients", "Clients sent the shared compressed frames."
+        )
         if stats is not None:
             retained_keys.add_metric([], stats["retained_keys"])
             retained_events.add_metric([], stats["retained_events"])
+            compressed.add_metric([], stats["compressed_clients"])
         yield info
         yield clients
         yield running
         yield retained_keys
         yield retained_events
+        yield compressed
         for key, name, documentation in _COUNTERS:
             counter = CounterMetricFamily(name, documentation)
             if stats is not None:
