@@ -12,7 +12,13 @@ import pytest
 
 import wshub
 from wshub.bench.redis_server import RedisServer, find_redis_server
-from wshub.bench.transports import COMPRESSING_TRANSPORTS, PATH, TRANSPORTS, serve_over
+from wshub.bench.transports import (
+    COMPRESSING_TRANSPORTS,
+    EVENT_TRANSPORTS,
+    PATH,
+    TRANSPORTS,
+    serve_over,
+)
 
 from .helpers import HubServer
 from .tools import require_tool
@@ -69,6 +75,14 @@ def compressing_server(
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
     """:func:`hub_server` over each transport that negotiates the hub's permessage-deflate,
     for what only they do."""
+    return _served(implementation, request.param)
+
+
+@pytest.fixture(params=EVENT_TRANSPORTS)
+def events_server(
+    implementation: str, request: pytest.FixtureRequest
+) -> Callable[..., contextlib.AbstractAsyncContextManager[HubServer]]:
+    """:func:`hub_server` over each transport that serves the event stream."""
     return _served(implementation, request.param)
 
 

@@ -166,9 +166,9 @@ async def test_browsers_negotiate_the_hubs_compression_and_decode_every_message(
 
 @pytest.mark.parametrize("name", ["chromium", "firefox"])
 async def test_browsers_follow_the_event_stream_and_resume_it_by_themselves(
-    lean_server: Any, pytestconfig: pytest.Config, tmp_path: Path, name: str
+    events_server: Any, pytestconfig: pytest.Config, tmp_path: Path, name: str
 ) -> None:
-    async with lean_server() as served, report_page(EVENT_SOURCE_PAGE) as (page, reports):
+    async with events_server() as served, report_page(EVENT_SOURCE_PAGE) as (page, reports):
         stream = served.url.replace("ws://", "http://").replace("/api/ws", "/api/events")
         profile = tmp_path / "profile"
         profile.mkdir()

@@ -1,11 +1,12 @@
-"""Server-Sent Events over real sockets: ``GET /api/events`` on the lean server, read by
-aiohttp's HTTP client and by ``curl -N``."""
+"""Server-Sent Events over real sockets: ``GET /api/events`` on every transport that serves
+it, read by aiohttp's HTTP client and by ``curl -N``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shutil
+import urllib.parse
 from typing import Any, cast
 
 import pytest
@@ -17,9 +18,15 @@ from .helpers import SECRET, TIMEOUT, client, recv_json, wait_until
 from .raw import RawClient
 
 
-async def test_a_stream_carries_each_message_as_id_event_and_envelope(lean_server: Any) -> None:
+def address(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+async def test_a_stream_carries_each_message_as_id_event_and_envelope(events_server: Any) -> None:
     async with (
-        lean_server() as served,
+        events_server() as served,
         open_stream(events_url(served.url, "?topics=runs")) as stream,
     ):
         headers = stream.response.headers
@@ -38,8 +45,8 @@ async def test_a_stream_carries_each_message_as_id_event_and_envelope(lean_serve
 
 
 @pytest.mark.parametrize("resume", ["Last-Event-ID", "since"])
-async def test_last_event_id_or_since_resumes_exactly(lean_server: Any, resume: str) -> None:
-    async with lean_server() as served:
+async def test_last_event_id_or_since_resumes_exactly(events_server: Any, resume: str) -> None:
+    async with events_server() as served:
         hub = served.hub
         async with open_stream(events_url(served.url)) as stream:
             hub.broadcast_to_all("n", {"n": 0})
@@ -57,10 +64,10 @@ async def test_last_event_id_or_since_resumes_exactly(lean_server: Any, resume: 
 
 
 async def test_a_bad_last_event_id_is_an_error_record_and_the_stream_lives(
-    lean_server: Any,
+    events_server: Any,
 ) -> None:
     async with (
-        lean_server() as served,
+        events_server() as served,
         open_stream(events_url(served.url), {"Last-Event-ID": "yesterday"}) as stream,
     ):
         record, envelope = await stream.message()
@@ -71,8 +78,8 @@ async def test_a_bad_last_event_id_is_an_error_record_and_the_stream_lives(
         assert (await stream.message())[0]["event"] == "after"
 
 
-async def test_a_snapshot_comes_first_on_a_stream(lean_server: Any) -> None:
-    async with lean_server() as served:
+async def test_a_snapshot_comes_first_on_a_stream(events_server: Any) -> None:
+    async with events_server() as served:
         hub = served.hub
         hub.broadcast_to_all("run_progress", {"progress": 0.2}, key="run:1")
         hub.broadcast_to_all("run_progress", {"progress": 0.4}, key="run:1")
@@ -84,8 +91,8 @@ async def test_a_snapshot_comes_first_on_a_stream(lean_server: Any) -> None:
             assert shown == [{"progress": 0.4}, {"n": 1}]
 
 
-async def test_streams_are_admitted_as_websocket_clients_are(lean_server: Any) -> None:
-    async with lean_server(auth_required=True, auth_secret=SECRET, max_clients=1) as served:
+async def test_streams_are_admitted_as_websocket_clients_are(events_server: Any) -> None:
+    async with events_server(auth_required=True, auth_secret=SECRET, max_clients=1) as served:
         url = events_url(served.url)
         async with open_stream(url, greeted=False) as refused:
             assert refused.response.status == 401
@@ -105,7 +112,7 @@ async def test_streams_are_admitted_as_websocket_clients_are(lean_server: Any) -
 
 
 async def test_a_stream_that_stops_reading_is_closed_as_a_slow_consumer(
-    lean_server: Any,
+    events_server: Any,
 ) -> None:
     config = {
         "slow_client_policy": "disconnect",
@@ -113,8 +120,8 @@ async def test_a_stream_that_stops_reading_is_closed_as_a_slow_consumer(
         "max_buffered_bytes": 65536,
         "write_timeout": 1.0,
     }
-    async with lean_server(**config) as served, client(served.url) as (healthy, _):
-        _, writer = await asyncio.open_connection(*served.server.sockets[0].getsockname())
+    async with events_server(**config) as served, client(served.url) as (healthy, _):
+        _, writer = await asyncio.open_connection(*address(served.url))
         writer.write(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await wait_until(lambda: served.hub.client_count == 2)
         cast(asyncio.Transport, writer.transport).pause_reading()  # never reads again
@@ -136,17 +143,17 @@ async def test_a_stream_that_stops_reading_is_closed_as_a_slow_consumer(
         writer.transport.abort()
 
 
-async def test_a_quiet_stream_gets_heartbeats(lean_server: Any) -> None:
+async def test_a_quiet_stream_gets_heartbeats(events_server: Any) -> None:
     async with (
-        lean_server(ping_interval=0.05, pong_timeout=5) as served,
+        events_server(ping_interval=0.05, pong_timeout=5) as served,
         open_stream(events_url(served.url)) as stream,
     ):
         assert await stream.record() == {"comment": "heartbeat"}
         assert await stream.record() == {"comment": "heartbeat"}
 
 
-async def test_the_hub_stopping_ends_a_stream_with_a_close_record(lean_server: Any) -> None:
-    async with lean_server() as served, open_stream(events_url(served.url)) as stream:
+async def test_the_hub_stopping_ends_a_stream_with_a_close_record(events_server: Any) -> None:
+    async with events_server() as served, open_stream(events_url(served.url)) as stream:
         await served.hub.stop()
         record, envelope = await stream.message()
         assert envelope["type"] == "disconnection"
@@ -155,19 +162,19 @@ async def test_the_hub_stopping_ends_a_stream_with_a_close_record(lean_server: A
         assert await stream.ended() == b""
 
 
-async def test_other_requests_to_the_stream(lean_server: Any) -> None:
-    async with lean_server() as served:
+async def test_other_requests_to_the_stream(events_server: Any) -> None:
+    async with events_server() as served:
         url = events_url(served.url)
         async with RawClient.connect(url.replace("http://", "ws://")) as upgrade:
             assert upgrade.response is not None and upgrade.response.status_code == 404
-        reader, writer = await asyncio.open_connection(*served.server.sockets[0].getsockname())
+        reader, writer = await asyncio.open_connection(*address(served.url))
         writer.write(b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 405") and b"Allow: GET" in head
         writer.close()
 
 
-async def test_curl_follows_the_stream_and_resumes_with_last_event_id(lean_server: Any) -> None:
+async def test_curl_follows_the_stream_and_resumes_with_last_event_id(events_server: Any) -> None:
     curl = shutil.which("curl")
     if curl is None:
         pytest.fail("curl is not on the PATH", pytrace=False)
@@ -185,7 +192,7 @@ async def test_curl_follows_the_stream_and_resumes_with_last_event_id(lean_serve
                 seen.append(line)
         return [*seen, line]
 
-    async with lean_server() as served:
+    async with events_server() as served:
         hub = served.hub
         first = await follow()
         await wait_until(lambda: hub.client_count == 1)

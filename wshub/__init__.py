@@ -40,7 +40,14 @@ from .session import (
     HandshakeRequest,
     Refusal,
 )
-from .transports import AsgiApp, aiohttp_handler, asgi_app, serve, server_options
+from .transports import (
+    AsgiApp,
+    aiohttp_events_handler,
+    aiohttp_handler,
+    asgi_app,
+    serve,
+    server_options,
+)
 from .wire import MessageTooLarge, MessageType, ProtocolError
 
 __all__ = [
@@ -75,6 +82,7 @@ __all__ = [
     "TokenRefused",
     "TokenVerifier",
     "__version__",
+    "aiohttp_events_handler",
     "aiohttp_handler",
     "asgi_app",
     "mint_token",

@@ -15,14 +15,24 @@ from aiohttp import web
 from websockets.asyncio.server import serve as websockets_serve
 
 import wshub
+from wshub.transports.events import EVENTS_PATH
 
-__all__ = ["COMPRESSING_TRANSPORTS", "PATH", "TRANSPORTS", "serve_over"]
+__all__ = [
+    "COMPRESSING_TRANSPORTS",
+    "EVENTS_PATH",
+    "EVENT_TRANSPORTS",
+    "PATH",
+    "TRANSPORTS",
+    "serve_over",
+]
 
 PATH = "/api/ws"
 TRANSPORTS = ("lean", "websockets", "aiohttp", "asgi")
 # Those that negotiate the hub's permessage-deflate (compression="deflate"): aiohttp's and
 # uvicorn's connections answer the handshake themselves.
 COMPRESSING_TRANSPORTS = ("lean", "websockets")
+# Those that serve the event stream at EVENTS_PATH beside the WebSocket endpoint.
+EVENT_TRANSPORTS = ("lean", "aiohttp")
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +79,7 @@ async def _websockets(hub: wshub.Hub, host: str) -> AsyncIterator[tuple[Any, int
 async def _aiohttp(hub: wshub.Hub, host: str) -> AsyncIterator[tuple[Any, int]]:
     app = web.Application()
     app.router.add_get(PATH, wshub.aiohttp_handler(hub))
+    app.router.add_get(EVENTS_PATH, wshub.aiohttp_events_handler(hub))
     await hub.start()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()

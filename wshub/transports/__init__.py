@@ -11,9 +11,17 @@ port (:mod:`wshub.session`) and nothing else.
   :func:`wshub.asgi_app`.
 """
 
-from .aiohttp import aiohttp_handler
+from .aiohttp import aiohttp_events_handler, aiohttp_handler
 from .asgi import AsgiApp, asgi_app
 from .lean import serve, start_server
 from .websockets import server_options
 
-__all__ = ["AsgiApp", "aiohttp_handler", "asgi_app", "serve", "server_options", "start_server"]
+__all__ = [
+    "AsgiApp",
+    "aiohttp_events_handler",
+    "aiohttp_handler",
+    "asgi_app",
+    "serve",
+    "server_options",
+    "start_server",
+]

@@ -13,6 +13,13 @@ per loop iteration. aiohttp writes its own control frames whole, so they never i
 the core's. What it costs beside the lean server: a task per connection and aiohttp's reader,
 measured in the README's benchmark table.
 
+The hub's Server-Sent Events stream (docs/protocol.md) is a route too::
+
+    app.router.add_get("/api/events", wshub.aiohttp_events_handler(hub))
+
+There aiohttp writes the response (chunked), so each client's records go out through one
+``await response.write()`` per flush, from a :class:`~.messages.MessageSender`.
+
 The hub must be started (and stopped) by the application, for example in ``on_startup`` and
 ``on_cleanup``, or by running it around ``web.AppRunner``.
 """
@@ -20,6 +27,7 @@ The hub must be started (and stopped) by the application, for example in ``on_st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,9 +43,14 @@ from ..session import (
     admission_of,
     format_address,
 )
-from .messages import HIGH_WATER
+from .events import HEARTBEAT, close_record, stream_headers
+from .messages import HIGH_WATER, MessageSender
 
-__all__ = ["aiohttp_handler"]
+__all__ = ["aiohttp_events_handler", "aiohttp_handler"]
+
+# How often a stream's handler looks whether its client is still there: aiohttp does not
+# cancel a handler whose client left, and a stream receives nothing that would tell it.
+_STREAM_CHECK = 1.0
 
 _INTERNAL_ERROR = 1011
 _MESSAGE_TOO_BIG = 1009
@@ -202,3 +215,98 @@ async def _receive(
             return
         else:  # CLOSE, CLOSING, CLOSED
             return
+
+
+class _Stream:
+    """The :class:`~wshub.session.ClientTransport` of one aiohttp event stream."""
+
+    frame_kind = FrameKind.SSE_EVENTS
+
+    def __init__(
+        self, response: web.StreamResponse, transport: asyncio.Transport, close_timeout: float
+    ) -> None:
+        self._response = response
+        self._transport = transport
+        self.ended = asyncio.Event()  # the hub closed it, or gave up on it
+        self.sender = MessageSender(self._send, self._close, close_timeout, self.ended.set)
+
+    def write(self, data: bytes) -> None:
+        self.sender.write([data])
+
+    async def _send(self, data: bytes) -> None:
+        await self._response.write(data)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self._response.write(close_record(code, reason))
+        finally:
+            self.ended.set()
+
+    def heartbeat(self) -> None:
+        """The heartbeat comment, behind nothing: a stream with records waiting needs none."""
+        if self.sender.buffered_bytes() == 0:
+            with contextlib.suppress(ConnectionError):  # closing
+                self.sender.write([HEARTBEAT])
+
+    def close(self, code: int, reason: str) -> None:
+        self.sender.close(code, reason)
+
+    def abort(self) -> None:
+        self._transport.abort()
+        self.ended.set()
+
+    def buffered_bytes(self) -> int:
+        return self.sender.buffered_bytes()
+
+
+def aiohttp_events_handler(
+    hub: SessionHost,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp request handler that serves the hub's event stream, for ``router.add_get``.
+
+    The same admission, query (``?topics=``, ``?since=`` or ``Last-Event-ID``,
+    ``?snapshot=``, ``?token=``) and bounds as a WebSocket client; see docs/protocol.md,
+    "Server-Sent Events".
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            # As the lean server answers a WebSocket off its endpoint.
+            return web.Response(status=404, text="Not Found: this is the event stream\n")
+        admission = await admission_of(hub, _handshake_request(request))
+        if isinstance(admission, Refusal):
+            return web.Response(
+                status=admission.status,
+                text=f"{admission.reason}\n",
+                headers=dict(admission.headers),
+            )
+        config = hub.config
+        response = web.StreamResponse(headers=stream_headers(admission))
+        await response.prepare(request)
+        transport = request.transport
+        if transport is None:  # the client left meanwhile
+            return response
+        set_send_buffer(transport, config.socket_send_buffer)
+        stream = _Stream(response, transport, config.write_timeout)
+        opened = hub.open_session(stream, admission)
+        if isinstance(opened, Refusal):
+            await response.write(close_record(opened.close_code, opened.reason))
+            return response
+        stream.sender.session = opened
+        loop = asyncio.get_running_loop()
+        next_heartbeat = loop.time() + config.ping_interval
+        try:
+            while not stream.ended.is_set() and not transport.is_closing():
+                wait = min(_STREAM_CHECK, max(0.0, next_heartbeat - loop.time()))
+                try:
+                    await asyncio.wait_for(stream.ended.wait(), wait)
+                except TimeoutError:
+                    if loop.time() >= next_heartbeat:
+                        stream.heartbeat()
+                        next_heartbeat = loop.time() + config.ping_interval
+        finally:
+            stream.sender.stop()
+            opened.closed(None, None)
+        return response
+
+    return handler

@@ -39,7 +39,14 @@ from ..session import Admission, ClientSession, FrameKind
 if TYPE_CHECKING:
     from .lean import HubEndpoint
 
-__all__ = ["EVENTS_PATH", "HEARTBEAT", "EventStream", "stream_head"]
+__all__ = [
+    "EVENTS_PATH",
+    "HEARTBEAT",
+    "EventStream",
+    "close_record",
+    "stream_head",
+    "stream_headers",
+]
 
 EVENTS_PATH = "/api/events"
 """Where the lean server answers with an event stream, by default."""
@@ -50,29 +57,46 @@ HEARTBEAT = b": heartbeat\n\n"
 _SSE_EVENTS = FrameKind.SSE_EVENTS
 
 
-def stream_head(admission: Admission) -> bytes:
-    """The ``200 OK`` that starts an event stream, as bytes.
+def stream_headers(admission: Admission) -> list[tuple[str, str]]:
+    """The headers of the ``200 OK`` that starts an event stream, on every server.
 
     A browser on another origin that the hub admitted (its ``Origin`` is in
     ``allowed_origins``, or any is allowed) may read the stream: the answer names that origin.
     """
+    headers = [
+        ("Content-Type", "text/event-stream; charset=utf-8"),
+        # Every byte at once: nothing may cache the stream or hold it back to compress.
+        ("Cache-Control", "no-store"),
+        ("X-Accel-Buffering", "no"),
+    ]
+    origin = admission.request.origin
+    if origin is not None:
+        headers += [
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("Vary", "Origin"),
+        ]
+    return headers
+
+
+def stream_head(admission: Admission) -> bytes:
+    """The lean server's ``200 OK`` that starts an event stream, as bytes; the body ends
+    with the connection."""
     headers = Headers(
         [
             ("Date", email.utils.formatdate(usegmt=True)),
             ("Server", SERVER),
-            ("Content-Type", "text/event-stream; charset=utf-8"),
-            # Every byte at once: nothing may cache the stream or hold it back to compress.
-            ("Cache-Control", "no-store"),
-            ("X-Accel-Buffering", "no"),
+            *stream_headers(admission),
             ("Connection", "close"),
         ]
     )
-    origin = admission.request.origin
-    if origin is not None:
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Vary"] = "Origin"
     return Response(200, "OK", headers, b"").serialize()
+
+
+def close_record(code: int, reason: str) -> bytes:
+    """The last record of a stream the hub ends: the close code a WebSocket client would
+    get, and its reason."""
+    return b"event: close\ndata: " + orjson.dumps({"code": code, "reason": reason}) + b"\n\n"
 
 
 class EventStream(asyncio.Protocol):
@@ -118,9 +142,7 @@ class EventStream(asyncio.Protocol):
             self.session.closing()
         transport = self.transport
         if not transport.is_closing():
-            transport.write(
-                b"event: close\ndata: " + orjson.dumps({"code": code, "reason": reason}) + b"\n\n"
-            )
+            transport.write(close_record(code, reason))
             transport.close()
         self._timer = self._endpoint.loop.call_later(
             self._endpoint.config.write_timeout, transport.abort
