@@ -40,6 +40,8 @@ def test_defaults_are_the_seed_defaults() -> None:
         config.snapshot_max_keys,
     ) == (100, 3600.0, 3600.0, 10_000)
     assert HubConfig(snapshot_window=0, snapshot_key_ttl=0).snapshot_window == 0  # 0: none
+    assert (config.compression, config.compression_min_size) == ("off", 128)
+    assert HubConfig(compression="deflate", compression_min_size=0).compression == "deflate"
 
 
 BAD_VALUES: list[tuple[str, Any]] = [
@@ -73,6 +75,10 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("history_ttl", -1),
     ("history_ttl", float("nan")),
     ("history_ttl", "300"),
+    ("compression", "gzip"),
+    ("compression", True),
+    ("compression_min_size", -1),
+    ("compression_min_size", 1.5),
     ("snapshot_window", -1),
     ("snapshot_window", 1.5),
     ("snapshot_window_ttl", -1),

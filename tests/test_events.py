@@ -211,3 +211,11 @@ async def test_curl_follows_the_stream_and_resumes_with_last_event_id(events_ser
         ] == {"n": 2}
         again.kill()
         await again.wait()
+
+
+async def test_a_lean_server_without_the_stream_answers_404(lean_server: Any) -> None:
+    async with (
+        lean_server(serve_options={"events_path": None}) as served,
+        open_stream(events_url(served.url), greeted=False) as stream,
+    ):
+        assert stream.response.status == 404

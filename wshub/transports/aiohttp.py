@@ -65,6 +65,13 @@ def _handshake_request(request: web.Request) -> HandshakeRequest:
     )
 
 
+def _refused(refusal: Refusal) -> web.Response:
+    """The HTTP answer to a request the hub does not admit."""
+    return web.Response(
+        status=refusal.status, text=f"{refusal.reason}\n", headers=dict(refusal.headers)
+    )
+
+
 class _Client:
     """The :class:`~wshub.session.ClientTransport` of one aiohttp WebSocket."""
 
@@ -156,11 +163,7 @@ def aiohttp_handler(hub: SessionHost) -> Callable[[web.Request], Awaitable[web.S
     async def handler(request: web.Request) -> web.StreamResponse:
         admission = await admission_of(hub, _handshake_request(request))
         if isinstance(admission, Refusal):
-            return web.Response(
-                status=admission.status,
-                text=f"{admission.reason}\n",
-                headers=dict(admission.headers),
-            )
+            return _refused(admission)
         config = hub.config
         ws = web.WebSocketResponse(
             compress=False,  # one frame built once must be valid on every connection
@@ -275,11 +278,7 @@ def aiohttp_events_handler(
             return web.Response(status=404, text="Not Found: this is the event stream\n")
         admission = await admission_of(hub, _handshake_request(request))
         if isinstance(admission, Refusal):
-            return web.Response(
-                status=admission.status,
-                text=f"{admission.reason}\n",
-                headers=dict(admission.headers),
-            )
+            return _refused(admission)
         config = hub.config
         response = web.StreamResponse(headers=stream_headers(admission))
         await response.prepare(request)

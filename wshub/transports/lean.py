@@ -178,6 +178,12 @@ def _is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
+def _method_not_allowed(protocol: ServerProtocol) -> Response:
+    response = protocol.reject(http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+    response.headers["Allow"] = "GET"
+    return response
+
+
 def _wants_events(request: Request, endpoint: HubEndpoint) -> bool:
     """Whether ``request`` asks for the event stream (a plain request to its path)."""
     path = urllib.parse.urlsplit(request.path).path
@@ -650,21 +656,10 @@ class HubConnection(asyncio.Protocol):
         endpoint = self._endpoint
         protocol = self.protocol
         target = urllib.parse.urlsplit(request.path).path
-        if _wants_events(request, endpoint):
-            if request.method != "GET":
-                response = protocol.reject(
-                    http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n"
-                )
-                response.headers["Allow"] = "GET"
-            elif sum(1 for _ in request.headers.raw_items()) > MAX_REQUEST_HEADERS:
-                response = protocol.reject(
-                    http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    f"More than {MAX_REQUEST_HEADERS} header lines\n",
-                )
-            else:
-                self._admit(request)
-                return
-        elif target != endpoint.path:
+        events = _wants_events(request, endpoint)
+        if events and request.method != "GET":
+            response = _method_not_allowed(protocol)
+        elif not events and target != endpoint.path:
             # A WebSocket upgrade off the endpoint is a 404 whatever the path: a file is
             # answered only to a plain request.
             static = endpoint.static.get(target)
@@ -677,10 +672,7 @@ class HubConnection(asyncio.Protocol):
             elif static is None:
                 response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
             elif request.method != "GET":
-                response = protocol.reject(
-                    http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n"
-                )
-                response.headers["Allow"] = "GET"
+                response = _method_not_allowed(protocol)
             else:
                 response = static.response()
         elif sum(1 for _ in request.headers.raw_items()) > MAX_REQUEST_HEADERS:
@@ -688,7 +680,7 @@ class HubConnection(asyncio.Protocol):
                 http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                 f"More than {MAX_REQUEST_HEADERS} header lines\n",
             )
-        else:
+        else:  # the WebSocket endpoint, or the event stream
             self._admit(request)
             return
         self._respond(response)
