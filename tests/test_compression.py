@@ -163,7 +163,7 @@ async def test_a_decompression_bomb_is_closed_with_1009_and_others_are_served(
 
 
 async def test_compression_off_never_answers_an_offer(compressing_server: Any) -> None:
-    async with compressing_server() as served, client(served.url) as (ws, _):
+    async with compressing_server(compression="off") as served, client(served.url) as (ws, _):
         assert answer(ws) is None
         served.hub.broadcast_to_all("run_progress", progress(1))
         assert (await recv_json(ws))["data"] == progress(1)

@@ -40,8 +40,9 @@ def test_defaults_are_the_seed_defaults() -> None:
         config.snapshot_max_keys,
     ) == (100, 3600.0, 3600.0, 10_000)
     assert HubConfig(snapshot_window=0, snapshot_key_ttl=0).snapshot_window == 0  # 0: none
-    assert (config.compression, config.compression_min_size) == ("off", 128)
-    assert HubConfig(compression="deflate", compression_min_size=0).compression == "deflate"
+    # Measured: 45% fewer bytes on the wire at the same CPU per delivered message (README).
+    assert (config.compression, config.compression_min_size) == ("deflate", 128)
+    assert HubConfig(compression="off", compression_min_size=0).compression == "off"
 
 
 BAD_VALUES: list[tuple[str, Any]] = [

@@ -36,8 +36,9 @@ START_TIMEOUT = 20.0
 NODE_TIMEOUT = 180.0
 
 
-# The main hub compresses: ws negotiates permessage-deflate by default, so every test against
-# it decodes the hub's shared compressed frames; the hub that requires tokens sends plain ones.
+# The main hub compresses (the default, said here for the reader): ws negotiates
+# permessage-deflate by default, so every test against it decodes the hub's shared compressed
+# frames; the hub that requires tokens sends plain ones.
 COMPRESSED = ("--compression", "deflate")
 
 
@@ -61,7 +62,15 @@ def auth_hub(tmp_path: Path) -> Iterator[HubProcess]:
     secret_file = tmp_path / "auth-secret"
     secret_file.write_text(SECRET)
     hub = HubProcess(
-        extra=["--auth-required", "--auth-secret-file", str(secret_file), "--auth-leeway", "0"]
+        extra=[
+            "--auth-required",
+            "--auth-secret-file",
+            str(secret_file),
+            "--auth-leeway",
+            "0",
+            "--compression",
+            "off",
+        ]
     )
     yield hub
     hub.stop()

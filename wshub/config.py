@@ -92,10 +92,10 @@ class HubConfig:
             ``baseline_updated`` events: ``"wshub"`` (the README's table) or
             ``"json-bench"``, what NethermindEth/json-bench's own dashboard reads (a whole
             ``HistoricRun``; ``runId``, ``metricName``, ``percentChange``, ...).
-        compression: ``"deflate"`` answers a client's permessage-deflate offer (RFC 7692)
-            with ``server_no_context_takeover``, so that each message is compressed once for
-            every client that negotiated it (:mod:`wshub.compression`); ``"off"`` (the
-            default) sends every client plain frames. The lean server and the websockets
+        compression: ``"deflate"`` (the default) answers a client's permessage-deflate
+            offer (RFC 7692) with ``server_no_context_takeover``, so that each message is
+            compressed once for every client that negotiated it (:mod:`wshub.compression`);
+            ``"off"`` sends every client plain frames. The lean server and the websockets
             transport negotiate it; aiohttp's and ASGI's connections stay plain.
         compression_min_size: Messages shorter than this many bytes (the JSON envelope) go
             plain even to clients that negotiated compression: they would hardly shrink.
@@ -165,7 +165,7 @@ class HubConfig:
     redis_stream: str = "wshub:messages"
     idempotency_window: float = 300.0
     event_format: str = "wshub"
-    compression: str = "off"
+    compression: str = "deflate"
     compression_min_size: int = 128
     socket_send_buffer: int = 0
     max_connections_per_ip: int = 0
