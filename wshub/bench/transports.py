@@ -32,7 +32,7 @@ TRANSPORTS = ("lean", "websockets", "aiohttp", "asgi")
 # uvicorn's connections answer the handshake themselves.
 COMPRESSING_TRANSPORTS = ("lean", "websockets")
 # Those that serve the event stream at EVENTS_PATH beside the WebSocket endpoint.
-EVENT_TRANSPORTS = ("lean", "aiohttp")
+EVENT_TRANSPORTS = ("lean", "aiohttp", "asgi")
 
 
 @contextlib.asynccontextmanager

@@ -27,7 +27,6 @@ The hub must be started (and stopped) by the application, for example in ``on_st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,8 +42,8 @@ from ..session import (
     admission_of,
     format_address,
 )
-from .events import HEARTBEAT, close_record, stream_headers
-from .messages import HIGH_WATER, MessageSender
+from .events import SentStream, close_record, stream_headers
+from .messages import HIGH_WATER
 
 __all__ = ["aiohttp_events_handler", "aiohttp_handler"]
 
@@ -220,48 +219,6 @@ async def _receive(
             return
 
 
-class _Stream:
-    """The :class:`~wshub.session.ClientTransport` of one aiohttp event stream."""
-
-    frame_kind = FrameKind.SSE_EVENTS
-
-    def __init__(
-        self, response: web.StreamResponse, transport: asyncio.Transport, close_timeout: float
-    ) -> None:
-        self._response = response
-        self._transport = transport
-        self.ended = asyncio.Event()  # the hub closed it, or gave up on it
-        self.sender = MessageSender(self._send, self._close, close_timeout, self.ended.set)
-
-    def write(self, data: bytes) -> None:
-        self.sender.write([data])
-
-    async def _send(self, data: bytes) -> None:
-        await self._response.write(data)
-
-    async def _close(self, code: int, reason: str) -> None:
-        try:
-            await self._response.write(close_record(code, reason))
-        finally:
-            self.ended.set()
-
-    def heartbeat(self) -> None:
-        """The heartbeat comment, behind nothing: a stream with records waiting needs none."""
-        if self.sender.buffered_bytes() == 0:
-            with contextlib.suppress(ConnectionError):  # closing
-                self.sender.write([HEARTBEAT])
-
-    def close(self, code: int, reason: str) -> None:
-        self.sender.close(code, reason)
-
-    def abort(self) -> None:
-        self._transport.abort()
-        self.ended.set()
-
-    def buffered_bytes(self) -> int:
-        return self.sender.buffered_bytes()
-
-
 def aiohttp_events_handler(
     hub: SessionHost,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -286,7 +243,7 @@ def aiohttp_events_handler(
         if transport is None:  # the client left meanwhile
             return response
         set_send_buffer(transport, config.socket_send_buffer)
-        stream = _Stream(response, transport, config.write_timeout)
+        stream = SentStream(response.write, transport.abort, config.write_timeout)
         opened = hub.open_session(stream, admission)
         if isinstance(opened, Refusal):
             await response.write(close_record(opened.close_code, opened.reason))

@@ -5,7 +5,11 @@
     app = Starlette(routes=[WebSocketRoute("/api/ws", wshub.asgi_app(hub))])
 
 or run by an ASGI server directly (``uvicorn.run(wshub.asgi_app(hub))``), in which case the
-ASGI lifespan starts and stops the hub. Plain HTTP requests are answered 404.
+ASGI lifespan starts and stops the hub. A plain ``GET`` of ``events_path`` (``/api/events``)
+is the hub's Server-Sent Events stream (docs/protocol.md), its records sent as
+``http.response.body`` messages through a :class:`~.events.SentStream`; other plain HTTP
+requests are answered 404. In a framework, route that path to the application too
+(Starlette: ``Route("/api/events", app)``).
 
 ASGI servers frame every message themselves, so this transport takes each message's JSON
 text (:data:`~wshub.session.FrameKind.TEXT_MESSAGES`) and sends it with one
@@ -20,6 +24,7 @@ client may send are the ASGI server's settings (uvicorn: ``ws_ping_interval``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -31,6 +36,7 @@ from ..session import (
     admission_of,
     format_address,
 )
+from .events import EVENTS_PATH, SentStream, close_record, stream_headers
 from .messages import MessageSender
 
 __all__ = ["AsgiApp", "asgi_app"]
@@ -98,14 +104,23 @@ class _Client:
 class AsgiApp:
     """An ASGI application serving the hub's WebSocket endpoint (see :func:`asgi_app`)."""
 
-    def __init__(self, hub: Any, *, path: str | None = None) -> None:
+    def __init__(
+        self, hub: Any, *, path: str | None = None, events_path: str | None = EVENTS_PATH
+    ) -> None:
         self.hub = hub
         self.path = path
+        self.events_path = events_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket" and (self.path is None or scope.get("path") == self.path):
             await self._websocket(scope, receive, send)
+        elif (
+            kind == "http"
+            and self.events_path is not None
+            and (scope.get("path") == self.events_path)
+        ):
+            await self._events(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -174,9 +189,77 @@ class AsgiApp:
             opened.closing()
             opened.closed(code, None)
 
+    async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub: SessionHost = self.hub
+        if scope.get("method") != "GET":
+            await _answer(send, 405, "Method Not Allowed", [(b"allow", b"GET")])
+            return
+        admission = await admission_of(hub, _handshake_request(scope))
+        if isinstance(admission, Refusal):
+            headers = [
+                (name.lower().encode(), value.encode()) for name, value in admission.headers
+            ]
+            await _answer(send, admission.status, admission.reason, headers)
+            return
+        headers = [
+            (name.lower().encode(), value.encode()) for name, value in stream_headers(admission)
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
 
-def asgi_app(hub: Any, *, path: str | None = None) -> AsgiApp:
-    """An ASGI application object that serves ``hub``'s WebSocket endpoint.
+        async def body(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        gone = asyncio.Event()  # the client left, or (no abort in ASGI) the hub gave up
+        stream = SentStream(body, gone.set, hub.config.write_timeout)
+        opened = hub.open_session(stream, admission)
+        if isinstance(opened, Refusal):
+            await body(close_record(opened.close_code, opened.reason))
+            await send({"type": "http.response.body", "body": b""})
+            return
+        stream.sender.session = opened
+        try:
+            await _serve_stream(stream, receive, gone, hub.config.ping_interval)
+        finally:
+            stream.sender.stop()
+            opened.closed(None, None)
+        if stream.finished and not gone.is_set():  # the hub ended it: end the response
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(hub.config.write_timeout):
+                    await send({"type": "http.response.body", "body": b""})
+        # Else returning with the body unfinished makes the server drop the connection.
+
+
+async def _serve_stream(
+    stream: SentStream, receive: Receive, gone: asyncio.Event, heartbeat: float
+) -> None:
+    """Until the hub ends the stream or the client leaves: heartbeats every ``heartbeat``
+    seconds, and ``receive`` watched for ``http.disconnect``."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watching = asyncio.ensure_future(disconnected())
+    ended = asyncio.ensure_future(stream.ended.wait())
+    left = asyncio.ensure_future(gone.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait(
+                {watching, ended, left}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return
+            stream.heartbeat()
+    finally:
+        for task in (watching, ended, left):
+            task.cancel()
+
+
+def asgi_app(
+    hub: Any, *, path: str | None = None, events_path: str | None = EVENTS_PATH
+) -> AsgiApp:
+    """An ASGI application object that serves ``hub``'s WebSocket endpoint and event stream.
 
     Args:
         hub: The :class:`wshub.Hub`. Run directly by an ASGI server, the application starts
@@ -184,8 +267,22 @@ def asgi_app(hub: Any, *, path: str | None = None) -> AsgiApp:
             lifespan must (Starlette: ``on_startup``/``on_shutdown`` or a lifespan function).
         path: Serve only WebSocket connections to this path (others get 404); None serves
             every path it is routed, for a framework's router to choose.
+        events_path: The path of the Server-Sent Events stream, for plain ``GET`` requests
+            (docs/protocol.md); None serves none.
     """
-    return AsgiApp(hub, path=path)
+    return AsgiApp(hub, path=path, events_path=events_path)
+
+
+async def _answer(send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """A whole plain-text HTTP answer."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": f"{text}\n".encode()})
 
 
 async def _refuse(scope: Scope, send: Send, refusal: Refusal) -> None:
@@ -212,11 +309,4 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
         await _refuse(scope, send, Refusal(404, "Not Found", 1008))
         return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 404,
-            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"Not Found\n"})
+    await _answer(send, 404, "Not Found", [])

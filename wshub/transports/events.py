@@ -27,7 +27,9 @@ to the socket as they are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,6 +37,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import SERVER, Response
 
 from ..session import Admission, ClientSession, FrameKind
+from .messages import MessageSender
 
 if TYPE_CHECKING:
     from .lean import HubEndpoint
@@ -43,6 +46,7 @@ __all__ = [
     "EVENTS_PATH",
     "HEARTBEAT",
     "EventStream",
+    "SentStream",
     "close_record",
     "stream_head",
     "stream_headers",
@@ -208,3 +212,56 @@ class EventStream(asyncio.Protocol):
         if self._lost_waiter is None:
             self._lost_waiter = self._endpoint.loop.create_future()
         await asyncio.shield(self._lost_waiter)
+
+
+class SentStream:
+    """An event stream on a server that writes the response itself (aiohttp, ASGI): the
+    :class:`~wshub.session.ClientTransport` hands each flush to a
+    :class:`~.messages.MessageSender`, which awaits ``send`` for it in order and holds the
+    client to the hub's bounds.
+
+    Args:
+        send: Writes bytes of the response body; raises once the client is gone.
+        abort: Drops the connection (where the server offers a way).
+        close_timeout: How long a close may take (``write_timeout``).
+    """
+
+    frame_kind = _SSE_EVENTS
+
+    def __init__(
+        self,
+        send: Callable[[bytes], Awaitable[object]],
+        abort: Callable[[], object],
+        close_timeout: float,
+    ) -> None:
+        self._send = send
+        self._abort = abort
+        self.ended = asyncio.Event()  # the hub closed it, or gave up on it
+        self.finished = False  # its close record went out: the response may end cleanly
+        self.sender = MessageSender(send, self._close, close_timeout, self.ended.set)
+
+    def write(self, data: bytes) -> None:
+        self.sender.write([data])
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self._send(close_record(code, reason))
+            self.finished = True
+        finally:
+            self.ended.set()
+
+    def heartbeat(self) -> None:
+        """The heartbeat comment, behind nothing: a stream with records waiting needs none."""
+        if self.sender.buffered_bytes() == 0:
+            with contextlib.suppress(ConnectionError):  # closing
+                self.sender.write([HEARTBEAT])
+
+    def close(self, code: int, reason: str) -> None:
+        self.sender.close(code, reason)
+
+    def abort(self) -> None:
+        self._abort()
+        self.ended.set()
+
+    def buffered_bytes(self) -> int:
+        return self.sender.buffered_bytes()
