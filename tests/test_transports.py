@@ -14,12 +14,13 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.server import serve as websockets_serve
 
 import wshub
 from wshub.session import FrameKind
 
+from .events import open_stream
 from .helpers import client, recv_json, wait_until
 
 
@@ -56,13 +57,18 @@ async def test_a_starlette_route_at_the_dashboards_path_serves_the_hub(
     implementation: str,
 ) -> None:
     hub = quiet_hub(implementation)
-    app = Starlette(routes=[WebSocketRoute("/api/ws", wshub.asgi_app(hub))])
+    hub_app = wshub.asgi_app(hub)
+    app = Starlette(routes=[WebSocketRoute("/api/ws", hub_app), Route("/api/events", hub_app)])
     async with hub, uvicorn_serving(app, lifespan="off") as port:
         url = f"ws://127.0.0.1:{port}/api/ws?topics=a"
-        async with client(url) as (ws, hello):
+        async with (
+            client(url) as (ws, hello),
+            open_stream(f"http://127.0.0.1:{port}/api/events?topics=a") as stream,
+        ):
             assert hello["data"]["topics"] == ["a"]
-            assert hub.broadcast_to_subscribers("event", 1, "a") == 1
+            assert hub.broadcast_to_subscribers("event", 1, "a") == 2
             assert (await recv_json(ws))["data"] == 1
+            assert (await stream.message())[1]["data"] == 1
 
 
 async def test_run_by_uvicorn_alone_the_lifespan_runs_the_hub_and_http_gets_404(
