@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from typing import Any
 
 import pytest
@@ -14,7 +16,9 @@ from wshub.metrics import HubCollector
 
 from .helpers import client, recv_json, send_json, wait_until
 
-PADDING = "x" * 65536  # large frames fill the socket buffers quickly
+# Large frames fill the socket buffers quickly; random, so that compression (on by default)
+# leaves them large.
+PADDING = base64.b64encode(os.urandom(49152)).decode()
 MAX_PUBLISHES = 3000  # ~200 MB: far more than loopback socket buffers hold
 
 
