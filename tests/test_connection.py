@@ -71,12 +71,6 @@ async def test_frame_over_max_message_size_closes_with_1009(hub_server: Any) -> 
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
-async def test_compression_is_off(hub_server: Any) -> None:
-    async with hub_server() as served, client(served.url) as (ws, _):
-        # The client offers permessage-deflate by default; the hub must decline it.
-        assert "Sec-WebSocket-Extensions" not in ws.response.headers  # type: ignore[union-attr]
-
-
 async def test_unanswered_pings_close_with_1011(lean_server: Any) -> None:
     async with (
         lean_server(ping_interval=0.1, pong_timeout=0.2, write_timeout=5.0) as served,
