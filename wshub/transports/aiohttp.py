@@ -7,11 +7,12 @@
 
 aiohttp's ``WebSocketResponse`` does the handshake, reads and assembles messages, answers
 pings and runs the keepalive (``heartbeat`` is ``ping_interval``; aiohttp closes a client that
-has not answered within half of it). Compression is off, so the core writes the frames it
-built once straight to the request's transport, as on the lean server: one write per client
-per loop iteration. aiohttp writes its own control frames whole, so they never interleave with
-the core's. What it costs beside the lean server: a task per connection and aiohttp's reader,
-measured in the README's benchmark table.
+has not answered within half of it). No compression is negotiated here (aiohttp's own would
+compress per connection, and answers no ``server_no_context_takeover`` unless asked), so the
+core writes the plain frames it built once straight to the request's transport, as on the
+lean server: one write per client per loop iteration. aiohttp writes its own control frames
+whole, so they never interleave with the core's. What it costs beside the lean server: a task
+per connection and aiohttp's reader, measured in the README's benchmark table.
 
 The hub's Server-Sent Events stream (docs/protocol.md) is a route too::
 
