@@ -62,18 +62,14 @@ class SharedDeflate:
     Attributes:
         compressed: Messages compressed so far.
         plain: Messages left plain, too small or not shrinking.
-        bytes_in: Payload bytes compressed.
-        bytes_out: What they compressed to.
     """
 
-    __slots__ = ("bytes_in", "bytes_out", "compressed", "min_size", "plain")
+    __slots__ = ("compressed", "min_size", "plain")
 
     def __init__(self, min_size: int) -> None:
         self.min_size = min_size
         self.compressed = 0
         self.plain = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     def __call__(self, payload: bytes) -> bytes | None:
         """The body of the compressed frame of ``payload``, or None to send it plain."""
@@ -89,8 +85,6 @@ class SharedDeflate:
             self.plain += 1
             return None
         self.compressed += 1
-        self.bytes_in += len(payload)
-        self.bytes_out += len(body)
         return body
 
 
